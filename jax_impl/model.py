@@ -1,0 +1,43 @@
+"""The seed's CNN in Flax Linen, with its two activation capture points."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from jax_impl.layers import Conv2D, Dense, capture, max_pool_2x2
+
+#: Capture points of ``Net``, in forward order.
+CAPTURE_NAMES = ("relu1", "relu2")
+
+
+class Net(nn.Module):
+    """conv5x5(C->32) -> maxpool2 -> relu -> conv5x5(32->64) -> maxpool2 -> relu -> dense(->10).
+
+    Input is NHWC ``(B, 32, 32, C)`` (PyTorch's ``Net`` takes NCHW); the
+    number of channels ``C`` is taken from the data at ``init`` (3 in the seed).
+    Parameters: ``conv1``, ``conv2`` (kernel HWIO, bias) and ``linear``
+    (kernel (1600, 10), bias), initialised like PyTorch's defaults.
+
+    Capture points (``sow`` + ``perturb``): ``relu1`` (B, 14, 14, 32) and
+    ``relu2`` (B, 5, 5, 64). The flatten before ``linear`` is in NHWC order
+    (h, w, c); PyTorch flattens (c, h, w), which the weight converter accounts
+    for.
+
+    ``conv_impl`` picks the convolution algorithm (``"auto"``: the faster one
+    for the backend; ``"xla"``; ``"im2col"``). All give the same function.
+    """
+
+    num_classes: int = 10
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = Conv2D(32, 5, impl=self.conv_impl, name="conv1")(x)  # (B, 28, 28, 32)
+        x = nn.relu(max_pool_2x2(x))  # (B, 14, 14, 32)
+        x = capture(self, "relu1", x)
+        x = Conv2D(64, 5, impl=self.conv_impl, name="conv2")(x)  # (B, 10, 10, 64)
+        x = nn.relu(max_pool_2x2(x))  # (B, 5, 5, 64)
+        x = capture(self, "relu2", x)
+        x = x.reshape(x.shape[0], -1)  # (B, 1600), (h, w, c) order
+        return Dense(self.num_classes, name="linear")(x)  # (B, 10)

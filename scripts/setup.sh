@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install the project with its test extras.
+# On machines without an NVIDIA GPU, PyTorch's CPU build is installed first,
+# so that the "torch" requirement does not pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+if ! python -c "import torch" 2>/dev/null && ! command -v nvidia-smi >/dev/null 2>&1; then
+    # TORCH_INDEX_URL may point pip at PyTorch's CPU wheel index on other machines.
+    python -m pip install -q "torch==${TORCH_CPU_VERSION:-2.13.0}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+fi
+python -m pip install -q -e ".[${EXTRAS:-dev}]"

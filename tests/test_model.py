@@ -1,0 +1,58 @@
+"""The Flax model's contract: names, shapes, capture points, and penalized_loss basics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jax_impl import CAPTURE_NAMES, Net, penalized_loss
+
+# conv1 5*5*3*32+32, conv2 5*5*32*64+64, linear 1600*10+10: the seed's model.
+NET_PARAMS = 2_432 + 51_264 + 16_010
+
+
+@pytest.fixture(scope="module")
+def params():
+    return Net().init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)))["params"]
+
+
+def test_parameter_tree_mirrors_reference_names_and_count(params):
+    shapes = {k: v.shape for k, v in traverse_util.flatten_dict(params, sep=".").items()}
+    assert shapes == {
+        "conv1.kernel": (5, 5, 3, 32), "conv1.bias": (32,),
+        "conv2.kernel": (5, 5, 32, 64), "conv2.bias": (64,),
+        "linear.kernel": (1600, 10), "linear.bias": (10,),
+    }
+    assert sum(int(np.prod(s)) for s in shapes.values()) == NET_PARAMS
+
+
+def test_capture_points_are_sown_with_their_shapes(params):
+    x = jnp.ones((3, 32, 32, 3))
+    logits, state = Net().apply({"params": params}, x, mutable=["intermediates"])
+    assert logits.shape == (3, 10)
+    sown = {k: v[0].shape for k, v in state["intermediates"].items()}
+    assert sown == {"relu1": (3, 14, 14, 32), "relu2": (3, 5, 5, 64)}
+    assert tuple(sown) == CAPTURE_NAMES
+
+
+def test_penalized_loss_works_at_a_batch_size_other_than_init_under_jit(params):
+    x = jax.random.uniform(jax.random.key(1), (5, 32, 32, 3))
+    y = jnp.arange(5) % 10
+
+    @jax.jit
+    def step(p):
+        return jax.value_and_grad(
+            lambda p: penalized_loss(p, Net(), x, y, penalty_weight=10.0), has_aux=True)(p)
+
+    (total, aux), grads = step(params)
+    assert aux["activation_grads"]["relu1"].shape == (5, 14, 14, 32)
+    assert aux["activation_grads"]["relu2"].shape == (5, 5, 5, 64)
+    np.testing.assert_allclose(total, aux["loss"] + 10.0 * aux["penalty"], rtol=1e-6)
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+
+
+def test_unknown_layer_name_lists_the_valid_ones(params):
+    x, y = jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32)
+    with pytest.raises(ValueError, match=r"unknown penalty layer.*relu3.*\['relu1', 'relu2'\]"):
+        penalized_loss(params, Net(), x, y, penalty_weight=1.0, layers=["relu3"])
