@@ -6,8 +6,10 @@ Three pieces live here:
   capture point of the activation gradient penalty (``perturb`` + ``sow``).
 * ``Conv2D``: a VALID, stride-1 convolution with the parameter layout of
   ``flax.linen.Conv`` (``kernel`` HWIO, ``bias``) and PyTorch's default
-  initialisation, computed either by XLA's native convolution or as
-  patch extraction followed by one matmul (``impl``).
+  initialisation, computed by XLA's native convolution, by the same
+  convolution with derivative rules that keep every derivative order a
+  canonical (fast) convolution, or as patch extraction followed by one
+  matmul (``impl``; ``"auto"`` picks per backend).
 * ``max_pool_2x2``: 2x2/stride-2 max pooling whose gradient goes to the
   *first* maximum of each window in row-major order, as PyTorch's
   ``MaxPool2d`` does, and which stays differentiable twice.
@@ -30,7 +32,7 @@ INTERMEDIATES = "intermediates"
 #: Collection that holds the zero perturbations whose gradient is d loss / d a.
 PERTURBATIONS = "perturbations"
 
-CONV_IMPLS = ("auto", "xla", "im2col")
+CONV_IMPLS = ("auto", "xla", "canonical", "im2col")
 
 
 def capture(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
@@ -61,16 +63,20 @@ def torch_default_uniform(fan_in: int):
     return init
 
 
-def resolve_conv_impl(impl: str) -> str:
-    """Map ``"auto"`` to the faster convolution for the default backend.
+def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
+    """Map ``"auto"`` to the faster convolution for ``backend`` (default: JAX's default backend).
 
-    On CPU, XLA's convolution gradients are slow and patch-extraction + matmul
-    wins (see benchmarks/); on GPU and TPU the native convolution is used.
+    Measured with ``python -m benchmarks.step_time`` (README, "Performance"):
+    on CPU, XLA differentiates the input-gradient convolution into a
+    window-reversed convolution that its CPU runtime runs through a naive loop
+    (~1.7 GFLOP/s), so the penalised step uses ``"canonical"`` there; on GPU
+    and TPU the native convolution (``"xla"``) is used.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "im2col" if jax.default_backend() == "cpu" else "xla"
+        backend = backend or jax.default_backend()
+        return "canonical" if backend == "cpu" else "xla"
     return impl
 
 
@@ -87,24 +93,131 @@ def extract_patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
     return jnp.concatenate(slices, axis=-1)
 
 
+#: NHWC input, HWIO kernel, NHWC output: the layout of ``flax.linen.Conv``.
+CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """VALID stride-1 cross-correlation (XLA): (B, H, W, Ci) * (kh, kw, Ci, Co) -> (B, H', W', Co).
+
+    ``y[b, h, w, o] = sum_{i, j, c} x[b, h+i, w+j, c] * kernel[i, j, c, o]``.
+    """
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=CONV_DIMENSIONS)
+
+
+def conv_input_grad(ct: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``d <y, ct> / d x`` of ``conv_forward``: (B, H', W', Co), (kh, kw, Ci, Co) -> (B, H, W, Ci).
+
+    A "full" correlation of ``ct`` with the spatially flipped kernel, inputs
+    and outputs swapped: ``dx[b, h, w, c] = sum_{i, j, o} ct[b, h-i, w-j, o] *
+    kernel[i, j, c, o]`` (zero outside ``ct``). Written as a plain forward
+    convolution of the padded cotangent, the form XLA runs fastest.
+    """
+    kh, kw = kernel.shape[:2]
+    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)  # (kh, kw, Co, Ci)
+    return jax.lax.conv_general_dilated(ct, flipped, (1, 1), ((kh - 1, kh - 1), (kw - 1, kw - 1)),
+                                        dimension_numbers=CONV_DIMENSIONS)
+
+
+def conv_kernel_grad(x: jax.Array, ct: jax.Array) -> jax.Array:
+    """``d <y, ct> / d kernel`` of ``conv_forward``: (B, H, W, Ci), (B, H', W', Co) -> (kh, kw, Ci, Co).
+
+    ``dk[i, j, c, o] = sum_{b, h, w} x[b, h+i, w+j, c] * ct[b, h, w, o]``: a
+    VALID correlation of ``x`` with ``ct`` in which the batch is the
+    contracted axis (``x`` read as "CHWN", ``ct`` as the kernel "IHWO").
+    """
+    return jax.lax.conv_general_dilated(x, ct, (1, 1), "VALID", dimension_numbers=("CHWN", "IHWO", "HWNC"))
+
+
+# The three products above are bilinear and close under differentiation:
+#   conv_forward(x, k):      dx = conv_input_grad(ct, k),  dk = conv_kernel_grad(x, ct)
+#   conv_input_grad(g, k):   dg = conv_forward(c, k),      dk = conv_kernel_grad(c, g)
+#   conv_kernel_grad(x, g):  dx = conv_input_grad(g, c),   dg = conv_forward(x, c)
+# (c is the incoming cotangent; each line is <f(a, b), c> differentiated by a and b).
+# Declaring these rules with custom_vjp keeps every derivative, of any order, one
+# of the three canonical convolutions. XLA's own autodiff instead turns the
+# derivative of the input gradient with respect to the kernel (needed by double
+# backprop) into a window-reversed, batch/feature-swapped convolution that the
+# CPU runtime executes ~100x slower than the others (see benchmarks/).
+
+
+@jax.custom_vjp
+def canonical_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``conv_forward`` whose derivatives of every order are canonical convolutions (reverse mode only)."""
+    return conv_forward(x, kernel)
+
+
+@jax.custom_vjp
+def canonical_input_grad(ct: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``conv_input_grad`` with canonical-convolution derivatives."""
+    return conv_input_grad(ct, kernel)
+
+
+@jax.custom_vjp
+def canonical_kernel_grad(x: jax.Array, ct: jax.Array) -> jax.Array:
+    """``conv_kernel_grad`` with canonical-convolution derivatives."""
+    return conv_kernel_grad(x, ct)
+
+
+def _conv_fwd(x, kernel):
+    return canonical_conv(x, kernel), (x, kernel)
+
+
+def _conv_bwd(res, ct):
+    x, kernel = res
+    return canonical_input_grad(ct, kernel), canonical_kernel_grad(x, ct)
+
+
+def _input_grad_fwd(ct, kernel):
+    return canonical_input_grad(ct, kernel), (ct, kernel)
+
+
+def _input_grad_bwd(res, c):
+    ct, kernel = res
+    return canonical_conv(c, kernel), canonical_kernel_grad(c, ct)
+
+
+def _kernel_grad_fwd(x, ct):
+    return canonical_kernel_grad(x, ct), (x, ct)
+
+
+def _kernel_grad_bwd(res, c):
+    x, ct = res
+    return canonical_input_grad(ct, c), canonical_conv(x, c)
+
+
+canonical_conv.defvjp(_conv_fwd, _conv_bwd)
+canonical_input_grad.defvjp(_input_grad_fwd, _input_grad_bwd)
+canonical_kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
+
+
 def conv2d_valid(x: jax.Array, kernel: jax.Array, impl: str = "xla") -> jax.Array:
-    """Cross-correlation, VALID padding, stride 1: (B,H,W,Ci) * (kh,kw,Ci,Co) -> (B,H',W',Co)."""
+    """Cross-correlation, VALID padding, stride 1: (B,H,W,Ci) * (kh,kw,Ci,Co) -> (B,H',W',Co).
+
+    ``impl``: ``"xla"`` (``lax.conv_general_dilated``, XLA's own derivatives,
+    forward and reverse mode), ``"canonical"`` (the same convolution with the
+    custom_vjp rules above: reverse mode to any order, no forward mode) or
+    ``"im2col"`` (patches + one matmul, plain autodiff).
+    """
     kh, kw, ci, co = kernel.shape
     if impl == "im2col":
         patches = extract_patches(x, kh, kw)  # (B, H', W', kh*kw*Ci)
         return patches @ kernel.reshape(kh * kw * ci, co)
-    return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(1, 1), padding="VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
+    if impl == "canonical":
+        return canonical_conv(x, kernel)
+    return conv_forward(x, kernel)
 
 
 class Conv2D(nn.Module):
     """``nn.Conv(features, (k, k), padding="VALID")`` with a choice of algorithm.
 
     Parameters are ``kernel`` (k, k, C_in, features) and ``bias`` (features,),
-    the same tree as ``flax.linen.Conv``. ``impl`` is ``"auto"``, ``"xla"`` or
-    ``"im2col"``; all give the same numbers up to float rounding.
+    the same tree as ``flax.linen.Conv``. ``impl`` is ``"auto"`` (the faster
+    one for the backend: ``"canonical"`` on CPU, ``"xla"`` elsewhere),
+    ``"xla"``, ``"canonical"`` or ``"im2col"`` (see ``conv2d_valid``); all give
+    the same numbers up to float rounding. ``"canonical"`` supports reverse
+    mode to any order (``grad`` of ``grad``) but not forward mode
+    (``jax.jvp``, ``jax.hessian``): pass ``impl="xla"`` for those.
     """
 
     features: int
@@ -136,21 +249,56 @@ class Dense(nn.Module):
         return x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
 
 
+def pool_windows(x: jax.Array) -> jax.Array:
+    """The 2x2 windows of ``x`` as two extra axes: (B, H, W, C) -> (B, H//2, 2, W//2, 2, C).
+
+    Floor mode: an odd last row or column is dropped (its gradient is zero).
+    """
+    b, h, w, c = x.shape
+    return x[:, : h - h % 2, : w - w % 2, :].reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+def first_max_and_mask(windows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Max of each window and a one-hot mask of the *first* maximal entry.
+
+    ``windows`` is ``pool_windows(x)``. The four candidates are scanned in
+    row-major order (top-left, top-right, bottom-left, bottom-right) and a
+    later one wins only if it is strictly greater (or NaN), exactly like
+    PyTorch's CPU and CUDA kernels. Returns ``(best (B, H/2, W/2, C), mask
+    (B, H/2, 2, W/2, 2, C) bool)``; all elementwise, so XLA fuses it.
+    """
+    candidates = [windows[:, :, i, :, j, :] for i in (0, 1) for j in (0, 1)]
+    best, index = candidates[0], jnp.zeros(candidates[0].shape, jnp.int8)
+    for k, c in enumerate(candidates[1:], start=1):
+        take = (c > best) | jnp.isnan(c)
+        best = jnp.where(take, c, best)
+        index = jnp.where(take, jnp.int8(k), index)
+    window_position = jnp.arange(4, dtype=jnp.int8).reshape(1, 1, 2, 1, 2, 1)  # row-major (i, j)
+    return best, index[:, :, None, :, None, :] == window_position
+
+
+@jax.custom_jvp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max pooling, stride 2, floor mode: (B, H, W, C) -> (B, H//2, W//2, C).
 
-    The window's four candidates are scanned in row-major order (top-left,
-    top-right, bottom-left, bottom-right) and a later one wins only if it is
-    strictly greater (or NaN), exactly like PyTorch's CPU and CUDA kernels.
-    The gradient of ``where`` therefore flows to the first maximum only, which
-    is what ``MaxPool2d`` does on ties; ``jnp.max`` over a reshaped window would
-    split it evenly between tied entries instead. Everything is elementwise, so
-    XLA fuses it, and the second derivative is as cheap as the first.
+    The gradient goes to the *first* maximum of each window (row-major), which
+    is what PyTorch's ``MaxPool2d`` does on ties (``jnp.max`` over the window
+    would split it between tied entries instead), and NaN wins like in PyTorch.
+
+    Derivative (``custom_jvp``, so forward and reverse mode of any order
+    work): with ``m`` the one-hot first-maximum mask, which is locally
+    constant, ``dy = sum_window m * dx``. Its transpose, the backward pass, is
+    one elementwise ``where(m, broadcast(ct), 0)`` written straight into the
+    input's layout, and the second derivative has the same form. XLA's own
+    derivative of a chain of strided slices and ``where`` instead materialises
+    one zero-padded full-size array per window position and adds them up.
     """
-    _, h, w, _ = x.shape
-    x = x[:, : h - h % 2, : w - w % 2, :]
-    candidates = (x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2])
-    best = candidates[0]
-    for c in candidates[1:]:
-        best = jnp.where((c > best) | jnp.isnan(c), c, best)
-    return best
+    return first_max_and_mask(pool_windows(x))[0]
+
+
+@max_pool_2x2.defjvp
+def _max_pool_2x2_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    best, mask = first_max_and_mask(pool_windows(x))
+    # where, not mask * dx: 0 * inf would be NaN.
+    return best, jnp.sum(jnp.where(mask, pool_windows(dx), 0), axis=(2, 4))

@@ -25,7 +25,10 @@ class Net(nn.Module):
     for.
 
     ``conv_impl`` picks the convolution algorithm (``"auto"``: the faster one
-    for the backend; ``"xla"``; ``"im2col"``). All give the same function.
+    for the backend, ``"canonical"`` on CPU and ``"xla"`` on GPU/TPU;
+    ``"xla"``; ``"canonical"``; ``"im2col"``; see ``layers.Conv2D``). All give
+    the same function; ``"canonical"`` has no forward-mode derivative, so use
+    ``Net(conv_impl="xla")`` for ``jax.jvp`` / ``jax.hessian``.
     """
 
     num_classes: int = 10

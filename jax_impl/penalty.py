@@ -20,11 +20,34 @@ Because ``loss`` is a batch *mean*, each example's slice of ``d loss / d a``
 carries a factor 1/B, so with examples that do not interact the penalty is
 (1/B^2) * sum_i ||d CE_i / d a_i||^2: it shrinks like 1/B at a fixed
 per-example gradient size.
+
+Options of ``penalized_loss`` (all keyword-only; the defaults are the seed's
+recipe above, bit for bit). With ``g_l = d loss / d a_l``, ``G_{l,i} =
+d loss_i / d a_{l,i}`` (example i's own loss, not divided by B),
+``lambda_l`` the per-layer weights (default 1) and ``phi(s) = s`` for
+``norm="squared_l2"`` or ``sqrt(s)`` for ``norm="l2"``:
+
+* ``normalization="batch_mean"``: ``penalty = sum_l lambda_l phi(||g_l||^2)``.
+* ``normalization="per_example"``:
+  ``penalty = sum_l lambda_l (1/B) sum_i phi(||G_{l,i}||^2)``. When examples do
+  not interact, ``g_{l,i} = G_{l,i} / B`` so with squared L2
+  ``batch_mean == per_example / B`` exactly.
+* ``layers`` may name ``"input"``: a zero perturbation added to ``x`` itself,
+  giving the input-gradient penalty (double backpropagation, Drucker & LeCun
+  1992) for any model.
+* ``approx="finite_difference"`` (Finlay & Oberman 2019): the squared norm is
+  replaced by the square of a finite-difference directional derivative along
+  the detached gradient, ``((loss(a + h v) - loss(a)) / h)^2`` with
+  ``v = Lambda g / sqrt(g^T Lambda g)``; only first-order differentiation is
+  needed, and the value and its parameter gradient are exact up to O(h).
+* ``model_state`` / ``mutable`` / ``apply_kwargs`` / ``rngs``: models with other
+  collections (BatchNorm's ``batch_stats`` in train mode, dropout). The
+  updated collections come back in ``aux["model_state"]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -37,41 +60,94 @@ from jax_impl.layers import PERTURBATIONS
 Params = Any
 SEP = "/"
 
+#: Capture name of the model's input in ``layers`` (classic double backprop).
+INPUT = "input"
+NORMALIZATIONS = ("batch_mean", "per_example")
+NORMS = ("squared_l2", "l2")
+APPROXIMATIONS = ("exact", "finite_difference")
 
-def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy, PyTorch's ``nn.CrossEntropyLoss()``: (B, K), (B,) -> ()."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+#: ``forward(perturbations, x) -> (outputs, updated_state_or_None)``; the
+#: perturbations are a flat ``{capture name: array}`` dict of the model's
+#: capture points (never ``"input"``, which is added to ``x`` by the caller).
+Forward = Callable[[dict[str, jax.Array], jax.Array], tuple[jax.Array, Any]]
 
 
-def zero_perturbations(model, params: Params, x: jax.Array) -> dict[str, jax.Array]:
+def per_example_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Softmax cross-entropy of each example: (B, K), (B,) -> (B,)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def weighted_mean(per_example: jax.Array, example_weights: jax.Array | None = None) -> jax.Array:
+    """``mean(l)``, or ``sum_i m_i l_i / sum_i m_i`` with example weights ``m`` (B,)."""
+    if example_weights is None:
+        return per_example.mean()
+    weights = example_weights.astype(per_example.dtype)
+    return jnp.sum(weights * per_example) / jnp.sum(weights)
+
+
+def cross_entropy_loss(
+    logits: jax.Array, labels: jax.Array, example_weights: jax.Array | None = None
+) -> jax.Array:
+    """Mean softmax cross-entropy, PyTorch's ``nn.CrossEntropyLoss()``: (B, K), (B,) -> ().
+
+    With ``example_weights`` m (B,) it is ``sum_i m_i CE_i / sum_i m_i``; a 0/1
+    mask makes it the mean over the real examples of a zero-padded batch (the
+    training loop pads its last partial batch so the step is not recompiled).
+    """
+    return weighted_mean(per_example_cross_entropy(logits, labels), example_weights)  # (B,) -> ()
+
+
+def _apply_variables(params: Params, model_state: Mapping | None, perturbations: Mapping) -> dict:
+    return {"params": params, **(model_state or {}), PERTURBATIONS: perturbations}
+
+
+def zero_perturbations(
+    model,
+    params: Params,
+    x: jax.Array,
+    *,
+    model_state: Mapping | None = None,
+    mutable: Sequence[str] = (),
+    apply_kwargs: Mapping | None = None,
+    rngs: Any = None,
+) -> dict[str, jax.Array]:
     """Zero perturbations for every capture point of ``model`` at the batch ``x``.
 
     Returns a flat dict ``{"relu1": zeros(B, 14, 14, 32), ...}`` keyed by capture
     name (nested modules give ``"block/relu"``). Shapes come from tracing only
     (``jax.eval_shape``), so this is free under ``jit`` and always matches the
     batch size of ``x``, not the one the model was initialised with.
+    ``model_state``, ``mutable``, ``apply_kwargs`` and ``rngs`` are as in
+    ``penalized_loss`` (needed e.g. by BatchNorm in train mode).
     """
+    kwargs = dict(apply_kwargs or {})
 
-    def perturbation_tree(p, inputs):
-        _, state = model.apply({"params": p}, inputs, mutable=[PERTURBATIONS])
-        return state.get(PERTURBATIONS, {})
+    def perturbation_tree(p, state, inputs, r):
+        variables = {"params": p, **(state or {})}
+        _, new = model.apply(variables, inputs, mutable=[PERTURBATIONS, *mutable], rngs=r, **kwargs)
+        return new.get(PERTURBATIONS, {})
 
-    shapes = jax.eval_shape(perturbation_tree, params, x)
+    shapes = jax.eval_shape(perturbation_tree, params, model_state, x, rngs)
     flat = traverse_util.flatten_dict(shapes, sep=SEP)
     return {name: jnp.zeros(s.shape, s.dtype) for name, s in flat.items()}
 
 
 def select_layers(available: Sequence[str], layers: Sequence[str] | str | None) -> tuple[str, ...]:
-    """Validate ``layers`` against the model's capture points; ``None`` means all."""
+    """Validate ``layers`` against the model's capture points; ``None`` means all.
+
+    ``"input"`` is always accepted as well (the input capture point), but
+    ``None`` never includes it.
+    """
     if layers is None:
         return tuple(available)
     if isinstance(layers, str):
         layers = (layers,)
     layers = tuple(layers)
-    unknown = [name for name in layers if name not in available]
+    unknown = [name for name in layers if name not in available and name != INPUT]
     if unknown:
         raise ValueError(
             f"unknown penalty layer(s) {unknown}; the model's capture points are {list(available)}"
+            f" (or {INPUT!r} for the input itself)"
         )
     if not layers:
         raise ValueError(f"layers is empty; choose from {list(available)} or pass None for all")
@@ -80,25 +156,290 @@ def select_layers(available: Sequence[str], layers: Sequence[str] | str | None) 
     return layers
 
 
+def check_penalty_options(
+    *,
+    normalization: str = "batch_mean",
+    norm: str = "squared_l2",
+    approx: str = "exact",
+    fd_step: float = 1e-3,
+    every: int = 1,
+) -> None:
+    """Raise a one-line ``ValueError`` naming the expected values for a bad option."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if approx not in APPROXIMATIONS:
+        raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
+    if not (isinstance(fd_step, int | float) and fd_step > 0):
+        raise ValueError(f"fd_step must be a positive number, got {fd_step!r}")
+    if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+        raise ValueError(f"penalty every must be a positive integer number of steps, got {every!r}")
+
+
+def _check_layer_weights(layer_weights: Mapping[str, float] | None, layers: Sequence[str]) -> None:
+    if layer_weights is None:
+        return
+    unknown = [name for name in layer_weights if name not in layers]
+    if unknown:
+        raise ValueError(f"layer_weights names {unknown} that are not penalised layers {list(layers)}")
+
+
 def loss_and_activation_grads(
-    params: Params, model, x: jax.Array, y: jax.Array, layers: Sequence[str] | str | None = None
+    params: Params,
+    model,
+    x: jax.Array,
+    y: jax.Array,
+    layers: Sequence[str] | str | None = None,
+    example_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """Return ``(loss, logits, {name: d loss / d a_name})`` for the chosen layers.
 
     Gradients have the activations' shapes, e.g. ``relu1`` (B, 14, 14, 32). Only
     the chosen layers are differentiated; the others get constant zeros.
+    ``example_weights`` (B,) is passed to ``cross_entropy_loss``: examples with
+    weight 0 get zero activation gradients, so they add nothing to the penalty.
+    ``"input"`` in ``layers`` gives d loss / d x.
     """
     zeros = zero_perturbations(model, params, x)
     layers = select_layers(tuple(zeros), layers)
-
-    def loss_fn(chosen):
-        perturbations = traverse_util.unflatten_dict({**zeros, **chosen}, sep=SEP)
-        logits = model.apply({"params": params, PERTURBATIONS: perturbations}, x)
-        return cross_entropy_loss(logits, y), logits
-
-    chosen = {name: zeros[name] for name in layers}
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(chosen)
+    forward = linen_forward(model, params)
+    batch_loss = _batch_loss(per_example_cross_entropy, y, example_weights)
+    (loss, (logits, _)), grads = jax.value_and_grad(_perturbed(forward, zeros, x, batch_loss), has_aux=True)(
+        _chosen_zeros(zeros, x, layers)
+    )
     return loss, logits, grads
+
+
+def linen_forward(
+    model,
+    params: Params,
+    *,
+    model_state: Mapping | None = None,
+    mutable: Sequence[str] = (),
+    apply_kwargs: Mapping | None = None,
+    rngs: Any = None,
+) -> Forward:
+    """``forward(perturbations, x)`` for a Linen module: ``model.apply`` with the perturbations.
+
+    Returns ``(outputs, updated collections)`` when ``mutable`` names
+    collections (e.g. ``["batch_stats"]``), else ``(outputs, None)``.
+    """
+    kwargs = dict(apply_kwargs or {})
+    if rngs is not None:
+        kwargs["rngs"] = rngs
+
+    def forward(perturbations: dict[str, jax.Array], x: jax.Array):
+        nested = traverse_util.unflatten_dict(perturbations, sep=SEP)
+        variables = _apply_variables(params, model_state, nested)
+        if mutable:
+            return model.apply(variables, x, mutable=list(mutable), **kwargs)
+        return model.apply(variables, x, **kwargs), None
+
+    return forward
+
+
+def _chosen_zeros(
+    zeros: Mapping[str, jax.Array], x: jax.Array, layers: Sequence[str]
+) -> dict[str, jax.Array]:
+    """The perturbations that are differentiated: the chosen capture points, and ``x`` for ``"input"``."""
+    return {name: (jnp.zeros_like(x) if name == INPUT else zeros[name]) for name in layers}
+
+
+def _perturbed(forward: Forward, zeros: Mapping[str, jax.Array], x: jax.Array, reduce):
+    """``chosen -> (reduce(outputs), (outputs, state))`` with the chosen perturbations applied.
+
+    ``chosen`` holds perturbations of some capture points (added where the
+    model marks them) and, under ``"input"``, one added to ``x``.
+    """
+
+    def run(chosen: Mapping[str, jax.Array]):
+        inner = {**zeros, **{k: v for k, v in chosen.items() if k != INPUT}}
+        inputs = x + chosen[INPUT] if INPUT in chosen else x
+        outputs, state = forward(inner, inputs)
+        return reduce(outputs), (outputs, state)
+
+    return run
+
+
+def _batch_loss(loss_fn, y, example_weights):
+    return lambda outputs: weighted_mean(loss_fn(outputs, y), example_weights)
+
+
+def _sum_over_examples(v: jax.Array) -> jax.Array:
+    """Per-example sum of squares over all non-batch axes: (B, ...) -> (B,)."""
+    return jnp.sum(jnp.square(v).reshape(v.shape[0], -1), axis=1)
+
+
+def _safe_sqrt(s: jax.Array) -> jax.Array:
+    """``sqrt(s)`` whose derivative at ``s == 0`` is 0 instead of inf (so 0 * inf never makes NaN)."""
+    positive = s > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, s, 1.0)), 0.0)
+
+
+def _apply_norm(squared: jax.Array, norm: str) -> jax.Array:
+    return squared if norm == "squared_l2" else _safe_sqrt(squared)
+
+
+def _weighted_sum(terms: Mapping[str, jax.Array], layer_weights: Mapping[str, float] | None):
+    if layer_weights is None:
+        return sum(terms.values())
+    return sum(layer_weights.get(name, 1.0) * term for name, term in terms.items())
+
+
+def penalized_loss_from_forward(
+    forward: Forward,
+    zeros: Mapping[str, jax.Array],
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    penalty_weight: float | jax.Array,
+    layers: Sequence[str] | str | None = None,
+    example_weights: jax.Array | None = None,
+    normalization: str = "batch_mean",
+    norm: str = "squared_l2",
+    layer_weights: Mapping[str, float] | None = None,
+    approx: str = "exact",
+    fd_step: float = 1e-3,
+    examples_interact: bool = False,
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+) -> tuple[jax.Array, dict[str, Any]]:
+    """``penalized_loss`` for any model given as a pure ``forward(perturbations, x)``.
+
+    The framework-independent core used by ``penalized_loss`` (Linen) and
+    ``jax_impl.nnx.penalized_loss`` (NNX); see ``penalized_loss`` for the
+    options and ``aux``. ``zeros`` are the model's zero perturbations
+    (``{capture name: zeros}``, without ``"input"``).
+    """
+    check_penalty_options(normalization=normalization, norm=norm, approx=approx, fd_step=fd_step)
+    layers = select_layers(tuple(zeros), layers)
+    _check_layer_weights(layer_weights, layers)
+    loss_fn = per_example_cross_entropy if loss_fn is None else loss_fn
+    chosen = _chosen_zeros(zeros, x, layers)
+    per_example = normalization == "per_example"
+    if approx == "finite_difference" and per_example and examples_interact:
+        raise ValueError(
+            "approx='finite_difference' with normalization='per_example' needs independent examples; "
+            "with interacting examples (BatchNorm in train mode) use approx='exact'"
+        )
+
+    # Activation gradients: (B, ...) per layer. batch_mean: g = d loss / d a.
+    # per_example: G[i] = d loss_i / d a_i (loss_i not divided by B).
+    if not per_example:
+        run = _perturbed(forward, zeros, x, _batch_loss(loss_fn, y, example_weights))
+        (loss, (outputs, state)), grads = jax.value_and_grad(run, has_aux=True)(chosen)
+    elif not examples_interact:
+        # Examples independent: loss_i depends on a_i only, so the gradient of
+        # sum_i m_i loss_i has example i's gradient (times m_i) in slice i.
+        # One backward pass.
+        run = _perturbed(forward, zeros, x, lambda out: loss_fn(out, y))
+
+        def summed(c):
+            losses, aux = run(c)  # (B,)
+            return jnp.sum(losses), (weighted_mean(losses, example_weights), aux)
+
+        (_, (loss, (outputs, state))), grads = jax.value_and_grad(summed, has_aux=True)(chosen)
+    else:
+        # Examples interact (e.g. BatchNorm batch statistics): loss_i depends on
+        # every a_j. The Jacobian of the B losses w.r.t. the perturbations,
+        # one VJP per example (B backward passes, memory B x activations),
+        # and its diagonal blocks d loss_i / d a_i.
+        run = _perturbed(forward, zeros, x, lambda out: loss_fn(out, y))
+        losses, vjp, (outputs, state) = jax.vjp(run, chosen, has_aux=True)
+        batch = losses.shape[0]
+        (jac,) = jax.vmap(vjp)(jnp.eye(batch, dtype=losses.dtype))  # {name: (B, B, ...)}
+        diag = jnp.arange(batch)
+        grads = {name: j[diag, diag] for name, j in jac.items()}  # {name: (B, ...)}
+        loss = weighted_mean(losses, example_weights)
+
+    terms = _exact_terms(grads, norm, per_example, example_weights)
+    if approx == "exact":
+        penalty = _weighted_sum(terms, layer_weights)
+    else:
+        penalty = _finite_difference_penalty(
+            forward, zeros, x, y, loss_fn, example_weights, jax.lax.stop_gradient(grads),
+            loss if not per_example else None, norm=norm, per_example=per_example,
+            layer_weights=layer_weights, fd_step=fd_step,
+        )
+        terms = jax.lax.stop_gradient(terms)
+    total = loss + penalty_weight * penalty
+    aux = {
+        "loss": loss,
+        "penalty": penalty,
+        "penalty_terms": terms,
+        "activation_grads": grads,
+        "logits": outputs,
+    }
+    if state is not None:
+        aux["model_state"] = state
+    return total, aux
+
+
+def _exact_terms(grads, norm, per_example, example_weights):
+    """Per-layer terms before ``layer_weights``: ``phi(||g_l||^2)`` or ``mean_i phi(||G_{l,i}||^2)``."""
+    if not per_example:
+        if norm == "squared_l2":
+            return {name: jnp.sum(jnp.square(g)) for name, g in grads.items()}
+        return {name: _safe_sqrt(jnp.sum(jnp.square(g))) for name, g in grads.items()}
+    return {
+        name: weighted_mean(_apply_norm(_sum_over_examples(g), norm), example_weights)
+        for name, g in grads.items()
+    }
+
+
+def _finite_difference_penalty(
+    forward, zeros, x, y, loss_fn, example_weights, grads, base_loss, *,
+    norm, per_example, layer_weights, fd_step,
+):
+    """Finlay & Oberman (2019): ``phi(||g||^2)`` from a directional finite difference.
+
+    With ``g`` detached, ``v = Lambda g / sqrt(g^T Lambda g)`` and
+    ``d = (loss(a + h v) - loss(a)) / h = sqrt(g^T Lambda g) + O(h)``, the
+    squared-L2 penalty ``sum_l lambda_l ||g_l||^2`` is estimated by ``d^2``
+    (one joint shift of all layers), the L2 one by ``sum_l lambda_l d_l`` (one
+    shift per layer, ``v_l = g_l / ||g_l||``). Differentiating ``d`` w.r.t. the
+    parameters is ordinary backprop, and
+    ``grad_theta d^2 = 2 (dg/dtheta)^T Lambda g + O(h)``: the exact gradient up
+    to O(h). Per example the same holds example by example, with every
+    example shifted along its own direction in one forward pass (exact only
+    when examples do not interact).
+    """
+    weights = {name: (1.0 if layer_weights is None else layer_weights.get(name, 1.0)) for name in grads}
+    groups = [tuple(grads)] if norm == "squared_l2" else [(name,) for name in grads]
+    per_loss = (lambda out: loss_fn(out, y)) if per_example else _batch_loss(loss_fn, y, example_weights)
+    run = _perturbed(forward, zeros, x, per_loss)
+    if base_loss is None:
+        base, _ = run({name: jnp.zeros_like(g) for name, g in grads.items()})  # (B,)
+    else:
+        base = base_loss
+    penalty = 0.0
+    for group in groups:
+        # Squared length of the weighted direction, per example (B,) or for the batch ().
+        # (squared L2: g^T Lambda g over the group; L2: the one layer's ||g_l||^2, unweighted).
+        lam = weights if norm == "squared_l2" else dict.fromkeys(weights, 1.0)
+        if per_example:
+            sq = sum(lam[n] * _sum_over_examples(grads[n]) for n in group)  # (B,)
+        else:
+            sq = sum(lam[n] * jnp.sum(jnp.square(grads[n])) for n in group)  # ()
+        positive = sq > 0
+        inv_len = jnp.where(positive, jax.lax.rsqrt(jnp.where(positive, sq, 1.0)), 0.0)
+        shifts = {}
+        for name, g in grads.items():
+            if name not in group:
+                shifts[name] = jnp.zeros_like(g)
+                continue
+            scale = inv_len.reshape((-1,) + (1,) * (g.ndim - 1)) if per_example else inv_len
+            shifts[name] = fd_step * lam[name] * scale * g
+        shifted, _ = run(shifts)
+        d = (shifted - base) / fd_step  # (B,) or ()
+        if norm == "squared_l2":
+            contribution = jnp.square(d)
+        else:
+            contribution = weights[group[0]] * d
+        if per_example:
+            contribution = weighted_mean(contribution, example_weights)
+        penalty = penalty + contribution
+    return penalty
 
 
 def penalized_loss(
@@ -109,6 +450,18 @@ def penalized_loss(
     *,
     penalty_weight: float | jax.Array,
     layers: Sequence[str] | str | None = None,
+    example_weights: jax.Array | None = None,
+    normalization: str = "batch_mean",
+    norm: str = "squared_l2",
+    layer_weights: Mapping[str, float] | None = None,
+    approx: str = "exact",
+    fd_step: float = 1e-3,
+    model_state: Mapping | None = None,
+    mutable: Sequence[str] = (),
+    apply_kwargs: Mapping | None = None,
+    rngs: Any = None,
+    examples_interact: bool | None = None,
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, Any]]:
     """``total = loss + penalty_weight * sum_l ||d loss / d a_l||^2`` and its parts.
 
@@ -116,16 +469,46 @@ def penalized_loss(
       params: the model's ``"params"`` collection.
       model: a Flax Linen module whose capture points use ``layers.capture``
         (e.g. ``Net()``); it is applied as ``model.apply({"params": params,
-        "perturbations": ...}, x)``.
+        **model_state, "perturbations": ...}, x, **apply_kwargs)``.
       x: inputs, NHWC for ``Net``: (B, 32, 32, C). Any batch size.
-      y: integer class labels (B,).
+      y: integer class labels (B,) (or whatever ``loss_fn`` takes).
       penalty_weight: the weight ``w`` (the seed answer uses 10).
-      layers: capture names to penalise; ``None`` (default) penalises all.
+      layers: capture names to penalise; ``None`` (default) penalises all of
+        the model's capture points; ``"input"`` names the input ``x`` itself.
+      example_weights: optional (B,) weights; the loss becomes
+        ``sum_i m_i CE_i / sum_i m_i``. A 0/1 mask gives exactly the loss and
+        penalty of the real examples of a zero-padded batch (per-example
+        means are weighted the same way).
+      normalization: ``"batch_mean"`` (default, the seed's): gradients of the
+        batch-mean loss, ``sum_l lambda_l phi(||g_l||^2)``. ``"per_example"``:
+        ``sum_l lambda_l (1/B) sum_i phi(||d loss_i / d a_{l,i}||^2)``, which
+        does not shrink with the batch size; for independent examples and
+        squared L2 the batch-mean penalty equals it divided by B.
+      norm: ``"squared_l2"`` (default, ``phi(s) = s``) or ``"l2"``
+        (``phi(s) = sqrt(s)``, with a zero derivative at 0).
+      layer_weights: ``{layer: lambda_l}`` (missing layers weigh 1).
+      approx: ``"exact"`` (double backprop) or ``"finite_difference"``
+        (Finlay & Oberman 2019, first-order only, error O(fd_step)).
+      fd_step: the finite-difference step ``h`` (in activation units).
+      model_state: other variable collections, e.g. ``{"batch_stats": ...}``.
+      mutable: collections the model updates, e.g. ``["batch_stats"]`` for
+        BatchNorm in train mode; the updates are in ``aux["model_state"]``.
+      apply_kwargs: extra keyword arguments of ``model.apply`` (``{"train": True}``).
+      rngs: PRNG keys for ``model.apply`` (dropout).
+      examples_interact: whether an example's loss depends on other examples'
+        activations (BatchNorm in train mode). Only used by ``per_example``:
+        then the per-example gradients are the diagonal blocks of the full
+        Jacobian (B backward passes instead of one). ``None``: True exactly
+        when ``"batch_stats"`` is in ``mutable``.
+      loss_fn: per-example loss ``(outputs, y) -> (B,)``; default softmax
+        cross-entropy. The loss is its (weighted) mean.
 
     Returns:
       ``(total, aux)`` with ``aux`` holding ``loss``, ``penalty``,
-      ``penalty_terms`` (``{layer: ||d loss / d a_layer||^2}``),
-      ``activation_grads`` (``{layer: d loss / d a_layer}``) and ``logits``.
+      ``penalty_terms`` (``{layer: phi(...)}`` before ``layer_weights``),
+      ``activation_grads`` (``{layer: d loss / d a_layer}``, or the
+      per-example ``d loss_i / d a_i`` stacked (B, ...) for ``per_example``),
+      ``logits``, and ``model_state`` when ``mutable`` is given.
       ``jax.grad(lambda p: penalized_loss(p, ...)[0])(params)`` is the training
       gradient (double backprop).
 
@@ -134,15 +517,99 @@ def penalized_loss(
         grads = torch.autograd.grad(loss, [relu1, relu2], create_graph=True)
         total = loss + w * sum(g.pow(2).sum() for g in grads)
     """
-    loss, logits, grads = loss_and_activation_grads(params, model, x, y, layers)
-    terms = {name: jnp.sum(jnp.square(g)) for name, g in grads.items()}
-    penalty = sum(terms.values())
-    total = loss + penalty_weight * penalty
-    aux = {
-        "loss": loss,
-        "penalty": penalty,
-        "penalty_terms": terms,
-        "activation_grads": grads,
-        "logits": logits,
+    mutable = tuple(mutable)
+    if examples_interact is None:
+        examples_interact = "batch_stats" in mutable
+    options = {"model_state": model_state, "mutable": mutable, "apply_kwargs": apply_kwargs, "rngs": rngs}
+    zeros = zero_perturbations(model, params, x, **options)
+    forward = linen_forward(model, params, **options)
+    return penalized_loss_from_forward(
+        forward, zeros, x, y,
+        penalty_weight=penalty_weight, layers=layers, example_weights=example_weights,
+        normalization=normalization, norm=norm, layer_weights=layer_weights, approx=approx,
+        fd_step=fd_step, examples_interact=examples_interact, loss_fn=loss_fn,
+    )
+
+
+def is_penalty_step(step: jax.Array | int, every: int) -> jax.Array:
+    """Lazy regularisation: whether ``step`` (0-based) applies the penalty, ``step % every == 0``."""
+    return jnp.asarray(step) % every == 0
+
+
+def lazy_penalty_weight(step: jax.Array | int, every: int, weight: float | jax.Array) -> jax.Array:
+    """The weight to use at ``step`` under lazy regularisation (StyleGAN2's lazy R1).
+
+    ``every * weight`` on every ``every``-th step (0, k, 2k, ...), 0 otherwise,
+    so the penalty's average weight per step stays ``weight`` while it is
+    computed k times less often. Multiplying a weight of 0 does not skip the
+    double backprop: to save the compute, branch with ``lax.cond`` on
+    ``is_penalty_step`` (``lazy_value_and_grad`` does).
+    """
+    check_penalty_options(every=every)
+    return jnp.where(is_penalty_step(step, every), weight * every, jnp.zeros_like(jnp.asarray(weight)))
+
+
+def lazy_value_and_grad(
+    params: Params,
+    model,
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    step: jax.Array | int,
+    every: int,
+    penalty_weight: float | jax.Array,
+    **options,
+) -> tuple[tuple[jax.Array, dict[str, Any]], Params]:
+    """``value_and_grad`` of ``penalized_loss`` with the penalty only every ``every`` steps.
+
+    On penalty steps (``step % every == 0``) it is the gradient of
+    ``loss + every * penalty_weight * penalty``; on the others the gradient of
+    the plain loss, computed *without* the double backprop (``lax.cond``
+    executes one branch). ``aux`` has the same structure on both branches:
+    on plain steps ``penalty``, ``penalty_terms`` and ``activation_grads``
+    are zeros. ``every`` is a Python int (it picks the compiled program).
+    ``options`` are ``penalized_loss``'s keyword options.
+    """
+    check_penalty_options(every=every)
+
+    def penalized(p):
+        return jax.value_and_grad(
+            lambda q: penalized_loss(q, model, x, y, penalty_weight=penalty_weight * every, **options),
+            has_aux=True,
+        )(p)
+
+    if every == 1:
+        return penalized(params)
+    aux_shapes = jax.eval_shape(penalized, params)[0][1]
+
+    def plain(p):
+        return jax.value_and_grad(
+            lambda q: _plain_loss(q, model, x, y, aux_shapes, **options), has_aux=True
+        )(p)
+
+    return jax.lax.cond(is_penalty_step(step, every), penalized, plain, params)
+
+
+def _plain_loss(params, model, x, y, aux_shapes, **options):
+    """The unpenalised loss with an ``aux`` shaped like ``penalized_loss``'s (zeros for the penalty)."""
+    mutable = tuple(options.get("mutable", ()))
+    forward = linen_forward(
+        model, params, model_state=options.get("model_state"), mutable=mutable,
+        apply_kwargs=options.get("apply_kwargs"), rngs=options.get("rngs"),
+    )
+    zeros = {
+        name: jnp.zeros(s.shape, s.dtype)
+        for name, s in zero_perturbations(
+            model, params, x, model_state=options.get("model_state"), mutable=mutable,
+            apply_kwargs=options.get("apply_kwargs"), rngs=options.get("rngs"),
+        ).items()
     }
-    return total, aux
+    outputs, state = forward(zeros, x)
+    loss_fn = options.get("loss_fn") or per_example_cross_entropy
+    loss = weighted_mean(loss_fn(outputs, y), options.get("example_weights"))
+    aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes)
+    aux["loss"] = loss
+    aux["logits"] = outputs
+    if state is not None:
+        aux["model_state"] = state
+    return loss, aux

@@ -97,34 +97,39 @@ def load_flax_params(torch_net: nn.Module, flax_params: Mapping) -> nn.Module:
     """Copy a Flax ``params`` tree (``jax_impl.Net`` layout) into ``torch_net``, in place.
 
     Checks that the tree has exactly the keys ``conv1``, ``conv2``, ``linear``
-    each with ``kernel`` and ``bias``, and that every converted tensor has the
-    shape of the PyTorch parameter it replaces. Values are cast to the PyTorch
+    each with ``kernel`` and ``bias``, and that every array has the Flax-layout
+    shape of the PyTorch parameter it replaces (the error names both). Values are cast to the PyTorch
     parameters' dtype (like ``load_state_dict``); call ``torch_net.double()``
     first to keep float64 exactly. Returns ``torch_net``.
     """
     if "params" in flax_params and set(flax_params) <= {"params", "perturbations", "intermediates"}:
         raise ValueError("pass the 'params' collection (variables['params']), not the whole variables dict")
     _check_keys(flax_params.keys(), LAYER_NAMES, "flax params")
+    state = dict(torch_net.named_parameters())
+    torch_keys = [f"{n}.{p}" for n in LAYER_NAMES for p in ("weight", "bias")]
+    _check_keys(state.keys(), torch_keys, "torch parameters")
+    c, h, w = torch_net.feature_shape
     converted: dict[str, np.ndarray] = {}
     for name in LAYER_NAMES:
         _check_keys(flax_params[name].keys(), PARAM_NAMES, f"flax params[{name!r}]")
-        kernel = np.asarray(flax_params[name]["kernel"])
-        bias = np.asarray(flax_params[name]["bias"])
+        weight, bias = state[f"{name}.weight"], state[f"{name}.bias"]
+        # Shapes are checked in the Flax layout the caller passed, before any permutation.
         if name in CONV_LAYERS:
-            if kernel.ndim != 4:
-                raise ValueError(f"{name}.kernel: expected a 4-D HWIO kernel, got shape {kernel.shape}")
-            converted[f"{name}.weight"] = conv_kernel_to_torch(kernel)
+            o, i, kh, kw = weight.shape
+            expected = {"kernel": (kh, kw, i, o), "bias": (o,)}
         else:
-            c, h, w = torch_net.feature_shape
-            if kernel.ndim != 2 or kernel.shape[0] != c * h * w:
-                raise ValueError(f"{name}.kernel: expected shape ({c * h * w}, K), got {kernel.shape}")
-            converted[f"{name}.weight"] = linear_kernel_to_torch(kernel, torch_net.feature_shape)
-        converted[f"{name}.bias"] = bias
-    state = dict(torch_net.named_parameters())
-    _check_keys(state.keys(), converted.keys(), "torch parameters")
-    for key, value in converted.items():
-        if tuple(value.shape) != tuple(state[key].shape):
-            raise ValueError(f"{key}: expected shape {tuple(state[key].shape)}, got {tuple(value.shape)}")
+            expected = {"kernel": (c * h * w, weight.shape[0]), "bias": tuple(bias.shape)}
+        arrays = {p: np.asarray(flax_params[name][p]) for p in PARAM_NAMES}
+        for p in PARAM_NAMES:
+            if arrays[p].shape != expected[p]:
+                raise ValueError(
+                    f"flax params[{name!r}][{p!r}]: expected shape {expected[p]}, got {arrays[p].shape}"
+                )
+        if name in CONV_LAYERS:
+            converted[f"{name}.weight"] = conv_kernel_to_torch(arrays["kernel"])
+        else:
+            converted[f"{name}.weight"] = linear_kernel_to_torch(arrays["kernel"], torch_net.feature_shape)
+        converted[f"{name}.bias"] = arrays["bias"]
     with torch.no_grad():
         for key, value in converted.items():
             state[key].copy_(torch.from_numpy(np.array(value)))

@@ -48,7 +48,8 @@ class Net(nn.Module):
         conv2 = self.conv2(self.relu1)
         pool2 = self.pool(conv2)
         self.relu2 = self.relu(pool2)
-        relu2 = self.relu2.view(self.relu2.size(0), -1)
+        # The answer uses .view; .reshape is the same here and also accepts channels-last inputs.
+        relu2 = self.relu2.reshape(self.relu2.size(0), -1)
         return self.linear(relu2)
 
     def captures(self) -> dict[str, torch.Tensor]:

@@ -15,11 +15,14 @@ argument (deprecated), so it is left out here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from torch_ref.hooks import forward_with_captures
 
 
 def select_layers(available: Sequence[str], layers: Sequence[str] | str | None) -> tuple[str, ...]:
@@ -41,22 +44,145 @@ def select_layers(available: Sequence[str], layers: Sequence[str] | str | None) 
     return layers
 
 
+INPUT = "input"
+NORMALIZATIONS = ("batch_mean", "per_example")
+NORMS = ("squared_l2", "l2")
+APPROXIMATIONS = ("exact", "finite_difference")
+
+
+def check_penalty_options(
+    *,
+    normalization: str = "batch_mean",
+    norm: str = "squared_l2",
+    approx: str = "exact",
+    fd_step: float = 1e-3,
+) -> None:
+    """Raise a one-line ``ValueError`` naming the expected values for a bad option."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if approx not in APPROXIMATIONS:
+        raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
+    if not (isinstance(fd_step, int | float) and fd_step > 0):
+        raise ValueError(f"fd_step must be a positive number, got {fd_step!r}")
+
+
+def _wants_input(layers: Sequence[str] | str | None) -> bool:
+    if layers is None:
+        return False
+    return INPUT in ((layers,) if isinstance(layers, str) else tuple(layers))
+
+
+def _select_with_input(available: Sequence[str], layers: Sequence[str] | str | None) -> tuple[str, ...]:
+    """``select_layers`` that also accepts ``"input"`` (never implied by ``None``)."""
+    if not _wants_input(layers):
+        return select_layers(available, layers)
+    layers = (layers,) if isinstance(layers, str) else tuple(layers)
+    return select_layers((*available, INPUT), layers)
+
+
+def has_interacting_examples(model: nn.Module) -> bool:
+    """True when a BatchNorm layer in train mode makes each example's loss depend on the others."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+
+
+def _forward(model, input, capture_modules, shifts=None):
+    """``(output, {capture name: activation})`` via ``model.captures()`` or forward hooks."""
+    if capture_modules is None:
+        if shifts:
+            raise ValueError(
+                "shifting activations (approx='finite_difference') needs capture_modules (forward hooks); "
+                "for torch_ref.Net pass capture_modules=torch_ref.NET_CAPTURE_MODULES"
+            )
+        output = model(input)
+        return output, model.captures()
+    return forward_with_captures(model, input, capture_modules, shifts)
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(model: nn.Module):
+    """An extra forward pass that does not update BatchNorm running stats (still uses batch stats).
+
+    In train mode ``_BatchNorm`` passes ``None`` running stats to the kernel when
+    ``track_running_stats`` is False, so the batch is normalised exactly as
+    before but nothing is updated. (Restoring the buffers afterwards instead
+    would bump their version and break the first pass's backward.)
+    """
+    frozen = [m for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    for m in frozen:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in frozen:
+            m.track_running_stats = True
+
+
+def _safe_sqrt(s: torch.Tensor) -> torch.Tensor:
+    """``sqrt(s)`` with derivative 0 (not inf) at ``s == 0``, as in ``jax_impl.penalty``."""
+    positive = s > 0
+    root = torch.sqrt(torch.where(positive, s, torch.ones_like(s)))
+    return torch.where(positive, root, torch.zeros_like(s))
+
+
+def _per_example_squares(g: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (B,): squared L2 norm of each example's slice."""
+    return g.pow(2).reshape(g.shape[0], -1).sum(dim=1)
+
+
+def _phi(squared: torch.Tensor, norm: str) -> torch.Tensor:
+    return squared if norm == "squared_l2" else _safe_sqrt(squared)
+
+
 def penalized_loss(
     model: nn.Module,
     input: torch.Tensor,
     label: torch.Tensor,
     penalty_weight: float,
     layers: Sequence[str] | str | None = None,
+    *,
+    normalization: str = "batch_mean",
+    norm: str = "squared_l2",
+    layer_weights: Mapping[str, float] | None = None,
+    approx: str = "exact",
+    fd_step: float = 1e-3,
+    capture_modules: Mapping[str, str] | None = None,
+    examples_interact: bool | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Forward pass and ``total = loss + w * sum_l ||d loss / d a_l||^2`` (seed answer).
 
     ``model`` must store its capture points during ``forward`` and expose them
-    by name through ``model.captures()`` (``torch_ref.Net`` does). Returns
-    ``(total, aux)`` with ``aux`` holding ``loss``, ``penalty``,
-    ``penalty_terms``, ``activation_grads`` (NCHW, still in the graph) and
-    ``logits``. ``total.backward()`` then puts the training gradient into the
-    parameters' ``.grad``.
+    by name through ``model.captures()`` (``torch_ref.Net`` does), or any
+    ``nn.Module`` with ``capture_modules={name: "module.path[:k]"}`` (forward
+    hooks, ``torch_ref.hooks``). Returns ``(total, aux)`` with ``aux``
+    holding ``loss``, ``penalty``, ``penalty_terms``, ``activation_grads``
+    (NCHW, still in the graph) and ``logits``. ``total.backward()`` then puts
+    the training gradient into the parameters' ``.grad``.
+
+    The keyword options mirror ``jax_impl.penalized_loss`` (same formulas):
+    ``normalization`` ("batch_mean" | "per_example"), ``norm`` ("squared_l2" |
+    "l2"), ``layer_weights``, ``"input"`` in ``layers``, ``approx``
+    ("exact" | "finite_difference") with ``fd_step``, ``loss_fn`` (per-example
+    loss, (B,)). ``examples_interact=None`` means: a BatchNorm module is in
+    train mode; then per-example gradients take one backward pass per example.
     """
+    check_penalty_options(normalization=normalization, norm=norm, approx=approx, fd_step=fd_step)
+    seed_recipe = (approx, normalization, norm) == ("exact", "batch_mean", "squared_l2")
+    if seed_recipe and layer_weights is None and loss_fn is None and capture_modules is None \
+            and not _wants_input(layers):
+        return _seed_penalized_loss(model, input, label, penalty_weight, layers)
+    return _penalized_loss_options(
+        model, input, label, penalty_weight, layers, normalization=normalization, norm=norm,
+        layer_weights=layer_weights, approx=approx, fd_step=fd_step, capture_modules=capture_modules,
+        examples_interact=examples_interact, loss_fn=loss_fn,
+    )
+
+
+def _seed_penalized_loss(model, input, label, penalty_weight, layers):
+    """The seed answer's computation, unchanged (the defaults of ``penalized_loss``)."""
     output = model(input)
     loss = nn.CrossEntropyLoss()(output, label)
     captures = model.captures()
@@ -75,6 +201,154 @@ def penalized_loss(
         "logits": output,
     }
     return total, aux
+
+
+def _per_example_ce(output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(output, label, reduction="none")
+
+
+def _penalized_loss_options(
+    model, input, label, penalty_weight, layers, *, normalization, norm, layer_weights, approx, fd_step,
+    capture_modules, examples_interact, loss_fn,
+):
+    per_example = normalization == "per_example"
+    if examples_interact is None:
+        examples_interact = has_interacting_examples(model)
+    if approx == "finite_difference" and per_example and examples_interact:
+        raise ValueError(
+            "approx='finite_difference' with normalization='per_example' needs independent examples; "
+            "with interacting examples (BatchNorm in train mode) use approx='exact'"
+        )
+    loss_fn = _per_example_ce if loss_fn is None else loss_fn
+    x = input.detach().requires_grad_(True) if _wants_input(layers) else input
+    output, captures = _forward(model, x, capture_modules)
+    names = _select_with_input(tuple(captures), layers)
+    captures = {**captures, INPUT: x}
+    if layer_weights is not None:
+        unknown = [n for n in layer_weights if n not in names]
+        if unknown:
+            raise ValueError(f"layer_weights names {unknown} that are not penalised layers {list(names)}")
+    weights = {n: (1.0 if layer_weights is None else layer_weights.get(n, 1.0)) for n in names}
+    acts = [captures[n] for n in names]
+    losses = loss_fn(output, label)  # (B,)
+    loss = losses.mean()
+    exact = approx == "exact"
+    if not per_example:
+        grads = torch.autograd.grad(loss, acts, create_graph=exact, retain_graph=True)
+    elif not examples_interact:
+        # loss_i depends on a_i only: slice i of d(sum_i loss_i)/da is d loss_i / d a_i.
+        grads = torch.autograd.grad(losses.sum(), acts, create_graph=exact, retain_graph=True)
+    else:
+        # One backward per example, keeping slice i of d loss_i / d a (B passes).
+        rows = [torch.autograd.grad(losses[i], acts, create_graph=True, retain_graph=True)
+                for i in range(losses.shape[0])]
+        grads = [torch.stack([rows[i][k][i] for i in range(len(rows))]) for k in range(len(acts))]
+    grads = dict(zip(names, grads, strict=True))
+    if per_example:
+        terms = {n: _phi(_per_example_squares(g), norm).mean() for n, g in grads.items()}
+    else:
+        terms = {n: _phi(g.pow(2).sum(), norm) for n, g in grads.items()}
+    if exact:
+        grad_norm = 0
+        for n, term in terms.items():
+            grad_norm += term if layer_weights is None else weights[n] * term
+    else:
+        grad_norm = _finite_difference_penalty(
+            model, input, label, x, capture_modules, loss_fn, grads, loss if not per_example else losses,
+            norm=norm, per_example=per_example, weights=weights, fd_step=fd_step,
+        )
+        terms = {n: t.detach() for n, t in terms.items()}
+    total = loss + grad_norm * penalty_weight
+    aux = {
+        "loss": loss,
+        "penalty": grad_norm,
+        "penalty_terms": terms,
+        "activation_grads": grads,
+        "logits": output,
+    }
+    return total, aux
+
+
+def _finite_difference_penalty(
+    model, input, label, x, capture_modules, loss_fn, grads, base, *, norm, per_example, weights, fd_step
+):
+    """Finlay & Oberman (2019), as ``jax_impl.penalty._finite_difference_penalty``.
+
+    ``d = (loss(a + h v) - loss(a)) / h`` along the detached, weighted, unit
+    direction ``v``; squared L2: one joint shift of every layer, ``d^2``; L2:
+    one shift per layer, ``lambda_l d_l``; per example: per-example ``d_i``
+    with each example shifted along its own direction, then the mean.
+    """
+    grads = {n: g.detach() for n, g in grads.items()}
+    groups = [tuple(grads)] if norm == "squared_l2" else [(n,) for n in grads]
+    penalty = 0
+    for group in groups:
+        # (squared L2: g^T Lambda g over the group; L2: the one layer's ||g_l||^2, unweighted).
+        lam = weights if norm == "squared_l2" else dict.fromkeys(weights, 1.0)
+        if per_example:
+            sq = sum(lam[n] * _per_example_squares(grads[n]) for n in group)  # (B,)
+        else:
+            sq = sum(lam[n] * grads[n].pow(2).sum() for n in group)
+        positive = sq > 0
+        inv_len = torch.where(positive, torch.rsqrt(torch.where(positive, sq, torch.ones_like(sq))),
+                              torch.zeros_like(sq))
+        shifts = {}
+        for n in group:
+            scale = inv_len.reshape((-1,) + (1,) * (grads[n].dim() - 1)) if per_example else inv_len
+            shifts[n] = fd_step * lam[n] * scale * grads[n]
+        shifted_input = x + shifts.pop(INPUT) if INPUT in shifts else input
+        with _running_stats_frozen(model):
+            output, _ = _forward(model, shifted_input, capture_modules, shifts)
+        losses = loss_fn(output, label)
+        shifted = losses if per_example else losses.mean()
+        d = (shifted - base) / fd_step
+        contribution = d.pow(2) if norm == "squared_l2" else weights[group[0]] * d
+        penalty = penalty + (contribution.mean() if per_example else contribution)
+    return penalty
+
+
+def is_penalty_step(step: int, every: int) -> bool:
+    """Lazy regularisation: the penalty applies on steps 0, k, 2k, ... (as ``jax_impl``)."""
+    if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+        raise ValueError(f"penalty every must be a positive integer number of steps, got {every!r}")
+    return step % every == 0
+
+
+def lazy_penalty_weight(step: int, every: int, weight: float) -> float:
+    """``every * weight`` on penalty steps, 0 otherwise (StyleGAN2's lazy R1 scaling).
+
+    On the other steps call the plain loss instead (``lazy_penalized_loss``)
+    to skip the double backprop entirely.
+    """
+    return weight * every if is_penalty_step(step, every) else 0.0
+
+
+def lazy_penalized_loss(
+    model: nn.Module,
+    input: torch.Tensor,
+    label: torch.Tensor,
+    penalty_weight: float,
+    layers: Sequence[str] | str | None = None,
+    *,
+    step: int,
+    every: int,
+    **options,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``penalized_loss`` with weight ``every * w`` on penalty steps, the plain loss on the others.
+
+    On plain steps ``aux`` holds ``loss``, ``logits``, and zeros for ``penalty``
+    and every chosen layer's ``penalty_terms`` (no double backprop is done).
+    """
+    if is_penalty_step(step, every):
+        return penalized_loss(model, input, label, penalty_weight * every, layers, **options)
+    capture_modules = options.get("capture_modules")
+    output, captures = _forward(model, input, capture_modules)
+    loss_fn = options.get("loss_fn")
+    loss = nn.CrossEntropyLoss()(output, label) if loss_fn is None else loss_fn(output, label).mean()
+    zero = torch.zeros((), dtype=loss.dtype)
+    names = _select_with_input(tuple(captures), layers)
+    terms = dict.fromkeys(names, zero)
+    return loss, {"loss": loss, "penalty": zero, "penalty_terms": terms, "logits": output}
 
 
 def train_step(
@@ -104,9 +378,12 @@ def question_step(
     It retains the activations' ``.grad``, calls ``loss.backward(retain_graph=True)``
     (weight gradients of the loss), then ``autograd.grad(..., create_graph=True)``
     and ``grad_norm.backward()``, which *adds* the penalty's weight gradients
-    (with weight 1) and also accumulates into the retained activations' ``.grad``.
-    Its weight gradients equal the answer's with ``penalty_weight=1``; its
-    activation ``.grad`` fields are not d loss / d a (see the FAQ and the test).
+    (with weight 1). Its weight gradients equal the answer's with
+    ``penalty_weight=1``. Its retained activation ``.grad`` fields end up as
+    ``2 * d loss / d a + d grad_norm / d a``: ``backward`` writes d loss / d a,
+    ``autograd.grad`` fires the ``retain_grad`` hooks and adds it again, and
+    ``grad_norm.backward()`` adds the penalty's part (see the FAQ and
+    parity_tests/test_question_vs_answer.py).
     """
     output = model(input)
     model.relu1.retain_grad()

@@ -1,0 +1,214 @@
+"""The run folder shared by both CLIs: config.json, metrics.jsonl, progress, TensorBoard, summary.
+
+Layout of ``WORKDIR``::
+
+    config.json      {"framework", "config": TrainConfig fields, "dataset": sizes and shapes}
+    metrics.jsonl    one JSON object per logged step: {"step", "epoch", "split": "train"|"eval", ...}
+    checkpoints/     written by the framework (orbax for JAX, torch.save for PyTorch)
+    *.png            plots (``agp_common.plot``)
+    tensorboard/     event files, with --tensorboard
+
+``step`` in a record is the number of optimizer steps done when it was
+measured (1 after the first update), the same number a checkpoint is saved
+under, so resuming from checkpoint ``k`` keeps exactly the records with
+``step <= k``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from agp_common.config import TrainConfig, check_resumable
+from agp_common.errors import UsageError
+from agp_common.io import atomic_write_json, atomic_write_text, read_jsonl
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> Path:
+    """Create ``workdir`` if needed; ``UsageError`` if it is a file or cannot be written."""
+    path = Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--workdir {path} is a file; expected a folder (new or from an earlier run)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--workdir {path} is not writable ({e.strerror or e})") from None
+    return path
+
+
+def config_record(config: TrainConfig, framework: str, dataset_info: dict[str, Any]) -> dict[str, Any]:
+    """What config.json (and every checkpoint) holds."""
+    return {"framework": framework, "config": config.to_json(), "dataset": dataset_info}
+
+
+def check_saved_config(saved: dict[str, Any], config: TrainConfig, framework: str, where: str) -> None:
+    """Refuse to resume a run of another framework or with another trajectory-defining config."""
+    if not isinstance(saved, dict) or "config" not in saved:
+        raise UsageError(f"{where}: not a config written by this project (no 'config' key)")
+    if saved.get("framework") != framework:
+        raise UsageError(f"{where}: the workdir holds a {saved.get('framework')!r} run; this is "
+                         f"{framework!r}, use another --workdir")
+    try:
+        check_resumable(TrainConfig.from_json(saved["config"]), config)
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from None
+
+
+def write_config(workdir: Path, record: dict[str, Any]) -> None:
+    """config.json, after checking that an existing one describes the same run."""
+    path = workdir / CONFIG_FILE
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(f"{path}: unreadable ({e}); expected the JSON of an earlier run") from None
+        check_saved_config(saved, TrainConfig.from_json(record["config"]), record["framework"], str(path))
+    atomic_write_json(path, record)
+
+
+class MetricsLog:
+    """Appends one JSON line per record to metrics.jsonl (only on process 0 when multi-host)."""
+
+    def __init__(self, workdir: Path, *, resume_step: int, enabled: bool = True):
+        self.path = workdir / METRICS_FILE
+        self.enabled = enabled
+        self._file: TextIO | None = None
+        if enabled:
+            self.truncate_after(resume_step)
+            self._file = open(self.path, "a")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records newer than ``step`` (from a run that died after its last checkpoint), atomically."""
+        if not self.path.exists():
+            return
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def sync(self) -> None:
+        """fsync, so records up to a checkpoint survive a power loss together with it."""
+        if self._file is not None:
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class TensorBoardLog:
+    """Scalars of every record as ``train/<key>`` and ``eval/<key>`` in WORKDIR/tensorboard."""
+
+    def __init__(self, workdir: Path):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise UsageError("--tensorboard needs tensorboardX: pip install "
+                             "'activation-gradient-penalty[tensorboard]'") from None
+        self.writer = SummaryWriter(logdir=str(workdir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        prefix = record.get("split", "train")
+        for key, value in record.items():
+            if key not in ("step", "epoch", "split") and isinstance(value, int | float):
+                self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def describe(record: dict[str, Any]) -> str:
+    """Short text of a train or eval record for logs."""
+    if record.get("split") == "eval":
+        return f"eval loss {record['eval_loss']:.4f} acc {record['eval_accuracy']:.4f}"
+    return (f"loss {record['loss']:.4f} penalty {record['penalty']:.3e} acc {record['accuracy']:.3f}")
+
+
+class Progress:
+    """A rich progress bar (steps/s, ETA) on a terminal; plain periodic lines otherwise or with --quiet."""
+
+    def __init__(self, total: int, start: int, *, quiet: bool, enabled: bool = True,
+                 stream: TextIO | None = None):
+        self.total, self.start, self.enabled = total, start, enabled
+        self.stream = stream or sys.stdout
+        self.interval = max(1, total // 20)
+        self._t0: float | None = None
+        self._step0 = start
+        self._bar = None
+        if enabled and not quiet and self.stream.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("train", total=total, completed=start, rate="", info="")
+
+    def rate(self, step: int) -> float:
+        """Steps per second since the first step of this process (which includes compilation)."""
+        if self._t0 is None or step <= self._step0:
+            return math.nan
+        return (step - self._step0) / (time.perf_counter() - self._t0)
+
+    def update(self, step: int, epoch: int, record: dict[str, Any]) -> None:
+        if self._t0 is None:  # measure speed from the end of the first (compiling) step
+            self._t0, self._step0 = time.perf_counter(), step
+        if not self.enabled:
+            return
+        rate = self.rate(step)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, rate=f"{rate:.1f} steps/s" if rate > 0 else "",
+                             info=describe(record))
+        elif step % self.interval == 0 or step == self.total:
+            eta = _format_eta((self.total - step) / rate) if rate > 0 else ""
+            speed = f" | {rate:.2f} steps/s, ETA {eta}" if rate > 0 else ""
+            self.log(f"step {step}/{self.total} (epoch {epoch + 1}) {describe(record)}{speed}")
+
+    def log(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.console.print(line, highlight=False)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def summary_line(framework: str, step: int, wall_s: float, train: dict[str, Any] | None,
+                 evaluation: dict[str, Any] | None, workdir: Path) -> str:
+    """The final one-line summary of a run."""
+    parts = [f"done ({framework}): {step} steps in {wall_s:.1f}s"]
+    if evaluation is not None:
+        parts.append(f"test accuracy {evaluation['eval_accuracy']:.4f}, "
+                     f"test loss {evaluation['eval_loss']:.4f}")
+    if train is not None:
+        parts.append(f"last train loss {train['loss']:.4f}, penalty {train['penalty']:.3e}")
+    parts.append(f"run folder {workdir}")
+    return "; ".join(parts)

@@ -1,0 +1,505 @@
+"""Time one SGD step of the seed's CNN in JAX and in PyTorch, side by side, in one process.
+
+Usage::
+
+    python -m benchmarks.step_time                      # batch 1, 32, 128; table + JSON
+    python -m benchmarks.step_time --batch-sizes 8 64 --out results.json
+    python -m benchmarks.step_time --sweep --plot sweep.png   # batch 1..512, plot
+
+Four steps are timed for every batch size (float32, SGD, ``w = 10``):
+
+* ``jax/penalised``: exactly what a user of the public API writes::
+
+      (total, aux), grads = jax.value_and_grad(penalized_loss, has_aux=True)(
+          params, Net(), x, y, penalty_weight=w)
+      updates, opt_state = optax.sgd(lr).update(grads, opt_state, params)
+
+  under one ``jax.jit`` with the default ``Net()`` (its convolution is picked
+  per backend by ``Conv2D(impl="auto")``);
+* ``jax/plain``: the same without the penalty (``cross_entropy_loss``);
+* ``torch/penalised``: the seed answer's loop body with ``torch_ref.Net``
+  (``autograd.grad(loss, [relu1, relu2], create_graph=True)``,
+  ``zero_grad``, ``backward``, ``step``), eager mode;
+* ``torch/plain``: ``zero_grad``, cross-entropy ``backward``, ``step``.
+
+Timing: ``--warmup`` untimed calls first (JAX compiles in the first); then
+``--repeats`` rounds, each timing a block of consecutive steps per config
+(block length chosen so one block lasts >= ``--min-block-ms``); the four
+configs are interleaved round by round (in rotating order) so that load from
+other processes hits all of them alike. Every JAX step ends with
+``block_until_ready``; on CUDA every torch step ends with
+``torch.cuda.synchronize()``. Reported: median ms per step over rounds, the
+interquartile range, and the minimum. PyTorch keeps its default thread count
+(``torch.get_num_threads()``, recorded in the JSON); XLA uses all cores.
+
+FLOP count (analytic, multiply-accumulates x 2; elementwise ops, pooling and
+the softmax are not counted). Per example, forward:
+
+* ``conv1``: 28*28 outputs x 32 channels x (5*5*3) = F1 = 1,881,600 MACs
+* ``conv2``: 10*10 outputs x 64 channels x (5*5*32) = F2 = 5,120,000 MACs
+* ``linear``: 1600 x 10 = L = 16,000 MACs
+
+so a forward pass is 7.02 M MACs = 14.0 MFLOP. The plain step adds each
+layer's weight gradient and the input gradients of ``conv2`` and ``linear``
+(the data needs none): 2 F1 + 3 F2 + 3 L = 19.17 M MACs (2.73 forwards).
+The penalised step (double backprop) costs: forward (F1 + F2 + L); the inner
+backward to ``relu1``/``relu2`` (input gradients only: F2 + L); and the outer
+backward, which transposes the forward (F1 + 2 F2 + 2 L) *and* the inner
+backward (each input-gradient product is bilinear in its two inputs, so it
+costs two products: 2 F2 + 2 L): 2 F1 + 6 F2 + 6 L = 34.58 M MACs per example
+(4.93 forwards, 1.80x the plain step). That 1.80 is the penalty overhead one
+would see if every product ran at the same speed.
+
+Peak memory (MiB, the step's high-water mark including parameters, optimizer
+state and the batch): JAX from XLA's buffer assignment of the compiled step
+(``memory_analysis()``: arguments + outputs - aliased + temporaries); PyTorch
+on CPU from the profiler's allocation events during one step (running
+maximum of live bytes) plus the parameters and the batch; on CUDA both
+frameworks also report the device allocator's peak.
+
+This module imports both JAX and PyTorch (it is cross-framework code, like
+``parity_tests``). If PyTorch is not installed it times JAX only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jax_impl import Net, cross_entropy_loss, penalized_loss
+
+DEFAULT_BATCH_SIZES = (1, 32, 128)
+SWEEP_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+IMAGE_SHAPE = (32, 32, 3)  # (H, W, C), the seed's CIFAR-like input
+NUM_CLASSES = 10
+MIB = 2**20
+
+#: Per-example forward MACs of the seed's Net (see the module docstring).
+CONV1_MACS = 28 * 28 * 32 * (5 * 5 * 3)
+CONV2_MACS = 10 * 10 * 64 * (5 * 5 * 32)
+LINEAR_MACS = 1600 * 10
+
+
+def step_flops(batch_size: int, penalised: bool) -> int:
+    """Analytic FLOPs (2 x MACs) of one training step; see the module docstring."""
+    f1, f2, lin = CONV1_MACS, CONV2_MACS, LINEAR_MACS
+    macs = 2 * f1 + 6 * f2 + 6 * lin if penalised else 2 * f1 + 3 * f2 + 3 * lin
+    return 2 * macs * batch_size
+
+
+def forward_flops(batch_size: int) -> int:
+    """Analytic FLOPs of one forward pass (2 x MACs)."""
+    return 2 * (CONV1_MACS + CONV2_MACS + LINEAR_MACS) * batch_size
+
+
+@dataclass
+class Runner:
+    """One timed configuration: ``run()`` does one full step and waits for it."""
+
+    framework: str
+    step: str
+    batch_size: int
+    run: Callable[[], None]
+    peak_bytes: Callable[[], int | None]
+
+
+@dataclass
+class Result:
+    """Timing of one configuration, in milliseconds per step."""
+
+    framework: str
+    step: str
+    batch_size: int
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    min_ms: float
+    steps_per_block: int
+    rounds: int
+    examples_per_s: float
+    gflops_per_s: float
+    peak_mib: float | None
+    samples_ms: list[float] = field(repr=False, default_factory=list)
+
+
+def make_batch(batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random NHWC float32 images (B, 32, 32, 3) and integer labels (B,), shared by both frameworks."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch_size, *IMAGE_SHAPE), dtype=np.float32)
+    y = rng.integers(0, NUM_CLASSES, size=batch_size).astype(np.int32)
+    return x, y
+
+
+# --------------------------------------------------------------------------- JAX
+
+
+def make_jax_step(model: Net, tx: optax.GradientTransformation, penalised: bool, penalty_weight: float):
+    """The user's step: ``value_and_grad`` of ``penalized_loss`` (or plain CE) + optax update."""
+
+    def step(params, opt_state, x, y):
+        if penalised:
+            (total, _), grads = jax.value_and_grad(penalized_loss, has_aux=True)(
+                params, model, x, y, penalty_weight=penalty_weight)
+        else:
+            total, grads = jax.value_and_grad(
+                lambda p: cross_entropy_loss(model.apply({"params": p}, x), y))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, total
+
+    return jax.jit(step)
+
+
+def xla_peak_bytes(compiled) -> int | None:
+    """Bytes live at the high-water mark of a compiled XLA program (None if unknown)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + m.temp_size_in_bytes)
+
+
+def jax_runner(batch_size: int, penalised: bool, penalty_weight: float, lr: float, seed: int,
+               conv_impl: str | None = None) -> Runner:
+    """A JAX runner; ``conv_impl=None`` is the default ``Net()`` (what users get)."""
+    model = Net() if conv_impl is None else Net(conv_impl=conv_impl)
+    x_np, y_np = make_batch(batch_size, seed)
+    x, y = jnp.asarray(x_np), jnp.asarray(y_np)
+    params = model.init(jax.random.key(seed), x)["params"]
+    tx = optax.sgd(lr)
+    step = make_jax_step(model, tx, penalised, penalty_weight)
+    state = {"params": params, "opt_state": tx.init(params)}
+
+    def run() -> None:
+        params, opt_state, total = step(state["params"], state["opt_state"], x, y)
+        jax.block_until_ready((params, opt_state, total))
+        state["params"], state["opt_state"] = params, opt_state
+
+    def peak() -> int | None:
+        return xla_peak_bytes(step.lower(state["params"], state["opt_state"], x, y).compile())
+
+    name = "jax" if conv_impl is None else f"jax[{conv_impl}]"
+    return Runner(name, "penalised" if penalised else "plain", batch_size, run, peak)
+
+
+# ------------------------------------------------------------------------- torch
+
+
+def torch_runner(torch, batch_size: int, penalised: bool, penalty_weight: float, lr: float,
+                 seed: int, device: str) -> Runner:
+    """A PyTorch eager runner: the seed answer's loop body with ``torch_ref.Net``."""
+    from torch_ref.model import Net as TorchNet
+
+    torch.manual_seed(seed)
+    net = TorchNet().to(device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+    x_np, y_np = make_batch(batch_size, seed)
+    x = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()).to(device)  # NHWC -> NCHW
+    y = torch.from_numpy(y_np).long().to(device)
+    criterion = torch.nn.CrossEntropyLoss()
+    cuda = device.startswith("cuda")
+
+    def penalised_step() -> None:
+        # The seed answer, verbatim apart from names (only_inputs is deprecated and ignored).
+        output = net(x)
+        loss = criterion(output, y)
+        grads = torch.autograd.grad(loss, [net.relu1, net.relu2], create_graph=True)
+        grad_norm = 0
+        for grad in grads:
+            grad_norm += grad.pow(2).sum()
+        optimizer.zero_grad()
+        loss = loss + grad_norm * penalty_weight
+        loss.backward()
+        optimizer.step()
+
+    def plain_step() -> None:
+        optimizer.zero_grad()
+        criterion(net(x), y).backward()
+        optimizer.step()
+
+    one_step = penalised_step if penalised else plain_step
+
+    def run() -> None:
+        one_step()
+        if cuda:
+            torch.cuda.synchronize()
+
+    def peak() -> int | None:
+        resident = sum(p.numel() * p.element_size() for p in net.parameters())
+        resident += x.numel() * x.element_size() + y.numel() * y.element_size()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            run()
+            return int(torch.cuda.max_memory_allocated())
+        return resident + torch_cpu_step_peak(torch, run)
+
+    return Runner("torch", "penalised" if penalised else "plain", batch_size, run, peak)
+
+
+def torch_cpu_step_peak(torch, run: Callable[[], None]) -> int:
+    """Running maximum of bytes allocated (minus freed) during one ``run()``, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def import_torch():
+    """``torch`` or None when it is not installed (the benchmark then times JAX only)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+# ------------------------------------------------------------------------ timing
+
+
+def time_block(run: Callable[[], None], steps: int) -> float:
+    """Seconds per step over ``steps`` consecutive calls."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        run()
+    return (time.perf_counter() - start) / steps
+
+
+def measure(runners: Sequence[Runner], repeats: int, warmup: int, min_block_ms: float) -> list[Result]:
+    """Warm up, calibrate block lengths, then time all runners interleaved (rotating order)."""
+    for runner in runners:
+        for _ in range(warmup):
+            runner.run()
+    steps = []
+    for runner in runners:
+        once = time_block(runner.run, 1)
+        steps.append(max(1, int(np.ceil(min_block_ms / 1e3 / max(once, 1e-6)))))
+    samples: list[list[float]] = [[] for _ in runners]
+    for r in range(repeats):
+        order = list(range(len(runners)))
+        order = order[r % len(order):] + order[: r % len(order)]
+        for i in order:
+            samples[i].append(time_block(runners[i].run, steps[i]) * 1e3)
+    results = []
+    for runner, n, ms in zip(runners, steps, samples, strict=True):
+        q25, median, q75 = np.percentile(ms, [25, 50, 75])
+        peak = runner.peak_bytes()
+        results.append(Result(
+            framework=runner.framework, step=runner.step, batch_size=runner.batch_size,
+            median_ms=float(median), p25_ms=float(q25), p75_ms=float(q75), min_ms=float(min(ms)),
+            steps_per_block=n, rounds=repeats,
+            examples_per_s=runner.batch_size / (median / 1e3),
+            gflops_per_s=step_flops(runner.batch_size, runner.step == "penalised") / (median / 1e3) / 1e9,
+            peak_mib=None if peak is None else peak / MIB,
+            samples_ms=[float(v) for v in ms],
+        ))
+    return results
+
+
+def summarise(results: Sequence[Result]) -> list[dict[str, Any]]:
+    """Per batch size: torch/jax time ratios and the penalty overhead (penalised / plain) of each."""
+    by_key = {(r.batch_size, r.framework, r.step): r.median_ms for r in results}
+    rows = []
+    for b in sorted({r.batch_size for r in results}):
+        row: dict[str, Any] = {"batch_size": b}
+        frameworks = sorted({fw for (bb, fw, _) in by_key if bb == b})
+        for fw in frameworks:
+            pen, plain = by_key.get((b, fw, "penalised")), by_key.get((b, fw, "plain"))
+            if pen and plain:
+                row[f"{fw}_penalty_overhead"] = pen / plain
+        for step in ("penalised", "plain"):
+            t, j = by_key.get((b, "torch", step)), by_key.get((b, "jax", step))
+            if t and j:
+                row[f"torch_over_jax_{step}"] = t / j
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------ output
+
+
+def format_table(results: Sequence[Result], summary: Sequence[dict[str, Any]]) -> str:
+    """Markdown tables: one row per config, then one summary row per batch size."""
+    lines = [
+        "| batch | framework | step | ms/step (median) | IQR ms | min ms | examples/s | GFLOP/s | peak MiB |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        peak = "n/a" if r.peak_mib is None else f"{r.peak_mib:.1f}"
+        lines.append(
+            f"| {r.batch_size} | {r.framework} | {r.step} | {r.median_ms:.2f} | "
+            f"{r.p25_ms:.2f}-{r.p75_ms:.2f} | {r.min_ms:.2f} | {r.examples_per_s:,.0f} | "
+            f"{r.gflops_per_s:.1f} | {peak} |")
+    lines += ["", "| batch | torch/jax penalised | torch/jax plain | jax overhead | torch overhead |",
+              "|---:|---:|---:|---:|---:|"]
+
+    def cell(row, key):
+        return f"{row[key]:.2f}" if key in row else "n/a"
+
+    for row in summary:
+        lines.append(
+            f"| {row['batch_size']} | {cell(row, 'torch_over_jax_penalised')} | "
+            f"{cell(row, 'torch_over_jax_plain')} | {cell(row, 'jax_penalty_overhead')} | "
+            f"{cell(row, 'torch_penalty_overhead')} |")
+    return "\n".join(lines)
+
+
+def environment(torch, torch_device: str) -> dict[str, Any]:
+    """Versions, devices, threads and load, recorded next to the numbers."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "machine": platform.machine(),
+        "loadavg_start": os.getloadavg(),
+        "dtype": "float32",
+        "conv_impl_auto": "see jax_impl.layers.resolve_conv_impl",
+    }
+    if torch is not None:
+        env.update(torch=torch.__version__, torch_device=torch_device,
+                   torch_num_threads=torch.get_num_threads())
+        if torch_device.startswith("cuda"):
+            env["torch_cuda_device"] = torch.cuda.get_device_name()
+    return env
+
+
+def plot_sweep(results: Sequence[Result], path: Path) -> None:
+    """Two panels against batch size (log-log): ms per step, and examples per second."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_time, ax_tput) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series = sorted({(r.framework, r.step) for r in results})
+    for fw, step in series:
+        rows = sorted((r for r in results if (r.framework, r.step) == (fw, step)), key=lambda r: r.batch_size)
+        b = [r.batch_size for r in rows]
+        style = "-" if step == "penalised" else "--"
+        ax_time.plot(b, [r.median_ms for r in rows], style, marker="o", ms=3, label=f"{fw} {step}")
+        ax_tput.plot(b, [r.examples_per_s for r in rows], style, marker="o", ms=3, label=f"{fw} {step}")
+    for ax, label in ((ax_time, "ms per step (median)"), (ax_tput, "examples per second")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_time.legend(fontsize=8)
+    fig.suptitle(f"SGD step, float32, {jax.default_backend()} (python -m benchmarks.step_time --sweep)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------- CLI
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.step_time",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=None,
+                        help=f"batch sizes (default {list(DEFAULT_BATCH_SIZES)}; with --sweep "
+                             f"{list(SWEEP_BATCH_SIZES)})")
+    parser.add_argument("--sweep", action="store_true", help="sweep batch sizes 1..512 and plot (--plot)")
+    parser.add_argument("--plot", type=Path, default=Path("step_time_sweep.png"),
+                        help="PNG written in --sweep mode (default step_time_sweep.png)")
+    parser.add_argument("--out", type=Path, default=None, help="write results as JSON here")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="timed rounds per config (default 15; 5 with --sweep)")
+    parser.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--min-block-ms", type=float, default=50.0,
+                        help="each timed block runs consecutive steps for at least this long (default 50)")
+    parser.add_argument("--penalty-weight", type=float, default=10.0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frameworks", nargs="+", choices=("jax", "torch"), default=["jax", "torch"])
+    parser.add_argument("--torch-device", default=None,
+                        help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--jax-conv-impls", nargs="*", default=[],
+                        help="also time Net(conv_impl=...) for these impls (rows 'jax[impl]')")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    batch_sizes = args.batch_sizes or (SWEEP_BATCH_SIZES if args.sweep else DEFAULT_BATCH_SIZES)
+    repeats = args.repeats or (5 if args.sweep else 15)
+    torch = import_torch() if "torch" in args.frameworks else None
+    if "torch" in args.frameworks and torch is None:
+        print("PyTorch is not installed: timing JAX only.", file=sys.stderr)
+    torch_device = args.torch_device or ("cuda" if torch is not None and torch.cuda.is_available() else "cpu")
+    env = environment(torch, torch_device)
+    print(f"jax {env['jax']} on {env['jax_backend']}; "
+          + (f"torch {env['torch']} on {torch_device} with {env['torch_num_threads']} threads; "
+             if torch is not None else "")
+          + f"{env['cpu_count']} CPUs, load {env['loadavg_start'][0]:.2f}", flush=True)
+
+    results: list[Result] = []
+    for b in batch_sizes:
+        runners = []
+        for penalised in (True, False):
+            common = dict(batch_size=b, penalised=penalised, penalty_weight=args.penalty_weight,
+                          lr=args.lr, seed=args.seed)
+            if "jax" in args.frameworks:
+                runners.append(jax_runner(**common))
+                runners += [jax_runner(**common, conv_impl=impl) for impl in args.jax_conv_impls]
+            if torch is not None:
+                runners.append(torch_runner(torch, **common, device=torch_device))
+        batch_results = measure(runners, repeats, args.warmup, args.min_block_ms)
+        results += batch_results
+        for r in batch_results:
+            print(f"  batch {b:4d} {r.framework:>12s} {r.step:>9s}: {r.median_ms:9.2f} ms "
+                  f"(IQR {r.p25_ms:.2f}-{r.p75_ms:.2f})", flush=True)
+
+    env["loadavg_end"] = os.getloadavg()
+    if jax.default_backend() == "gpu":
+        stats = jax.devices()[0].memory_stats() or {}
+        env["jax_device_peak_mib"] = stats.get("peak_bytes_in_use", 0) / MIB
+    summary = summarise(results)
+    print()
+    print(format_table(results, summary))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"environment": env, "results": [asdict(r) for r in results], "summary": summary,
+                   "flops_per_example": {"forward": forward_flops(1), "plain": step_flops(1, False),
+                                         "penalised": step_flops(1, True)}}
+        args.out.write_text(json.dumps(payload, indent=2))
+        print(f"\nwrote {args.out}")
+    if args.sweep:
+        plot_sweep(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""``python -m jax_impl.train``: train the seed CNN with the activation gradient penalty.
+
+``main(argv)`` only parses flags and calls ``train_and_evaluate(config,
+workdir)``; everything else is small functions, importable and testable:
+
+* ``create_train_state``: ``TrainState(step, params, opt_state)``;
+* ``train_step(state, batch) -> (state, metrics)``: pure; compiled once by
+  ``make_train_step`` with the state donated, the batch sharded over a 1-D
+  ``"data"`` mesh of all devices and the state replicated;
+* ``eval_step(params, batch) -> sums``, for the held-out split.
+
+Every batch has the same shape: the last partial batch of an epoch is
+zero-padded and carries a 0/1 ``mask``, and the loss is
+``sum_i m_i CE_i / sum_i m_i`` (``penalized_loss(..., example_weights=mask)``),
+so loss, penalty and gradients are exactly those of the real examples, and
+the step is never recompiled.
+
+The run folder (``--workdir``) holds config.json, metrics.jsonl, orbax
+checkpoints (``checkpoints/<step>/``, atomic, the newest ``--keep-checkpoints``
+kept, each with the config), PNG plots and, with ``--tensorboard``, event
+files. Running the same command again resumes from the newest checkpoint.
+
+Multi-host: when ``JAX_COORDINATOR_ADDRESS`` is set (with ``JAX_NUM_PROCESSES``
+and ``JAX_PROCESS_ID``), or ``AGP_DISTRIBUTED=1`` on a cluster JAX detects
+(SLURM, Open MPI, Cloud TPU), ``jax.distributed.initialize`` is called first;
+each process then feeds its slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from agp_common.batching import BatchOrder, eval_batches, padded_batch
+from agp_common.config import MOMENTUM, TrainConfig, parse_config, total_steps, validate_config
+from agp_common.data import Dataset, load_dataset
+from agp_common.errors import EXIT_NON_FINITE, EXIT_USAGE, NonFiniteError, UsageError
+from agp_common.loop import run_loop
+from agp_common.plot import plot_run
+from agp_common.runlog import check_saved_config, config_record, prepare_workdir, summary_line, write_config
+from jax_impl.model import CAPTURE_NAMES, Net
+from jax_impl.penalty import INPUT, penalized_loss
+
+FRAMEWORK = "jax"
+DATA_AXIS = "data"
+CHECKPOINT_DIR = "checkpoints"
+
+Params = Any
+
+
+class TrainState(NamedTuple):
+    """Everything a step changes: ``step`` () int32 (optimizer steps done), ``params``, ``opt_state``."""
+
+    step: jax.Array
+    params: Params
+    opt_state: Any
+
+
+def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
+    """``sgd`` (the seed's ``torch.optim.SGD``), ``momentum`` (SGD, momentum 0.9) or ``adam``.
+
+    Same update rules as ``torch.optim.SGD(lr[, momentum])`` and
+    ``torch.optim.Adam(lr)`` with their defaults (see torch_ref.train).
+    """
+    if name == "sgd":
+        return optax.sgd(lr)
+    if name == "momentum":
+        return optax.sgd(lr, momentum=MOMENTUM)
+    if name == "adam":
+        return optax.adam(lr)
+    raise UsageError(f"--optimizer must be one of sgd, momentum, adam; got {name!r}")
+
+
+def init_params(model: Net, image_shape: Sequence[int], seed: int, dtype) -> Params:
+    """Fresh parameters for images of ``image_shape`` (H, W, C), cast to ``dtype``."""
+    params = model.init(jax.random.key(seed), jnp.zeros((1, *image_shape), dtype))["params"]
+    return jax.tree.map(lambda p: p.astype(dtype), params)
+
+
+def create_train_state(params: Params, tx: optax.GradientTransformation) -> TrainState:
+    """Step 0: ``params`` and a fresh optimizer state."""
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: Net,
+    tx: optax.GradientTransformation,
+    penalty_weight: float,
+    layers: tuple[str, ...] | None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update on ``batch`` = {x (B, H, W, C), y (B,), mask (B,)}; returns the new state and metrics.
+
+    ``total = loss + w * sum_l ||d loss / d a_l||^2`` with ``loss`` the masked
+    mean cross-entropy; its gradient (double backprop) feeds the optimizer.
+    Metrics: ``total``, ``loss``, ``penalty``, ``penalty/<layer>``,
+    ``act_grad_norm/<layer>`` (= sqrt of that term), ``accuracy`` (masked),
+    ``grad_norm`` and ``param_norm`` (global L2 norms, before the update).
+    """
+
+    def objective(params):
+        return penalized_loss(params, model, batch["x"], batch["y"], penalty_weight=penalty_weight,
+                              layers=layers, example_weights=batch["mask"])
+
+    (total, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    mask = batch["mask"]
+    correct = (jnp.argmax(aux["logits"], axis=-1) == batch["y"]).astype(mask.dtype) * mask
+    metrics = {
+        "total": total,
+        "loss": aux["loss"],
+        "penalty": aux["penalty"],
+        "accuracy": jnp.sum(correct) / jnp.sum(mask),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(state.params),
+    }
+    for name, term in aux["penalty_terms"].items():
+        metrics[f"penalty/{name}"] = term
+        metrics[f"act_grad_norm/{name}"] = jnp.sqrt(term)
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def eval_step(params: Params, batch: dict[str, jax.Array], *, model: Net) -> dict[str, jax.Array]:
+    """Sums over the real rows of ``batch``: ``loss_sum`` (cross-entropy), ``correct``, ``count``."""
+    logits = model.apply({"params": params}, batch["x"])  # (B, K)
+    mask = batch["mask"]
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])  # (B,)
+    correct = (jnp.argmax(logits, axis=-1) == batch["y"]).astype(mask.dtype)
+    return {"loss_sum": jnp.sum(per_example * mask), "correct": jnp.sum(correct * mask),
+            "count": jnp.sum(mask)}
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: all devices of all processes)."""
+    return Mesh(np.asarray(jax.devices() if devices is None else list(devices)), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (parameters, optimizer state, metrics)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """Rows split evenly over the ``"data"`` axis (inputs, labels, mask)."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def make_train_step(model: Net, tx: optax.GradientTransformation, penalty_weight: float,
+                    layers: tuple[str, ...] | None, mesh: Mesh):
+    """``train_step`` compiled for ``mesh``: state replicated and donated, batch sharded.
+
+    The loss and penalty are those of the global batch (XLA inserts the
+    cross-device reductions), so results match one device up to rounding.
+    """
+    step = functools.partial(train_step, model=model, tx=tx, penalty_weight=penalty_weight, layers=layers)
+    return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)),
+                   out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(model: Net, mesh: Mesh):
+    """``eval_step`` compiled for ``mesh`` (params replicated, batch sharded)."""
+    return jax.jit(functools.partial(eval_step, model=model),
+                   in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh))
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_steps(num_classes: int, optimizer: str, lr: float, penalty_weight: float,
+                   layers: tuple[str, ...] | None, devices: tuple[jax.Device, ...]):
+    """``(model, tx, mesh, train_step_fn, eval_step_fn)`` for a run, built once per process and key.
+
+    Runs in one process with the same model, optimizer and devices (tests, sweeps) share one jitted
+    step, so XLA compiles each (shape, dtype) only once.
+    """
+    model, tx, mesh = Net(num_classes=num_classes), make_optimizer(optimizer, lr), data_mesh(devices)
+    return (model, tx, mesh, make_train_step(model, tx, penalty_weight, layers, mesh),
+            make_eval_step(model, mesh))
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host batch -> global arrays sharded over ``mesh``; with several processes each sends its rows."""
+    sharding = batch_sharded(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    rows = len(batch["mask"]) // jax.process_count()
+    lo = jax.process_index() * rows
+    return {k: jax.make_array_from_process_local_data(sharding, v[lo : lo + rows], v.shape)
+            for k, v in batch.items()}
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, num_train: int) -> None:
+    """``UsageError`` unless 1 <= B <= N and B divides evenly over the devices and processes."""
+    if batch_size > num_train:
+        raise UsageError(f"--batch-size {batch_size} is larger than the {num_train} training examples")
+    n = mesh.devices.size
+    if batch_size % n or batch_size % jax.process_count():
+        raise UsageError(f"--batch-size {batch_size} must be a multiple of the number of devices ({n}) "
+                         f"so that every device gets the same number of examples")
+
+
+def evaluate(eval_fn, params: Params, ds: Dataset, batch_size: int, dtype, mesh: Mesh) -> dict[str, float]:
+    """``eval_loss`` (mean cross-entropy) and ``eval_accuracy`` over the whole test split."""
+    sums = [eval_fn(params, put_batch(padded_batch(ds.x_test, ds.y_test, idx, batch_size, dtype,
+                                                     ds.pixel_scale), mesh))
+            for idx in eval_batches(len(ds.y_test), batch_size)]
+    sums = jax.device_get(sums)  # one sync for the whole pass
+    total = {k: float(np.sum([s[k] for s in sums], dtype=np.float64)) for k in sums[0]}
+    count = total["count"]
+    return {"eval_loss": total["loss_sum"] / count, "eval_accuracy": total["correct"] / count}
+
+
+def checkpoint_manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
+    """Orbax manager of WORKDIR/checkpoints: synchronous (the next step donates the state), atomic
+    (written to a temporary folder, then renamed; temporary folders of a killed save are removed at
+    start), the newest ``keep`` kept."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True,
+                                           cleanup_tmp_directories=True)  # leftovers of a killed save
+    return ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, record: dict[str, Any]) -> None:
+    """Save ``state`` under its step, with the run's config record beside it."""
+    step = int(jax.device_get(state.step))
+    if step in manager.all_steps():
+        return
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               config=ocp.args.JsonSave(record)))
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, like: TrainState, config: TrainConfig
+                       ) -> TrainState | None:
+    """The newest checkpoint restored into the structure, dtypes and shardings of ``like``, or ``None``."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    where = f"checkpoint {manager.directory / str(step)}"
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    try:
+        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    except Exception as e:  # orbax raises many types for unreadable folders
+        raise UsageError(f"{where}: cannot read its config ({type(e).__name__}: {e})") from None
+    check_saved_config(saved, config, FRAMEWORK, where)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    except Exception as e:
+        raise UsageError(f"{where}: cannot restore it into this model's state ({type(e).__name__}: {e})"
+                         ) from None
+    return restored["state"]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run ended with (``params`` as NumPy arrays in the Flax layout)."""
+
+    step: int
+    params: Params
+    last_train: dict[str, Any] | None
+    final_eval: dict[str, float] | None
+    wall_s: float
+    #: Compilations of the train step during this run: 1 for a fresh process, 0 when an earlier run in
+    #: the same process compiled the same shapes (never more: padded partial batches reuse the step).
+    train_step_compilations: int
+    summary: str
+
+
+def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None = None, *,
+                       params: Params | None = None, devices: Sequence[jax.Device] | None = None,
+                       plots: bool = True) -> TrainResult:
+    """Train as ``config`` says, in ``workdir`` (default ``config.workdir``), resuming if possible.
+
+    ``params`` (a Flax ``params`` tree, e.g. from ``torch_ref.export_flax_params``)
+    replaces the seeded initialisation; ``devices`` restricts the data mesh
+    (default: all). Float64 (``config.dtype``) runs inside ``jax.enable_x64``.
+    """
+    with jax.enable_x64(config.dtype == "float64"):
+        return _train_and_evaluate(config, Path(workdir or config.workdir), params, devices, plots)
+
+
+def _train_and_evaluate(config, workdir, params, devices, plots) -> TrainResult:
+    t_start = time.perf_counter()
+    validate_config(config, (*CAPTURE_NAMES, INPUT))
+    dtype = np.dtype(config.dtype)
+    main_process = jax.process_index() == 0
+    ds = load_dataset(config)
+    model, tx, mesh, step_fn, eval_fn = compiled_steps(
+        ds.num_classes, config.optimizer, config.lr, config.penalty_weight, config.penalty_layers,
+        tuple(jax.devices() if devices is None else devices))
+    compiled_before = step_fn._cache_size()
+    check_batch_size(config.batch_size, mesh, len(ds.y_train))
+    order = BatchOrder(config.seed, len(ds.y_train), config.batch_size)
+    total = total_steps(config, order.steps_per_epoch)
+
+    workdir = prepare_workdir(workdir)
+    record = config_record(config, FRAMEWORK, ds.info())
+    if main_process:
+        write_config(workdir, record)
+
+    if params is None:
+        params = init_params(model, ds.image_shape, config.seed, dtype)
+    else:
+        params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
+    state = jax.device_put(create_train_state(params, tx), replicated(mesh))
+
+    with checkpoint_manager(workdir, config.keep_checkpoints) as manager:
+        restored = restore_checkpoint(manager, state, config)
+        if restored is not None:
+            state = restored
+        start = int(jax.device_get(state.step))
+        if start > total:
+            raise UsageError(f"{workdir} holds a run at step {start}, past the requested end at step "
+                             f"{total}; ask for more --steps/--epochs or use another --workdir")
+
+        def run_step(indices):
+            nonlocal state
+            batch = padded_batch(ds.x_train, ds.y_train, indices, config.batch_size, dtype, ds.pixel_scale)
+            state, metrics = step_fn(state, put_batch(batch, mesh))
+            return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+        def run_eval():
+            return evaluate(eval_fn, state.params, ds, config.batch_size, dtype, mesh)
+
+        loop = run_loop(config, workdir, order, start, total, train_step=run_step, evaluate=run_eval,
+                        save=lambda step: save_checkpoint(manager, state, record), main_process=main_process)
+    final_eval = loop.last_eval if loop.steps_run else run_eval()
+    if plots and main_process and (workdir / "metrics.jsonl").exists():
+        plot_run(workdir)
+    wall = time.perf_counter() - t_start
+    return TrainResult(
+        step=int(jax.device_get(state.step)),
+        params=jax.device_get(state.params),
+        last_train=loop.last_train,
+        final_eval=final_eval,
+        wall_s=wall,
+        train_step_compilations=step_fn._cache_size() - compiled_before,
+        summary=summary_line(FRAMEWORK, total, wall, loop.last_train, final_eval, workdir),
+    )
+
+
+def maybe_initialize_distributed() -> bool:
+    """Call ``jax.distributed.initialize`` when a multi-process launch is configured; True if it did.
+
+    ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0) plus ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID``; or ``AGP_DISTRIBUTED=1`` to let JAX detect SLURM, Open MPI or Cloud TPU.
+    """
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs = {}
+        if env.get("JAX_NUM_PROCESSES"):
+            kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+        if env.get("JAX_PROCESS_ID"):
+            kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], **kwargs)
+        return True
+    if env.get("AGP_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: flags -> ``train_and_evaluate``; usage errors are one line and exit 2."""
+    config = parse_config(argv, prog="python -m jax_impl.train", framework=FRAMEWORK)
+    try:
+        maybe_initialize_distributed()
+        result = train_and_evaluate(config)
+    except UsageError as e:
+        if config.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except NonFiniteError as e:
+        if config.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    if jax.process_index() == 0:
+        print(result.summary, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

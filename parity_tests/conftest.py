@@ -1,0 +1,33 @@
+"""Fixtures of the parity suite.
+
+The helpers themselves (identical weights, NCHW <-> NHWC, float64 switch,
+normwise comparison with explicit rtol/atol) live in ``parity_tests/harness.py``
+so that ``python -m parity_tests.report`` uses the very same code; this file
+only adapts them to pytest.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from parity_tests.harness import DTYPES, jax_dtype, single_threaded_torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_on_one_thread():
+    """See ``single_threaded_torch``: 15x faster reference steps on a shared 2-core machine."""
+    with single_threaded_torch():
+        yield
+
+
+@pytest.fixture(params=DTYPES)
+def dtype(request) -> str:
+    """Each test that takes ``dtype`` runs in float64 and in float32."""
+    return request.param
+
+
+@pytest.fixture
+def x64():
+    """JAX in 64-bit mode for the duration of the test."""
+    with jax_dtype("float64"):
+        yield

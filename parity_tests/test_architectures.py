@@ -1,0 +1,187 @@
+"""The penalty on other architectures: an MLP and a residual CNN with BatchNorm, JAX vs PyTorch.
+
+Cross-framework (imports JAX and PyTorch). The PyTorch models have no capture
+code: their capture points are named for forward hooks
+(``capture_modules``); the Flax models mark them with ``layers.capture``.
+Float64, identical weights (``parity_tests/zoo_convert.py``).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+
+import torch_ref
+from jax_impl import MLP, ResNet, penalized_loss
+from parity_tests.zoo_convert import mlp_params_to_flax, resnet_bn_modules, resnet_to_flax
+
+# float64 rounding only (~1e-16 per op through double backprop, BatchNorm included): >1000x headroom.
+RTOL = 1e-10
+WEIGHT = 10.0
+BATCH = 5
+SHAPE_CHW = (2, 6, 6)  # two channels so that the NCHW/NHWC flatten order matters for the MLP
+
+
+def normwise(actual, expected, rtol, what):
+    """``max|a - b| <= rtol * max|b|`` (see parity_tests/harness.py for why normwise)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    err, scale = np.max(np.abs(actual - expected)), np.max(np.abs(expected))
+    assert err <= rtol * scale, f"{what}: max abs err {err:.3e} > {rtol:.0e} * {scale:.3e}"
+
+
+def compare_trees(jax_tree, numpy_tree, rtol, what):
+    flat_j = traverse_util.flatten_dict(jax.tree.map(np.asarray, jax_tree), sep="/")
+    flat_t = traverse_util.flatten_dict(numpy_tree, sep="/")
+    assert set(flat_j) == set(flat_t), what
+    for key, value in flat_t.items():
+        normwise(flat_j[key], value, rtol, f"{what} {key}")
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(BATCH, *SHAPE_CHW))
+    y = rng.integers(0, 10, BATCH)
+    return x, y
+
+
+def torch_penalty(net, capture_modules, x, y, options):
+    net.zero_grad()
+    options = dict(options)
+    layers = options.pop("layers", None)
+    total, aux = torch_ref.penalized_loss(
+        net, torch.tensor(x), torch.tensor(y), WEIGHT, layers, capture_modules=capture_modules, **options
+    )
+    total.backward()
+    return total, aux
+
+
+MLP_CASES = {
+    "default": {},
+    "per_example_l2": {"normalization": "per_example", "norm": "l2"},
+    "input_weighted": {"layers": ["input", "relu2"], "layer_weights": {"input": 3.0}},
+    "fd": {"approx": "finite_difference", "fd_step": 1e-2},
+}
+
+
+@pytest.mark.parametrize("case", list(MLP_CASES))
+def test_mlp_penalty_matches_reference_with_forward_hooks(case, batch):
+    options = MLP_CASES[case]
+    # The finite difference amplifies the loss's rounding differences by ~1/h = 100 (measured ~1e-13).
+    rtol = 1e-10 if options.get("approx") == "finite_difference" else RTOL
+    x, y = batch
+    torch.manual_seed(0)
+    net = torch_ref.MLP(int(np.prod(SHAPE_CHW))).double()
+    total_t, aux_t = torch_penalty(net, torch_ref.MLP_CAPTURE_MODULES, x, y, options)
+    with jax.enable_x64(True):
+        params = jax.tree.map(jnp.asarray, mlp_params_to_flax(net, SHAPE_CHW))
+        xj, yj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)
+        (total_j, aux_j), grads_j = jax.value_and_grad(
+            lambda p: penalized_loss(p, MLP(), xj, yj, penalty_weight=WEIGHT, **options), has_aux=True
+        )(params)
+        normwise(total_j, total_t.item(), rtol, "total")
+        for name, term in aux_t["penalty_terms"].items():
+            normwise(aux_j["penalty_terms"][name], term.item(), RTOL, f"term {name}")
+        compare_trees(grads_j, mlp_params_to_flax(net, SHAPE_CHW, grads=True), rtol, "grad")
+
+
+def randomize_running_stats(net, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for bn in resnet_bn_modules(net).values():
+        bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen, dtype=torch.float64))
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=gen, dtype=torch.float64) + 0.5)
+
+
+@pytest.fixture
+def resnet():
+    torch.manual_seed(0)
+    net = torch_ref.ResNet(in_channels=SHAPE_CHW[0], width=4).double()
+    with torch.no_grad():
+        randomize_running_stats(net, 0)
+        for bn in resnet_bn_modules(net).values():  # non-trivial affine parameters
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return net
+
+
+RESNET_CASES = {
+    "batch_mean": {},
+    "per_example_interacting": {"normalization": "per_example"},
+    "l2_input": {"norm": "l2", "layers": ["input", "block1/relu"]},
+}
+
+
+@pytest.mark.parametrize("case", list(RESNET_CASES))
+def test_resnet_batchnorm_train_mode_matches_reference(case, resnet, batch):
+    """Train mode: batch statistics; ``batch_stats`` is updated while perturbations are differentiated."""
+    options = RESNET_CASES[case]
+    x, y = batch
+    before = resnet_to_flax(resnet)
+    resnet.train()
+    total_t, aux_t = torch_penalty(resnet, torch_ref.RESNET_CAPTURE_MODULES, x, y, options)
+    with jax.enable_x64(True):
+        variables = jax.tree.map(jnp.asarray, before)
+        xj, yj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)
+
+        def f(p):
+            return penalized_loss(
+                p, ResNet(width=4), xj, yj, penalty_weight=WEIGHT,
+                model_state={"batch_stats": variables["batch_stats"]}, mutable=["batch_stats"],
+                apply_kwargs={"train": True}, **options,
+            )
+
+        (total_j, aux_j), grads_j = jax.value_and_grad(f, has_aux=True)(variables["params"])
+        normwise(total_j, total_t.item(), RTOL, "total")
+        for name, term in aux_t["penalty_terms"].items():
+            normwise(aux_j["penalty_terms"][name], term.item(), RTOL, f"term {name}")
+        compare_trees(grads_j, resnet_to_flax(resnet, grads=True), RTOL, "grad")
+
+        # Running statistics after one train-mode step. Flax: 0.9 old + 0.1 biased var; PyTorch
+        # (momentum 0.1): 0.9 old + 0.1 unbiased var, unbiased = biased * n / (n - 1), n = B*H*W.
+        n = BATCH * SHAPE_CHW[1] * SHAPE_CHW[2]
+        new_stats = traverse_util.flatten_dict(aux_j["model_state"]["batch_stats"], sep="/")
+        old_stats = traverse_util.flatten_dict(before["batch_stats"], sep="/")
+        for path, bn in resnet_bn_modules(resnet).items():
+            normwise(new_stats[f"{path}/mean"], bn.running_mean.numpy(), RTOL, f"{path} running mean")
+            torch_new_var = bn.running_var.numpy()
+            torch_batch_var_unbiased = (torch_new_var - 0.9 * old_stats[f"{path}/var"]) / 0.1
+            flax_new_var = np.asarray(new_stats[f"{path}/var"])
+            flax_batch_var_biased = (flax_new_var - 0.9 * old_stats[f"{path}/var"]) / 0.1
+            # The /0.1 un-mixing loses ~1 digit; still float64 rounding.
+            normwise(flax_batch_var_biased * n / (n - 1), torch_batch_var_unbiased, 1e-9, f"{path} batch var")
+
+
+def test_resnet_batchnorm_eval_mode_matches_reference(resnet, batch):
+    x, y = batch
+    resnet.eval()
+    total_t, _ = torch_penalty(resnet, torch_ref.RESNET_CAPTURE_MODULES, x, y, {})
+    with jax.enable_x64(True):
+        variables = jax.tree.map(jnp.asarray, resnet_to_flax(resnet))
+        xj, yj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)
+        (total_j, aux_j), grads_j = jax.value_and_grad(
+            lambda p: penalized_loss(
+                p, ResNet(width=4), xj, yj, penalty_weight=WEIGHT,
+                model_state={"batch_stats": variables["batch_stats"]}, apply_kwargs={"train": False},
+            ),
+            has_aux=True,
+        )(variables["params"])
+        assert "model_state" not in aux_j
+        normwise(total_j, total_t.item(), RTOL, "total")
+        compare_trees(grads_j, resnet_to_flax(resnet, grads=True), RTOL, "grad")
+
+
+def test_torch_finite_difference_leaves_batchnorm_running_stats_as_one_forward(resnet, batch):
+    """The extra shifted forward of the finite difference must not update running stats a second time."""
+    x, y = batch
+    resnet.train()
+    stats_once = {}
+    with torch.no_grad():
+        saved = {k: v.clone() for k, v in resnet.state_dict().items()}
+        resnet(torch.tensor(x))
+        stats_once = {k: v.clone() for k, v in resnet.state_dict().items()}
+        resnet.load_state_dict(saved)
+    torch_penalty(resnet, torch_ref.RESNET_CAPTURE_MODULES, x, y, {"approx": "finite_difference"})
+    for key, value in resnet.state_dict().items():
+        torch.testing.assert_close(value, stats_once[key], rtol=0, atol=0)

@@ -1,0 +1,153 @@
+"""Every penalty option gives the same numbers in jax_impl and torch_ref (seed Net, float64).
+
+Cross-framework (imports JAX and PyTorch). The seed CNN is run at 16x16x1
+(relu1 (B, 6, 6, 32), relu2 (B, 1, 1, 64)) to keep the suite fast; the
+computation is the same as at 32x32.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import torch_ref
+from jax_impl import Net, penalized_loss
+
+# float64 rounding only (~1e-16 per op, through double backprop): 1e-10 leaves >1000x headroom.
+RTOL_EXACT = 1e-10
+# The finite difference (loss(a + h v) - loss(a)) / h amplifies the frameworks' ~1e-16 rounding
+# differences of the loss by |loss| / (h d); measured ~1e-12 at h = 1e-2, so 1e-10 keeps 100x headroom.
+RTOL_FD = 1e-10
+FD_STEP = 1e-2
+BATCH = 4
+WEIGHT = 10.0
+
+CASES = {
+    "per_example": {"normalization": "per_example"},
+    "l2": {"norm": "l2"},
+    "l2_per_example": {"norm": "l2", "normalization": "per_example"},
+    "layer_weights": {"layer_weights": {"relu1": 0.25, "relu2": 3.0}},
+    "input_and_relu2": {"layers": ["input", "relu2"]},
+    "input_only": {"layers": "input"},
+    "per_example_jacobian": {"normalization": "per_example", "examples_interact": True},
+    "fd": {"approx": "finite_difference", "fd_step": FD_STEP},
+    "fd_l2_per_example_weighted_input": {
+        "approx": "finite_difference", "fd_step": FD_STEP, "norm": "l2", "normalization": "per_example",
+        "layers": ["input", "relu1", "relu2"], "layer_weights": {"input": 2.0, "relu2": 0.5},
+    },
+    "fd_squared_weighted": {
+        "approx": "finite_difference", "fd_step": FD_STEP, "layer_weights": {"relu1": 4.0},
+    },
+}
+
+
+def normwise(actual, expected, rtol, what):
+    """``max|a - b| <= rtol * max|b|`` (see parity_tests/harness.py for why normwise)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    scale = np.max(np.abs(expected)) if expected.size else 0.0
+    err = np.max(np.abs(actual - expected)) if expected.size else 0.0
+    assert err <= rtol * scale, f"{what}: max abs err {err:.3e} > {rtol:.0e} * {scale:.3e}"
+
+
+@pytest.fixture(scope="module")
+def net_and_batch():
+    torch.manual_seed(0)
+    tnet = torch_ref.Net(in_channels=1, image_size=16).double()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(BATCH, 1, 16, 16))
+    y = rng.integers(0, 10, BATCH)
+    return tnet, x, y
+
+
+def run_torch(tnet, x, y, options):
+    tnet.zero_grad()
+    options = dict(options)
+    layers = options.pop("layers", None)
+    if options.get("approx") == "finite_difference":
+        options["capture_modules"] = torch_ref.NET_CAPTURE_MODULES
+    total, aux = torch_ref.penalized_loss(tnet, torch.tensor(x), torch.tensor(y), WEIGHT, layers, **options)
+    total.backward()
+    return total, aux, torch_ref.export_flax_params(tnet, grads=True)
+
+
+def run_jax(params, x, y, options):
+    xj, yj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)
+
+    def f(p):
+        return penalized_loss(p, Net(), xj, yj, penalty_weight=WEIGHT, **options)
+
+    return jax.value_and_grad(f, has_aux=True)(params)
+
+
+# Cases whose formulas another default case already exercises run with -m slow only (suite time).
+SLOW_CASES = {"l2", "input_only", "per_example_jacobian", "fd_squared_weighted"}
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES]
+)
+def test_option_matches_reference_float64(case, net_and_batch):
+    options = CASES[case]
+    rtol = RTOL_FD if options.get("approx") == "finite_difference" else RTOL_EXACT
+    tnet, x, y = net_and_batch
+    total_t, aux_t, grads_t = run_torch(tnet, x, y, options)
+    with jax.enable_x64(True):
+        params = jax.tree.map(jnp.asarray, torch_ref.export_flax_params(tnet))
+        (total_j, aux_j), grads_j = run_jax(params, x, y, options)
+        normwise(total_j, total_t.item(), rtol, "total")
+        normwise(aux_j["penalty"], aux_t["penalty"].item(), rtol, "penalty")
+        assert set(aux_j["penalty_terms"]) == set(aux_t["penalty_terms"])
+        for name, term in aux_t["penalty_terms"].items():
+            normwise(aux_j["penalty_terms"][name], term.item(), RTOL_EXACT, f"term {name}")
+        for layer, tensors in grads_t.items():
+            for pname, g in tensors.items():
+                normwise(grads_j[layer][pname], g, rtol, f"grad {layer}.{pname}")
+
+
+def test_input_gradient_matches_reference_in_nchw(net_and_batch):
+    tnet, x, y = net_and_batch
+    _, aux_t, _ = run_torch(tnet, x, y, {"layers": "input"})
+    with jax.enable_x64(True):
+        params = jax.tree.map(jnp.asarray, torch_ref.export_flax_params(tnet))
+        (_, aux_j), _ = run_jax(params, x, y, {"layers": "input"})
+        g_j = np.asarray(aux_j["activation_grads"]["input"]).transpose(0, 3, 1, 2)  # NHWC -> NCHW
+        normwise(g_j, aux_t["activation_grads"]["input"].detach().numpy(), RTOL_EXACT, "d loss / d x")
+
+
+def test_torch_finite_difference_without_hooks_names_the_fix(net_and_batch):
+    tnet, x, y = net_and_batch
+    with pytest.raises(ValueError, match="capture_modules"):
+        torch_ref.penalized_loss(tnet, torch.tensor(x), torch.tensor(y), 1.0, approx="finite_difference")
+
+
+def test_lazy_regularisation_trains_identically_for_four_steps():
+    """Penalty every 2 steps with weight 2w, the plain loss in between: same SGD trajectory (MLP)."""
+    from jax_impl import MLP, lazy_value_and_grad
+    from parity_tests.zoo_convert import mlp_params_to_flax
+
+    every, lr, steps, shape = 2, 0.1, 4, (1, 4, 4)
+    torch.manual_seed(0)
+    tnet = torch_ref.MLP(16, hidden=(8, 8)).double()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(BATCH, *shape))
+    y = rng.integers(0, 10, BATCH)
+    with jax.enable_x64(True):
+        params = jax.tree.map(jnp.asarray, mlp_params_to_flax(tnet, shape))
+        xj, yj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)
+        optimizer = torch.optim.SGD(tnet.parameters(), lr=lr)
+        for step in range(steps):
+            total_t, _ = torch_ref.lazy_penalized_loss(
+                tnet, torch.tensor(x), torch.tensor(y), WEIGHT, step=step, every=every,
+                capture_modules=torch_ref.MLP_CAPTURE_MODULES)
+            optimizer.zero_grad()
+            total_t.backward()
+            optimizer.step()
+            (total_j, _), grads = lazy_value_and_grad(
+                params, MLP(hidden=(8, 8)), xj, yj, step=step, every=every, penalty_weight=WEIGHT)
+            params = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+            normwise(total_j, total_t.item(), RTOL_EXACT, f"step {step} total")
+        expected = mlp_params_to_flax(tnet, shape)
+        for layer, tensors in expected.items():
+            for pname, value in tensors.items():
+                normwise(params[layer][pname], value, RTOL_EXACT, f"final {layer}.{pname}")
