@@ -15,13 +15,22 @@ from agp_common.batching import (
 )
 from agp_common.config import TrainConfig, build_parser, parse_config, total_steps, validate_config
 from agp_common.data import Dataset, load_dataset, restricted_unpickle, validate_dataset
-from agp_common.errors import EXIT_NON_FINITE, EXIT_USAGE, NonFiniteError, UsageError
+from agp_common.errors import (
+    EXIT_NON_FINITE,
+    EXIT_USAGE,
+    Interrupted,
+    ModelInputError,
+    NonFiniteError,
+    UsageError,
+)
 
 __all__ = [
     "EXIT_NON_FINITE",
     "EXIT_USAGE",
     "BatchOrder",
     "Dataset",
+    "Interrupted",
+    "ModelInputError",
     "NonFiniteError",
     "TrainConfig",
     "UsageError",

@@ -18,6 +18,10 @@ from agp_common.errors import UsageError
 DATASETS = ("digits", "cifar10", "npz", "synthetic")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 DTYPES = ("float32", "float64")
+#: Penalty options (``penalized_loss``'s ``normalization``, ``norm``, ``approx``; see the README).
+PENALTY_NORMALIZATIONS = ("batch_mean", "per_example")
+PENALTY_NORMS = ("squared_l2", "l2")
+PENALTY_APPROXIMATIONS = ("exact", "finite_difference")
 #: Momentum coefficient of ``--optimizer momentum`` (optax.sgd / torch.optim.SGD).
 MOMENTUM = 0.9
 
@@ -49,6 +53,11 @@ class TrainConfig:
     lr: float = 0.05
     penalty_weight: float = 10.0
     penalty_layers: tuple[str, ...] | None = None
+    penalty_normalization: str = "batch_mean"
+    penalty_norm: str = "squared_l2"
+    penalty_every: int = 1
+    penalty_approx: str = "exact"
+    penalty_fd_step: float = 1e-3
     seed: int = 0
     dtype: str = "float32"
     workdir: str | None = None
@@ -58,6 +67,11 @@ class TrainConfig:
     tensorboard: bool = False
     quiet: bool = False
     debug: bool = False
+
+    def penalty_options(self) -> dict[str, Any]:
+        """Keyword options of ``penalized_loss`` (both frameworks) other than weight and layers."""
+        return {"normalization": self.penalty_normalization, "norm": self.penalty_norm,
+                "approx": self.penalty_approx, "fd_step": self.penalty_fd_step}
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""
@@ -113,6 +127,16 @@ def validate_config(config: TrainConfig, capture_names: Sequence[str] | None = N
     _require(math.isfinite(config.lr) and config.lr > 0, f"--lr must be a finite number > 0, got {config.lr}")
     _require(math.isfinite(config.penalty_weight) and config.penalty_weight >= 0,
              f"--penalty-weight must be a finite number >= 0, got {config.penalty_weight}")
+    _require(config.penalty_normalization in PENALTY_NORMALIZATIONS,
+             f"--penalty-normalization must be one of {list(PENALTY_NORMALIZATIONS)}, "
+             f"got {config.penalty_normalization!r}")
+    _require(config.penalty_norm in PENALTY_NORMS,
+             f"--penalty-norm must be one of {list(PENALTY_NORMS)}, got {config.penalty_norm!r}")
+    _require(config.penalty_approx in PENALTY_APPROXIMATIONS,
+             f"--penalty-approx must be one of {list(PENALTY_APPROXIMATIONS)}, got {config.penalty_approx!r}")
+    _require(config.penalty_every >= 1, f"--penalty-every must be >= 1, got {config.penalty_every}")
+    _require(math.isfinite(config.penalty_fd_step) and config.penalty_fd_step > 0,
+             f"--penalty-fd-step must be a finite number > 0, got {config.penalty_fd_step}")
     _require(config.seed >= 0, f"--seed must be >= 0, got {config.seed}")
     _require(config.dataset != "npz" or config.data_dir is not None,
              "--dataset npz needs --data-dir naming an .npz file (or a folder holding one)")
@@ -165,10 +189,17 @@ def _layers(text: str) -> tuple[str, ...] | None:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """``ArgumentParser`` whose errors are one line (``prog: error: ...; see --help``), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
 def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
     """The flags of ``python -m {jax_impl,torch_ref}.train``; one line of help each."""
     d = TrainConfig()
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog=prog,
         description=f"Train the seed CNN with the activation gradient penalty ({framework}). "
                     "Running the same command on the same --workdir resumes from its newest checkpoint.",
@@ -192,6 +223,17 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
                    help="weight w of sum_l ||d loss / d a_l||^2 (0 trains without the penalty)")
     p.add_argument("--penalty-layers", type=_layers, default=None,
                    help="comma-separated layers to penalise: relu1, relu2, input; 'all' = relu1,relu2")
+    p.add_argument("--penalty-normalization", choices=PENALTY_NORMALIZATIONS, default=d.penalty_normalization,
+                   help="batch_mean: gradients of the batch-mean loss (the seed's); per_example: "
+                        "mean over examples of each example's own gradient norm (B x stronger)")
+    p.add_argument("--penalty-norm", choices=PENALTY_NORMS, default=d.penalty_norm,
+                   help="norm of each layer's activation gradient: squared L2 (the seed's) or L2")
+    p.add_argument("--penalty-every", type=_int, default=d.penalty_every,
+                   help="lazy regularisation: apply the penalty every k steps with weight k*w")
+    p.add_argument("--penalty-approx", choices=PENALTY_APPROXIMATIONS, default=d.penalty_approx,
+                   help="exact double backprop, or the first-order finite difference (Finlay & Oberman 2019)")
+    p.add_argument("--penalty-fd-step", type=float, default=d.penalty_fd_step,
+                   help="step h of --penalty-approx finite_difference")
     p.add_argument("--seed", type=_int, default=d.seed, help="seed of the initial weights and batch order")
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="floating-point type of data and weights")
     p.add_argument("--workdir", default=None,

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import pickle
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +73,8 @@ def validate_split(x: np.ndarray, y: np.ndarray, where: str, num_classes: int | 
     if not np.issubdtype(y.dtype, np.integer):
         raise UsageError(f"{where}: expected integer class labels, got dtype {y.dtype}")
     if y.min() < 0 or (num_classes is not None and y.max() >= num_classes):
-        bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
-        raise UsageError(f"{where}: labels must be in {bound}, found values from {y.min()} to {y.max()}")
+        bound = f"in [0, {num_classes})" if num_classes is not None else ">= 0"
+        raise UsageError(f"{where}: labels must be {bound}, found values from {y.min()} to {y.max()}")
     h, w = x.shape[1:3]
     if h < MIN_IMAGE_SIZE or w < MIN_IMAGE_SIZE:
         raise UsageError(f"{where}: images must be at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} for the CNN, "
@@ -243,10 +245,12 @@ def load_npz(data_dir: str | Path) -> Dataset:
     """
     path = find_npz_file(data_dir)
     try:
-        with np.load(path, allow_pickle=False) as f:
+        # Our own handle: np.load leaks its file when the zip is truncated.
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise UsageError(f"{path}: not a readable .npz file without pickles ({e})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # truncated, corrupt, pickle
+        raise UsageError(f"{path}: not a readable .npz file without pickles ({type(e).__name__}: {e})"
+                         ) from None
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise UsageError(f"{path}: missing array(s) {missing}; expected 'x' (N, H, W, C) and 'y' (N,), "

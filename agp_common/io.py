@@ -9,6 +9,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+#: Name of ``atomic_write``'s temporary files: ``.<name>.<random>.tmp`` next to the target.
+TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".", ".tmp"
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binary: bool = False) -> None:
     """Write ``path`` all-or-nothing: ``write(f)`` fills a temporary file in the same folder,
@@ -16,7 +19,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binar
     so a crash leaves either the old file or the new one, never half of either.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMPORARY_PREFIX}{path.name}.",
+                               suffix=TEMPORARY_SUFFIX)
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
@@ -26,6 +30,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binar
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that ``atomic_write`` left in ``folder`` when its process was killed.
+
+    Only files named as ``atomic_write`` names them (``.<name>.<random>.tmp``) are
+    touched; returns what was removed. The target files themselves are intact:
+    the rename that would have replaced them never happened.
+    """
+    removed = []
+    for p in Path(folder).glob(f"{TEMPORARY_PREFIX}*{TEMPORARY_SUFFIX}"):
+        if p.is_file() and p.name.count(".") >= 3:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -4,7 +4,8 @@ The framework supplies three callbacks: run one step on given example
 indices, evaluate on the test split, save a checkpoint. ``run_loop`` decides
 when to evaluate and checkpoint, writes metrics.jsonl (and TensorBoard),
 shows progress, and stops at the first non-finite loss, penalty or gradient
-*before* that state can be checkpointed.
+*before* that state can be checkpointed. With ``handle_signals``, SIGTERM and
+Ctrl-C end the current step, save a checkpoint and raise ``Interrupted``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 
 from agp_common.batching import BatchOrder
 from agp_common.config import TrainConfig
-from agp_common.errors import NonFiniteError
+from agp_common.errors import Interrupted, NonFiniteError
+from agp_common.interrupts import GracefulStop, pause_point
 from agp_common.runlog import MetricsLog, Progress, TensorBoardLog, describe
 
 #: Quantities that must stay finite; the first one that does not stops the run.
@@ -41,13 +43,18 @@ def is_due(step: int, every: int | None, steps_per_epoch: int, total: int) -> bo
     return step == total or step % period == 0
 
 
-def check_finite(step: int, record: dict[str, Any]) -> None:
-    """``NonFiniteError`` naming the step and the first non-finite quantity of ``record``."""
+def check_finite(step: int, record: dict[str, Any], last_saved: int | None = None) -> None:
+    """``NonFiniteError`` naming the step and the first non-finite quantity of ``record``.
+
+    ``last_saved``: step of the newest checkpoint, for the message (None: none yet).
+    """
     for key in CHECKED_FINITE:
         value = record.get(key)
         if value is not None and not math.isfinite(value):
+            kept = (f"the newest checkpoint (step {last_saved}) is intact" if last_saved
+                    else "no checkpoint was written")
             raise NonFiniteError(f"step {step}: {key} is {value}; training stopped before saving this state "
-                                 "(the newest checkpoint is intact); try a smaller --lr or --penalty-weight")
+                                 f"({kept}); try a smaller --lr or --penalty-weight, or check the data")
 
 
 def run_loop(
@@ -61,15 +68,22 @@ def run_loop(
     evaluate: Callable[[], dict[str, float]],
     save: Callable[[int], None],
     main_process: bool = True,
+    handle_signals: bool = False,
 ) -> LoopResult:
-    """Steps ``start_step + 1 .. total``; ``train_step(indices)`` returns the step's metrics as floats."""
+    """Steps ``start_step + 1 .. total``; ``train_step(indices)`` returns the step's metrics as floats.
+
+    ``handle_signals``: SIGTERM/SIGINT finish the current step, save its
+    checkpoint and raise ``Interrupted`` (a second signal acts as usual).
+    """
     metrics = MetricsLog(workdir, resume_step=start_step, enabled=main_process)
     board = TensorBoardLog(workdir) if config.tensorboard and main_process else None
     progress = Progress(total, start_step, quiet=config.quiet, enabled=main_process)
     if start_step:
         progress.log(f"resuming from the checkpoint at step {start_step} in {workdir}")
     last_train = last_eval = None
+    last_saved = start_step or None
     t_start = time.perf_counter()
+    stop = GracefulStop(handle_signals).__enter__()  # left in the ``finally`` below
     try:
         for step0 in range(start_step, total):
             step, epoch = step0 + 1, order.epoch_of(step0)
@@ -80,7 +94,7 @@ def run_loop(
             record = {"step": step, "epoch": epoch, "split": "train", **values, "lr": config.lr,
                       "examples": len(indices), "step_time_s": elapsed,
                       "examples_per_s": len(indices) / elapsed if elapsed > 0 else math.nan}
-            check_finite(step, record)
+            check_finite(step, record, last_saved)
             last_train = record
             metrics.write(record)
             if board is not None:
@@ -92,10 +106,19 @@ def run_loop(
                 if board is not None:
                     board.write(last_eval)
                 progress.log(f"step {step}/{total} (epoch {epoch + 1}) {describe(last_eval)}")
-            if is_due(step, config.checkpoint_every, order.steps_per_epoch, total):
+            pause_point("before_save", step, stop)  # test hook (kill tests); no-op unless AGP_TEST_PAUSE
+            if is_due(step, config.checkpoint_every, order.steps_per_epoch, total) or stop.requested:
                 metrics.sync()
                 save(step)
+                last_saved = step
+            pause_point("after_step", step, stop)
+            if stop.requested:  # SIGTERM/Ctrl-C: this step's state is checkpointed, then stop
+                if last_saved != step:
+                    metrics.sync()
+                    save(step)
+                raise Interrupted(stop.signum, step, str(workdir))
     finally:
+        stop.__exit__()
         progress.close()
         metrics.close()
         if board is not None:

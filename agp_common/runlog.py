@@ -16,17 +16,24 @@ under, so resuming from checkpoint ``k`` keeps exactly the records with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no workdir lock
+    fcntl = None
+
 from agp_common.config import TrainConfig, check_resumable
 from agp_common.errors import UsageError
-from agp_common.io import atomic_write_json, atomic_write_text, read_jsonl
+from agp_common.io import atomic_write_json, atomic_write_text, read_jsonl, remove_stale_temporaries
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -43,8 +50,37 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise UsageError(f"--workdir {path} is not writable ({e.strerror or e})") from None
+        raise UsageError(f"--workdir {path} is not writable ({e.strerror or e}); expected a folder you can "
+                         "write to") from None
     return path
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on ``workdir`` (``flock`` on the folder itself, no lock file) while training.
+
+    A second run on the same workdir gets a ``UsageError`` instead of interleaving its checkpoints and
+    metrics with the first. The kernel drops the lock when the process ends, even on SIGKILL, so a
+    killed run never leaves a stale lock. Once held, temporary files of killed atomic writes are
+    removed. Filesystems without ``flock`` (some network filesystems) run unlocked.
+    """
+    if not enabled:
+        yield
+        return
+    fd = os.open(workdir, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"--workdir {workdir} is in use by another training run; wait for it to end "
+                                 "or use another --workdir") from None
+            except OSError:
+                pass  # no flock support here: go on without the lock
+        remove_stale_temporaries(workdir)
+        yield
+    finally:
+        os.close(fd)
 
 
 def config_record(config: TrainConfig, framework: str, dataset_info: dict[str, Any]) -> dict[str, Any]:
@@ -52,8 +88,14 @@ def config_record(config: TrainConfig, framework: str, dataset_info: dict[str, A
     return {"framework": framework, "config": config.to_json(), "dataset": dataset_info}
 
 
-def check_saved_config(saved: dict[str, Any], config: TrainConfig, framework: str, where: str) -> None:
-    """Refuse to resume a run of another framework or with another trajectory-defining config."""
+#: Fields of the dataset summary that fix the model's shape: a checkpoint only fits the same ones.
+MODEL_SHAPE_FIELDS = ("image_shape", "num_classes")
+
+
+def check_saved_config(saved: dict[str, Any], config: TrainConfig, framework: str, where: str,
+                       dataset_info: dict[str, Any] | None = None) -> None:
+    """Refuse to resume a run of another framework, another trajectory-defining config, or (with
+    ``dataset_info``) data of another image shape or number of classes, i.e. another model shape."""
     if not isinstance(saved, dict) or "config" not in saved:
         raise UsageError(f"{where}: not a config written by this project (no 'config' key)")
     if saved.get("framework") != framework:
@@ -61,20 +103,34 @@ def check_saved_config(saved: dict[str, Any], config: TrainConfig, framework: st
                          f"{framework!r}, use another --workdir")
     try:
         check_resumable(TrainConfig.from_json(saved["config"]), config)
-    except UsageError as e:
+    except (UsageError, TypeError, ValueError) as e:
         raise UsageError(f"{where}: {e}") from None
+    old = saved.get("dataset")
+    if dataset_info is not None and isinstance(old, dict):
+        diffs = [f"{k} {old.get(k)} then, {dataset_info.get(k)} now" for k in MODEL_SHAPE_FIELDS
+                 if old.get(k) != dataset_info.get(k)]
+        if diffs:
+            raise UsageError(f"{where}: the run was trained on data of another shape ({'; '.join(diffs)}), "
+                             "so its model has another shape; use another --workdir or the same data")
+
+
+def check_config_file(workdir: Path, record: dict[str, Any]) -> None:
+    """Refuse to resume unless an existing config.json describes the same run (writes nothing)."""
+    path = workdir / CONFIG_FILE
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: unreadable ({e}); expected the JSON of an earlier run") from None
+    check_saved_config(saved, TrainConfig.from_json(record["config"]), record["framework"], str(path),
+                       record.get("dataset"))
 
 
 def write_config(workdir: Path, record: dict[str, Any]) -> None:
-    """config.json, after checking that an existing one describes the same run."""
-    path = workdir / CONFIG_FILE
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UsageError(f"{path}: unreadable ({e}); expected the JSON of an earlier run") from None
-        check_saved_config(saved, TrainConfig.from_json(record["config"]), record["framework"], str(path))
-    atomic_write_json(path, record)
+    """config.json (atomically), after checking that an existing one describes the same run."""
+    check_config_file(workdir, record)
+    atomic_write_json(workdir / CONFIG_FILE, record)
 
 
 class MetricsLog:

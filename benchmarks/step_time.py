@@ -80,6 +80,7 @@ import numpy as np
 import optax
 
 from jax_impl import Net, cross_entropy_loss, penalized_loss
+from jax_impl.layers import CONV_IMPLS
 
 DEFAULT_BATCH_SIZES = (1, 32, 128)
 SWEEP_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -445,7 +446,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--frameworks", nargs="+", choices=("jax", "torch"), default=["jax", "torch"])
     parser.add_argument("--torch-device", default=None,
                         help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--jax-conv-impls", nargs="*", default=[],
+    parser.add_argument("--jax-conv-impls", nargs="*", default=[], choices=CONV_IMPLS,
                         help="also time Net(conv_impl=...) for these impls (rows 'jax[impl]')")
     return parser.parse_args(argv)
 

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 
 from jax_impl.layers import Conv2D, Dense, capture, max_pool_2x2
+from jax_impl.validation import check_net_input
 
 #: Capture points of ``Net``, in forward order.
 CAPTURE_NAMES = ("relu1", "relu2")
@@ -36,6 +37,7 @@ class Net(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        check_net_input(x, self.variables)  # clear ValueError for a wrong shape/dtype (static)
         x = Conv2D(32, 5, impl=self.conv_impl, name="conv1")(x)  # (B, 28, 28, 32)
         x = nn.relu(max_pool_2x2(x))  # (B, 14, 14, 32)
         x = capture(self, "relu1", x)

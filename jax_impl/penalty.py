@@ -56,6 +56,7 @@ import optax
 from flax import traverse_util
 
 from jax_impl.layers import PERTURBATIONS
+from jax_impl.validation import check_penalized_loss_args
 
 Params = Any
 SEP = "/"
@@ -517,6 +518,7 @@ def penalized_loss(
         grads = torch.autograd.grad(loss, [relu1, relu2], create_graph=True)
         total = loss + w * sum(g.pow(2).sum() for g in grads)
     """
+    check_penalized_loss_args(model, x, y, example_weights, loss_fn)  # clear ValueError (jax_impl.validation)
     mutable = tuple(mutable)
     if examples_interact is None:
         examples_interact = "batch_stats" in mutable

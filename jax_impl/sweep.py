@@ -4,10 +4,13 @@ For every (penalty weight, normalisation) pair it trains the seed CNN with
 ``jax_impl.train.train_and_evaluate`` (digits by default, CIFAR-10 with
 ``--dataset cifar10 --data-dir DIR``), then measures on the test split:
 
-* ``grad_norm/<layer>``: the mean over test examples of ``||d CE_i / d a_{l,i}||_2``,
-  each example's own activation gradient (layers ``input``, ``relu1``,
-  ``relu2``): what the penalty acts on, in a unit independent of the batch size
-  (``train_grad_norm/<layer>``: the same on the training split);
+* ``test_grad_rms/<layer>``: ``sqrt(mean_i ||d CE_i / d a_{l,i}||^2)`` over the
+  test examples, each example's own activation gradient (layers ``input``,
+  ``relu1``, ``relu2``): the square root of the per-example penalty's term,
+  in a unit independent of the batch size; ``test_grad_norm/<layer>`` is the
+  plain mean of the norms; ``train_...``: the same on the training split,
+  which the penalty was applied to;
+* ``test_loss``, ``train_loss`` (full splits, final weights);
 * ``test_accuracy`` and ``noisy_accuracy@<sigma>``: accuracy on the test
   images plus Gaussian noise of standard deviation sigma (pixels in [0, 1];
   one fixed noise draw shared by all runs).
@@ -90,16 +93,20 @@ def train_config(sweep: SweepConfig, weight: float, normalization: str, workdir:
 
 @functools.partial(jax.jit, static_argnames="num_classes")
 def _batch_measures(params, x, y, mask, noisy_x, *, num_classes: int):
-    """Sums over the real rows of one test batch: correct (clean, noisy), per-layer ||G_i|| sums."""
+    """Sums over the real rows of one batch: loss, correct (clean, noisy), per-layer ||G_i|| and ||G_i||^2."""
     model = Net(num_classes=num_classes)
     _, aux = penalized_loss(params, model, x, y, penalty_weight=0.0, layers=MEASURED_LAYERS,
-                            normalization="per_example", norm="l2", example_weights=mask)
+                            normalization="per_example", example_weights=mask)
     count = jnp.sum(mask)
-    sums = {f"grad_norm/{name}": term * count for name, term in aux["penalty_terms"].items()}
+    sums = {"loss_sum": aux["loss"] * count}
+    for name, g in aux["activation_grads"].items():  # G_i = d CE_i / d a_i, (B, ...)
+        sq = jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)  # (B,)
+        sums[f"grad_norm/{name}"] = jnp.sum(jnp.sqrt(sq) * mask)
+        sums[f"grad_sq/{name}"] = jnp.sum(sq * mask)
     sums["correct"] = jnp.sum((jnp.argmax(aux["logits"], -1) == y) * mask)
     sums["noisy_correct"] = jnp.stack([
         jnp.sum((jnp.argmax(model.apply({"params": params}, xn), -1) == y) * mask) for xn in noisy_x
-    ])
+    ]) if len(noisy_x) else jnp.zeros((0,), mask.dtype)
     sums["count"] = count
     return sums
 
@@ -130,21 +137,27 @@ def measure(
 ) -> dict[str, float]:
     """Test accuracy, accuracy under each noise level, and mean per-example activation-gradient norms.
 
-    ``grad_norm/<layer>`` is measured on the test split, ``train_grad_norm/<layer>``
-    on the training split (what the penalty was applied to).
+    Keys ``{test,train}_{accuracy,loss}``, ``{test,train}_grad_rms/<layer>``,
+    ``{test,train}_grad_norm/<layer>`` (see the module docstring) and ``noisy_accuracy@<sigma>``.
     """
     params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
     totals = _split_sums(params, ds.x_test, ds.y_test, ds, batch_size, noise)
-    count = float(totals.pop("count"))
-    out = {"test_accuracy": float(totals.pop("correct")) / count}
+    out: dict[str, float] = {}
     noisy_correct = totals.pop("noisy_correct")
-    for s, c in zip(sigmas, np.atleast_1d(noisy_correct), strict=False):
-        out[f"noisy_accuracy@{s:g}"] = float(c) / count
-    out.update({k: float(v) / count for k, v in totals.items()})
     train = _split_sums(params, ds.x_train, ds.y_train, ds, batch_size, noise[:0, :0])
-    train_count = float(train["count"])
-    out["train_accuracy"] = float(train["correct"]) / train_count
-    out.update({f"train_{k}": float(v) / train_count for k, v in train.items() if k.startswith("grad_norm/")})
+    train.pop("noisy_correct")
+    for prefix, sums in (("test_", totals), ("train_", train)):
+        count = float(sums.pop("count"))
+        out[f"{prefix}accuracy"] = float(sums.pop("correct")) / count
+        out[f"{prefix}loss"] = float(sums.pop("loss_sum")) / count
+        for key, value in sums.items():
+            kind, layer = key.split("/")
+            if kind == "grad_sq":  # root mean square: sqrt of the per-example penalty's term
+                out[f"{prefix}grad_rms/{layer}"] = math.sqrt(float(value) / count)
+            else:
+                out[f"{prefix}grad_norm/{layer}"] = float(value) / count
+    for s, c in zip(sigmas, np.atleast_1d(noisy_correct), strict=False):
+        out[f"noisy_accuracy@{s:g}"] = float(c) / len(ds.y_test)
     return out
 
 
@@ -206,8 +219,6 @@ def run_sweep(sweep: SweepConfig, *, log=print) -> list[dict[str, Any]]:
             log(f"{label:>11} w={weight:<8g} diverged ({e})")
             continue
         row["status"] = "ok"
-        row["train_loss"] = (result.last_train or {}).get("loss", math.nan)
-        row["train_penalty"] = (result.last_train or {}).get("penalty", math.nan)
         row.update(measure(result.params, ds, sweep.batch_size, sweep.noise, noise))
         row["wall_s"] = time.perf_counter() - t0
         if weight == 0.0:
@@ -216,12 +227,15 @@ def run_sweep(sweep: SweepConfig, *, log=print) -> list[dict[str, Any]]:
                                  "after_training_w0": convention_numbers(result.params, ds, sweep.batch_size)}
         rows.append(row)
         log(f"{label:>11} w={weight:<8g} test acc {row['test_accuracy']:.4f}  "
-            + "  ".join(f"{k.split('/')[1]} {row[k]:.3g}" for k in row if k.startswith("grad_norm/"))
+            + "  ".join(f"{k.split('/')[1]} {row[k]:.3g}" for k in row if k.startswith("test_grad_rms/"))
             + f"  ({row['wall_s']:.0f} s)")
     return rows
 
 
 TABLE_COLUMNS = ("normalization", "penalty_weight", "status", "test_accuracy")
+#: Columns of results.md (results.csv and results.json hold every measure).
+MARKDOWN_PREFIXES = ("normalization", "penalty_weight", "test_accuracy", "noisy_accuracy@", "train_loss",
+                     "train_grad_rms/", "test_grad_rms/")
 
 
 def table_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -252,7 +266,7 @@ def write_tables(rows: list[dict[str, Any]], out: Path, sweep: SweepConfig) -> N
             return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
         return str(v)
 
-    md_cols = [c for c in cols if c not in ("status", "wall_s")]
+    md_cols = [c for p in MARKDOWN_PREFIXES for c in cols if c.startswith(p)]
     lines = ["| " + " | ".join(md_cols) + " |", "|" + "---|" * len(md_cols)]
     for r in rows:
         cells = [fmt(r.get(c, "")) if r.get("status") == "ok" or c in TABLE_COLUMNS[:2] else "diverged"
@@ -280,20 +294,21 @@ def plot_results(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
     def axes(ax, ylabel):
         ax.set_xscale("symlog", linthresh=positive[0])
+        ax.set_xlim(0, positive[-1] * 2)
         ax.set_xlabel("penalty weight w (0 = no penalty)")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
 
     paths = []
-    grad_keys = [k for k in (ok[0] if ok else {}) if k.startswith("grad_norm/")]
+    grad_keys = [k for k in (ok[0] if ok else {}) if k.startswith("test_grad_rms/")]
     fig, axs = plt.subplots(1, max(len(grad_keys), 1), figsize=(4.2 * max(len(grad_keys), 1), 3.6))
     for ax, key in zip(np.atleast_1d(axs), grad_keys, strict=False):
         for norm in series:
             line, = ax.plot(*curve(norm, key), marker="o", label=f"{norm}, test")
-            ax.plot(*curve(norm, f"train_{key}"), marker="x", ls="--", color=line.get_color(),
-                    label=f"{norm}, train")
+            ax.plot(*curve(norm, key.replace("test_", "train_", 1)), marker="x", ls="--",
+                    color=line.get_color(), label=f"{norm}, train")
         ax.set_yscale("log")
-        axes(ax, f"mean ||d CE_i / d a_i|| at {key.split('/')[1]}")
+        axes(ax, f"RMS over examples of ||d CE_i / d a_i||, {key.split('/')[1]}")
         ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out / "grad_norm_vs_weight.png")

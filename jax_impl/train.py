@@ -48,12 +48,28 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from agp_common.batching import BatchOrder, eval_batches, padded_batch
 from agp_common.config import MOMENTUM, TrainConfig, parse_config, total_steps, validate_config
 from agp_common.data import Dataset, load_dataset
-from agp_common.errors import EXIT_NON_FINITE, EXIT_USAGE, NonFiniteError, UsageError
+from agp_common.errors import (
+    EXIT_NON_FINITE,
+    EXIT_USAGE,
+    Interrupted,
+    ModelInputError,
+    NonFiniteError,
+    UsageError,
+)
+from agp_common.interrupts import pause_point
 from agp_common.loop import run_loop
 from agp_common.plot import plot_run
-from agp_common.runlog import check_saved_config, config_record, prepare_workdir, summary_line, write_config
+from agp_common.runlog import (
+    check_config_file,
+    check_saved_config,
+    config_record,
+    hold_workdir,
+    prepare_workdir,
+    summary_line,
+    write_config,
+)
 from jax_impl.model import CAPTURE_NAMES, Net
-from jax_impl.penalty import INPUT, penalized_loss
+from jax_impl.penalty import INPUT, lazy_value_and_grad, penalized_loss
 
 FRAMEWORK = "jax"
 DATA_AXIS = "data"
@@ -96,6 +112,12 @@ def create_train_state(params: Params, tx: optax.GradientTransformation) -> Trai
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 
+def nondefault_penalty_options(config: TrainConfig) -> tuple[tuple[str, Any], ...]:
+    """``config``'s penalty options that differ from the seed recipe, as sorted (name, value) pairs."""
+    defaults = TrainConfig().penalty_options()
+    return tuple(sorted((k, v) for k, v in config.penalty_options().items() if v != defaults[k]))
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -104,6 +126,8 @@ def train_step(
     tx: optax.GradientTransformation,
     penalty_weight: float,
     layers: tuple[str, ...] | None,
+    penalty_options: tuple[tuple[str, Any], ...] = (),
+    penalty_every: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update on ``batch`` = {x (B, H, W, C), y (B,), mask (B,)}; returns the new state and metrics.
 
@@ -112,13 +136,22 @@ def train_step(
     Metrics: ``total``, ``loss``, ``penalty``, ``penalty/<layer>``,
     ``act_grad_norm/<layer>`` (= sqrt of that term), ``accuracy`` (masked),
     ``grad_norm`` and ``param_norm`` (global L2 norms, before the update).
+    ``penalty_options`` are ``penalized_loss`` keyword options as (name, value)
+    pairs (``TrainConfig.penalty_options``); ``penalty_every`` = k applies the
+    penalty with weight k*w on steps 0, k, 2k, ... only (lazy regularisation).
     """
 
     def objective(params):
         return penalized_loss(params, model, batch["x"], batch["y"], penalty_weight=penalty_weight,
                               layers=layers, example_weights=batch["mask"])
 
-    (total, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    if penalty_every == 1 and not penalty_options:
+        (total, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    else:
+        (total, aux), grads = lazy_value_and_grad(
+            state.params, model, batch["x"], batch["y"], step=state.step, every=penalty_every,
+            penalty_weight=penalty_weight, layers=layers, example_weights=batch["mask"],
+            **dict(penalty_options))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     mask = batch["mask"]
@@ -133,7 +166,8 @@ def train_step(
     }
     for name, term in aux["penalty_terms"].items():
         metrics[f"penalty/{name}"] = term
-        metrics[f"act_grad_norm/{name}"] = jnp.sqrt(term)
+        is_norm = dict(penalty_options).get("norm") == "l2"  # then the term already is a norm
+        metrics[f"act_grad_norm/{name}"] = term if is_norm else jnp.sqrt(term)
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
@@ -163,13 +197,15 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def make_train_step(model: Net, tx: optax.GradientTransformation, penalty_weight: float,
-                    layers: tuple[str, ...] | None, mesh: Mesh):
+                    layers: tuple[str, ...] | None, mesh: Mesh, *,
+                    penalty_options: tuple[tuple[str, Any], ...] = (), penalty_every: int = 1):
     """``train_step`` compiled for ``mesh``: state replicated and donated, batch sharded.
 
     The loss and penalty are those of the global batch (XLA inserts the
     cross-device reductions), so results match one device up to rounding.
     """
-    step = functools.partial(train_step, model=model, tx=tx, penalty_weight=penalty_weight, layers=layers)
+    step = functools.partial(train_step, model=model, tx=tx, penalty_weight=penalty_weight, layers=layers,
+                             penalty_options=penalty_options, penalty_every=penalty_every)
     return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)),
                    out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
 
@@ -182,14 +218,16 @@ def make_eval_step(model: Net, mesh: Mesh):
 
 @functools.lru_cache(maxsize=16)
 def compiled_steps(num_classes: int, optimizer: str, lr: float, penalty_weight: float,
-                   layers: tuple[str, ...] | None, devices: tuple[jax.Device, ...]):
+                   layers: tuple[str, ...] | None, devices: tuple[jax.Device, ...],
+                   penalty_options: tuple[tuple[str, Any], ...] = (), penalty_every: int = 1):
     """``(model, tx, mesh, train_step_fn, eval_step_fn)`` for a run, built once per process and key.
 
     Runs in one process with the same model, optimizer and devices (tests, sweeps) share one jitted
     step, so XLA compiles each (shape, dtype) only once.
     """
     model, tx, mesh = Net(num_classes=num_classes), make_optimizer(optimizer, lr), data_mesh(devices)
-    return (model, tx, mesh, make_train_step(model, tx, penalty_weight, layers, mesh),
+    return (model, tx, mesh, make_train_step(model, tx, penalty_weight, layers, mesh,
+                                             penalty_options=penalty_options, penalty_every=penalty_every),
             make_eval_step(model, mesh))
 
 
@@ -234,33 +272,89 @@ def checkpoint_manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """() bool: every entry of every leaf is finite."""
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+class _PauseBeforeFinalize:
+    """Test hook (``AGP_TEST_PAUSE=in_save:<step>``): pause inside orbax's save after every item is
+    written to the temporary folder and before it is renamed into place, so that a kill test can
+    SIGKILL the process in the middle of a checkpoint write deterministically."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __enter__(self):
+        handler = ocp.CompositeCheckpointHandler
+        self.original = original = handler.finalize
+        step = self.step
+
+        def finalize(self_, directory):
+            pause_point("in_save", step)
+            return original(self_, directory)
+
+        handler.finalize = finalize
+
+    def __exit__(self, *exc):
+        ocp.CompositeCheckpointHandler.finalize = self.original
+
+
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, record: dict[str, Any]) -> None:
-    """Save ``state`` under its step, with the run's config record beside it."""
+    """Save ``state`` under its step, with the run's config record beside it.
+
+    Refuses (``NonFiniteError``) parameters or optimizer state with NaN/Inf, so a
+    checkpoint never holds a diverged state (the newest one stays the newest good one).
+    """
     step = int(jax.device_get(state.step))
     if step in manager.all_steps():
         return
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               config=ocp.args.JsonSave(record)))
+    if not bool(all_finite((state.params, state.opt_state))):
+        raise NonFiniteError(f"step {step}: the parameters or optimizer state are NaN/Inf after the update; "
+                             f"not saved (the newest checkpoint, step {manager.latest_step()}, is intact); "
+                             "try a smaller --lr or --penalty-weight")
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(record))
+    if f"in_save:{step}" in os.environ.get("AGP_TEST_PAUSE", "").split(","):
+        with _PauseBeforeFinalize(step):
+            manager.save(step, args=args)
+    else:
+        manager.save(step, args=args)
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, like: TrainState, config: TrainConfig
-                       ) -> TrainState | None:
-    """The newest checkpoint restored into the structure, dtypes and shardings of ``like``, or ``None``."""
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` (orbax and tensorstore messages run over many lines)."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, like: TrainState, config: TrainConfig,
+                       dataset_info: dict[str, Any] | None = None) -> TrainState | None:
+    """The newest checkpoint restored into the structure, dtypes and shardings of ``like``, or ``None``.
+
+    ``UsageError`` (one line, exit 2) when it is unreadable, corrupt or truncated, was written with
+    another config or for data of another shape (``dataset_info``), or does not fit ``like``.
+    """
     step = manager.latest_step()
     if step is None:
         return None
     where = f"checkpoint {manager.directory / str(step)}"
+    advice = (f"move it away to resume from the one before (steps saved: {list(manager.all_steps())}), "
+              "or use another --workdir")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     try:
         saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     except Exception as e:  # orbax raises many types for unreadable folders
-        raise UsageError(f"{where}: cannot read its config ({type(e).__name__}: {e})") from None
-    check_saved_config(saved, config, FRAMEWORK, where)
+        raise UsageError(f"{where}: unreadable, corrupt or truncated ({first_line(e)}); {advice}") from None
+    check_saved_config(saved, config, FRAMEWORK, where, dataset_info)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     except Exception as e:
-        raise UsageError(f"{where}: cannot restore it into this model's state ({type(e).__name__}: {e})"
-                         ) from None
+        raise UsageError(f"{where}: does not restore into this model's state, corrupt or from another model "
+                         f"({first_line(e)}); {advice}") from None
+    if int(jax.device_get(restored["state"].step)) != step:
+        raise UsageError(f"{where}: holds step {int(restored['state'].step)}, not {step}; {advice}")
     return restored["state"]
 
 
@@ -281,18 +375,23 @@ class TrainResult:
 
 def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None = None, *,
                        params: Params | None = None, devices: Sequence[jax.Device] | None = None,
-                       plots: bool = True) -> TrainResult:
+                       plots: bool = True, handle_signals: bool = False) -> TrainResult:
     """Train as ``config`` says, in ``workdir`` (default ``config.workdir``), resuming if possible.
 
     ``params`` (a Flax ``params`` tree, e.g. from ``torch_ref.export_flax_params``)
     replaces the seeded initialisation; ``devices`` restricts the data mesh
     (default: all). Float64 (``config.dtype``) runs inside ``jax.enable_x64``.
+    ``handle_signals``: SIGTERM/Ctrl-C save a checkpoint and raise ``Interrupted`` (the CLI).
+
+    Nothing in ``workdir`` is written until the flags, the data, config.json
+    and the newest checkpoint have all been checked.
     """
     with jax.enable_x64(config.dtype == "float64"):
-        return _train_and_evaluate(config, Path(workdir or config.workdir), params, devices, plots)
+        return _train_and_evaluate(config, Path(workdir or config.workdir), params, devices, plots,
+                                   handle_signals)
 
 
-def _train_and_evaluate(config, workdir, params, devices, plots) -> TrainResult:
+def _train_and_evaluate(config, workdir, params, devices, plots, handle_signals) -> TrainResult:
     t_start = time.perf_counter()
     validate_config(config, (*CAPTURE_NAMES, INPUT))
     dtype = np.dtype(config.dtype)
@@ -300,7 +399,8 @@ def _train_and_evaluate(config, workdir, params, devices, plots) -> TrainResult:
     ds = load_dataset(config)
     model, tx, mesh, step_fn, eval_fn = compiled_steps(
         ds.num_classes, config.optimizer, config.lr, config.penalty_weight, config.penalty_layers,
-        tuple(jax.devices() if devices is None else devices))
+        tuple(jax.devices() if devices is None else devices), nondefault_penalty_options(config),
+        config.penalty_every)
     compiled_before = step_fn._cache_size()
     check_batch_size(config.batch_size, mesh, len(ds.y_train))
     order = BatchOrder(config.seed, len(ds.y_train), config.batch_size)
@@ -308,8 +408,7 @@ def _train_and_evaluate(config, workdir, params, devices, plots) -> TrainResult:
 
     workdir = prepare_workdir(workdir)
     record = config_record(config, FRAMEWORK, ds.info())
-    if main_process:
-        write_config(workdir, record)
+    check_config_file(workdir, record)  # written only once the checkpoint is known to fit
 
     if params is None:
         params = init_params(model, ds.image_shape, config.seed, dtype)
@@ -317,14 +416,17 @@ def _train_and_evaluate(config, workdir, params, devices, plots) -> TrainResult:
         params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
     state = jax.device_put(create_train_state(params, tx), replicated(mesh))
 
-    with checkpoint_manager(workdir, config.keep_checkpoints) as manager:
-        restored = restore_checkpoint(manager, state, config)
+    with hold_workdir(workdir, enabled=main_process), \
+            checkpoint_manager(workdir, config.keep_checkpoints) as manager:
+        restored = restore_checkpoint(manager, state, config, record["dataset"])
         if restored is not None:
             state = restored
         start = int(jax.device_get(state.step))
         if start > total:
             raise UsageError(f"{workdir} holds a run at step {start}, past the requested end at step "
                              f"{total}; ask for more --steps/--epochs or use another --workdir")
+        if main_process:
+            write_config(workdir, record)
 
         def run_step(indices):
             nonlocal state
@@ -336,7 +438,8 @@ def _train_and_evaluate(config, workdir, params, devices, plots) -> TrainResult:
             return evaluate(eval_fn, state.params, ds, config.batch_size, dtype, mesh)
 
         loop = run_loop(config, workdir, order, start, total, train_step=run_step, evaluate=run_eval,
-                        save=lambda step: save_checkpoint(manager, state, record), main_process=main_process)
+                        save=lambda step: save_checkpoint(manager, state, record), main_process=main_process,
+                        handle_signals=handle_signals)
     final_eval = loop.last_eval if loop.steps_run else run_eval()
     if plots and main_process and (workdir / "metrics.jsonl").exists():
         plot_run(workdir)
@@ -374,21 +477,24 @@ def maybe_initialize_distributed() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: flags -> ``train_and_evaluate``; usage errors are one line and exit 2."""
+    """CLI entry point: flags -> ``train_and_evaluate``.
+
+    Usage and input errors: one line, exit 2; NaN/Inf in training: one line, exit 1;
+    SIGTERM/Ctrl-C: checkpoint saved, one line, exit 143/130. ``--debug`` adds the traceback.
+    """
     config = parse_config(argv, prog="python -m jax_impl.train", framework=FRAMEWORK)
     try:
         maybe_initialize_distributed()
-        result = train_and_evaluate(config)
-    except UsageError as e:
+        # One process: a signal stops it at a step boundary. Several: every process would have to
+        # agree on the step, so a signal kills as usual and the run resumes from its last checkpoint.
+        result = train_and_evaluate(config, handle_signals=jax.process_count() == 1)
+    except (UsageError, ModelInputError, NonFiniteError, Interrupted) as e:
         if config.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except NonFiniteError as e:
-        if config.debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NON_FINITE
+        print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr, flush=True)
+        if isinstance(e, Interrupted):
+            return e.exit_status
+        return EXIT_NON_FINITE if isinstance(e, NonFiniteError) else EXIT_USAGE
     if jax.process_index() == 0:
         print(result.summary, flush=True)
     return 0

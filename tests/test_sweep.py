@@ -8,12 +8,12 @@ from jax_impl import sweep
 
 
 def fake_rows():
-    base = {"status": "ok", "test_accuracy": 0.9, "noisy_accuracy@0.2": 0.8, "grad_norm/input": 0.3,
-            "grad_norm/relu1": 0.2, "grad_norm/relu2": 0.25, "wall_s": 1.0}
+    base = {"status": "ok", "test_accuracy": 0.9, "noisy_accuracy@0.2": 0.8, "test_grad_rms/input": 0.3,
+            "test_grad_rms/relu1": 0.2, "train_grad_rms/relu1": 0.1, "wall_s": 1.0}
     return [
         {"normalization": "none", "penalty_weight": 0.0, **base, "convention": {"loss": 1.0}},
         {"normalization": "batch_mean", "penalty_weight": 10.0, **base},
-        {"normalization": "per_example", "penalty_weight": 10.0, **base, "grad_norm/relu1": 0.1},
+        {"normalization": "per_example", "penalty_weight": 10.0, **base, "test_grad_rms/relu1": 0.1},
         {"normalization": "per_example", "penalty_weight": 1000.0, "status": "diverged: NaN"},
     ]
 
@@ -53,3 +53,26 @@ def test_one_epoch_sweep_on_digits_end_to_end(tmp_path):
     conv = json.loads((out / "convention.json").read_text())
     # float32 sums of 32 per-example terms: a few ulps of relative error.
     assert conv["at_init"]["per_example_over_batch_mean"] == pytest.approx(32, rel=1e-3)
+
+
+def test_measure_reports_accuracies_and_per_layer_gradient_norms():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from agp_common.data import Dataset
+    from jax_impl import Net
+
+    rng = np.random.default_rng(0)
+    x = rng.random((10, 16, 16, 1), np.float32)
+    y = rng.integers(0, 3, 10).astype(np.int32)
+    ds = Dataset("tiny", x[:6], y[:6], x[6:], y[6:], num_classes=3)
+    params = Net(num_classes=3).init(jax.random.key(0), jnp.asarray(x[:1]))["params"]
+    noise = sweep.noise_draws(ds, (0.0, 0.5))
+    out = sweep.measure(params, ds, 4, (0.0, 0.5), noise)
+    assert out["noisy_accuracy@0"] == out["test_accuracy"]  # sigma 0 is the clean test set
+    for split in ("test_", "train_"):
+        for name in ("input", "relu1", "relu2"):
+            # RMS >= mean of the norms (Jensen), both positive.
+            assert out[f"{split}grad_rms/{name}"] >= out[f"{split}grad_norm/{name}"] * (1 - 1e-6) > 0
+    assert 0 <= out["train_accuracy"] <= 1

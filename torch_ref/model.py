@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torch_ref.validation import check_net_input
+
 #: Capture points of ``Net``, in forward order (same names as ``jax_impl``).
 CAPTURE_NAMES = ("relu1", "relu2")
 
@@ -42,6 +44,7 @@ class Net(nn.Module):
         self.linear = nn.Linear(64 * side * side, num_classes)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_net_input(self, input)  # clear ValueError for a wrong shape/dtype (torch_ref.validation)
         conv1 = self.conv1(input)
         pool1 = self.pool(conv1)
         self.relu1 = self.relu(pool1)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from torch_ref.hooks import forward_with_captures
+from torch_ref.validation import check_labels
 
 
 def select_layers(available: Sequence[str], layers: Sequence[str] | str | None) -> tuple[str, ...]:
@@ -170,6 +171,7 @@ def penalized_loss(
     train mode; then per-example gradients take one backward pass per example.
     """
     check_penalty_options(normalization=normalization, norm=norm, approx=approx, fd_step=fd_step)
+    check_labels(model, input, label, loss_fn)  # clear ValueError (torch_ref.validation)
     seed_recipe = (approx, normalization, norm) == ("exact", "batch_mean", "squared_l2")
     if seed_recipe and layer_weights is None and loss_fn is None and capture_modules is None \
             and not _wants_input(layers):

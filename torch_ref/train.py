@@ -16,6 +16,7 @@ This module never imports JAX.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -33,14 +34,31 @@ from torch import nn
 from agp_common.batching import BatchOrder, eval_batches, take_batch
 from agp_common.config import MOMENTUM, TrainConfig, parse_config, total_steps, validate_config
 from agp_common.data import Dataset, load_dataset
-from agp_common.errors import EXIT_NON_FINITE, EXIT_USAGE, NonFiniteError, UsageError
-from agp_common.io import atomic_write
+from agp_common.errors import (
+    EXIT_NON_FINITE,
+    EXIT_USAGE,
+    Interrupted,
+    ModelInputError,
+    NonFiniteError,
+    UsageError,
+)
+from agp_common.interrupts import pause_point
+from agp_common.io import atomic_write, remove_stale_temporaries
 from agp_common.loop import run_loop
 from agp_common.plot import plot_run
-from agp_common.runlog import check_saved_config, config_record, prepare_workdir, summary_line, write_config
+from agp_common.runlog import (
+    check_config_file,
+    check_saved_config,
+    config_record,
+    hold_workdir,
+    prepare_workdir,
+    summary_line,
+    write_config,
+)
 from torch_ref.convert import export_flax_params, load_flax_params
+from torch_ref.hooks import NET_CAPTURE_MODULES
 from torch_ref.model import CAPTURE_NAMES, Net
-from torch_ref.penalty import INPUT, penalized_loss
+from torch_ref.penalty import INPUT, lazy_penalized_loss, penalized_loss
 
 FRAMEWORK = "torch"
 CHECKPOINT_DIR = "checkpoints"
@@ -76,11 +94,21 @@ def global_norm(tensors) -> float:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               penalty_weight: float, layers: Sequence[str] | None) -> dict[str, float]:
+               penalty_weight: float, layers: Sequence[str] | None, *, step: int = 0,
+               penalty_every: int = 1, **penalty_options) -> dict[str, float]:
     """The seed answer's step (penalised loss, zero_grad, backward, step) with the metrics of
     ``jax_impl.train.train_step``: total, loss, penalty, penalty/<layer>, act_grad_norm/<layer>,
-    accuracy, grad_norm and param_norm (before the update)."""
-    total, aux = penalized_loss(model, x, y, penalty_weight, layers)
+    accuracy, grad_norm and param_norm (before the update). ``penalty_options`` are
+    ``penalized_loss``'s keyword options; ``penalty_every`` = k penalises (weight k*w) only the
+    0-based steps 0, k, 2k, ... (lazy regularisation)."""
+    if penalty_every == 1 and not penalty_options:
+        total, aux = penalized_loss(model, x, y, penalty_weight, layers)
+    else:
+        if penalty_options.get("approx") == "finite_difference":
+            # Shifting activations during forward needs hooks; Net's one ReLU module is called twice.
+            penalty_options = {**penalty_options, "capture_modules": NET_CAPTURE_MODULES}
+        total, aux = lazy_penalized_loss(model, x, y, penalty_weight, layers, step=step, every=penalty_every,
+                                         **penalty_options)
     optimizer.zero_grad()
     total.backward()
     params = list(model.parameters())
@@ -94,7 +122,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     }
     for name, term in aux["penalty_terms"].items():
         metrics[f"penalty/{name}"] = term.detach().item()
-        metrics[f"act_grad_norm/{name}"] = math.sqrt(term.detach().item())
+        is_norm = penalty_options.get("norm") == "l2"  # then the term already is a norm
+        value = term.detach().item()
+        metrics[f"act_grad_norm/{name}"] = value if is_norm else math.sqrt(value)
     optimizer.step()
     return metrics
 
@@ -126,35 +156,60 @@ def checkpoint_path(folder: Path, step: int) -> Path:
 
 def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     record: dict[str, Any], keep: int) -> None:
-    """Atomically write ``step_<step>.pt`` (model, optimizer, config); keep only the newest ``keep``."""
+    """Atomically write ``step_<step>.pt`` (model, optimizer, config); keep only the newest ``keep``.
+
+    Refuses (``NonFiniteError``) parameters with NaN/Inf: a checkpoint never holds a diverged state.
+    """
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        steps = checkpoint_steps(folder)
+        raise NonFiniteError(f"step {step}: the parameters are NaN/Inf after the update; not saved (the "
+                             f"newest checkpoint, step {steps[-1] if steps else None}, is intact); try a "
+                             "smaller --lr or --penalty-weight")
     folder.mkdir(parents=True, exist_ok=True)
     payload = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                "config": record}
-    atomic_write(checkpoint_path(folder, step), lambda f: torch.save(payload, f), binary=True)
+
+    def write(f):
+        torch.save(payload, f)
+        f.flush()
+        pause_point("in_save", step)  # test hook: the temporary file is written, not yet renamed
+
+    atomic_write(checkpoint_path(folder, step), write, binary=True)
     for old in checkpoint_steps(folder)[:-keep]:
         checkpoint_path(folder, old).unlink(missing_ok=True)
 
 
 def restore_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                       config: TrainConfig) -> int:
-    """Load the newest checkpoint into ``model`` and ``optimizer`` (tensors only, no code); its step or 0."""
+                       config: TrainConfig, dataset_info: dict[str, Any] | None = None) -> int:
+    """Load the newest checkpoint into ``model`` and ``optimizer`` (tensors only, no code); its step or 0.
+
+    Temporary files of a save that was killed are removed first. ``UsageError`` (one line, exit 2)
+    when the checkpoint is unreadable, truncated, from another config or data shape, or does not fit.
+    """
+    if folder.is_dir():
+        remove_stale_temporaries(folder)
     steps = checkpoint_steps(folder)
     if not steps:
         return 0
     path = checkpoint_path(folder, steps[-1])
+    advice = f"move it away to resume from the one before (steps saved: {steps}), or use another --workdir"
     try:
         payload = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # truncated zip, foreign pickle, ...: never executed, always refused
-        raise UsageError(f"checkpoint {path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0]})"
-                         ) from None
+        lines = str(e).strip().splitlines()
+        raise UsageError(f"checkpoint {path}: unreadable, corrupt or truncated ({type(e).__name__}: "
+                         f"{lines[0] if lines else ''}); {advice}") from None
     saved = payload.get("config") if isinstance(payload, dict) else None
-    check_saved_config(saved, config, FRAMEWORK, str(path))
+    check_saved_config(saved, config, FRAMEWORK, str(path), dataset_info)
     try:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise UsageError(f"checkpoint {path}: does not fit this model ({str(e).splitlines()[0]})") from None
-    return int(payload["step"])
+        step = int(payload["step"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        lines = str(e).strip().splitlines()
+        raise UsageError(f"checkpoint {path}: does not fit this model ({type(e).__name__}: "
+                         f"{lines[0] if lines else ''}); {advice}") from None
+    return step
 
 
 @dataclasses.dataclass
@@ -182,10 +237,14 @@ def build_model(ds: Dataset, seed: int, dtype: str, params: Mapping | None = Non
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None = None, *,
-                       params: Mapping | None = None, plots: bool = True) -> TrainResult:
+                       params: Mapping | None = None, plots: bool = True,
+                       handle_signals: bool = False) -> TrainResult:
     """Train as ``config`` says, in ``workdir`` (default ``config.workdir``), resuming if possible.
 
     ``params`` (a Flax-layout tree, e.g. ``jax_impl`` params as NumPy) replaces the seeded init.
+    ``handle_signals``: SIGTERM/Ctrl-C save a checkpoint and raise ``Interrupted`` (the CLI).
+    Nothing in ``workdir`` is written until the flags, the data, config.json and the newest
+    checkpoint have all been checked.
     """
     t_start = time.perf_counter()
     validate_config(config, (*CAPTURE_NAMES, INPUT))
@@ -198,28 +257,36 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None = 
     total = total_steps(config, order.steps_per_epoch)
     workdir = prepare_workdir(workdir or config.workdir)
     record = config_record(config, FRAMEWORK, ds.info())
-    write_config(workdir, record)
+    check_config_file(workdir, record)  # written only once the checkpoint is known to fit
 
     model = build_model(ds, config.seed, config.dtype, params)
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr)
     folder = workdir / CHECKPOINT_DIR
-    start = restore_checkpoint(folder, model, optimizer, config)
-    if start > total:
-        raise UsageError(f"{workdir} holds a run at step {start}, past the requested end at step {total}; "
-                         "ask for more --steps/--epochs or use another --workdir")
+    with hold_workdir(workdir):  # one run per workdir; released when the loop ends or fails
+        start = restore_checkpoint(folder, model, optimizer, config, record["dataset"])
+        if start > total:
+            raise UsageError(f"{workdir} holds a run at step {start}, past the requested end at step "
+                             f"{total}; ask for more --steps/--epochs or use another --workdir")
+        write_config(workdir, record)
 
-    def run_step(indices):
-        xb, yb = take_batch(ds.x_train, ds.y_train, indices, dtype, ds.pixel_scale)
-        return train_step(model, optimizer, to_nchw(xb), torch.from_numpy(yb).long(), config.penalty_weight,
-                          config.penalty_layers)
+        steps_done = itertools.count(start)  # 0-based index of the step run_loop asks for next
+        defaults = TrainConfig().penalty_options()
+        options = {k: v for k, v in config.penalty_options().items() if v != defaults[k]}
 
-    def run_eval():
-        return evaluate(model, ds, config.batch_size, dtype)
+        def run_step(indices):
+            xb, yb = take_batch(ds.x_train, ds.y_train, indices, dtype, ds.pixel_scale)
+            return train_step(model, optimizer, to_nchw(xb), torch.from_numpy(yb).long(),
+                              config.penalty_weight, config.penalty_layers, step=next(steps_done),
+                              penalty_every=config.penalty_every, **options)
 
-    def save(step):
-        save_checkpoint(folder, step, model, optimizer, record, config.keep_checkpoints)
+        def run_eval():
+            return evaluate(model, ds, config.batch_size, dtype)
 
-    loop = run_loop(config, workdir, order, start, total, train_step=run_step, evaluate=run_eval, save=save)
+        def save(step):
+            save_checkpoint(folder, step, model, optimizer, record, config.keep_checkpoints)
+
+        loop = run_loop(config, workdir, order, start, total, train_step=run_step, evaluate=run_eval,
+                        save=save, handle_signals=handle_signals)
     final_eval = loop.last_eval if loop.steps_run else run_eval()
     if plots and (workdir / "metrics.jsonl").exists():
         plot_run(workdir)
@@ -229,15 +296,21 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: flags -> ``train_and_evaluate``; usage errors are one line and exit 2."""
+    """CLI entry point: flags -> ``train_and_evaluate``.
+
+    Usage and input errors: one line, exit 2; NaN/Inf in training: one line, exit 1;
+    SIGTERM/Ctrl-C: checkpoint saved, one line, exit 143/130. ``--debug`` adds the traceback.
+    """
     config = parse_config(argv, prog="python -m torch_ref.train", framework=FRAMEWORK)
     try:
-        result = train_and_evaluate(config)
-    except (UsageError, NonFiniteError) as e:
+        result = train_and_evaluate(config, handle_signals=True)
+    except (UsageError, ModelInputError, NonFiniteError, Interrupted) as e:
         if config.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(e, UsageError) else EXIT_NON_FINITE
+        print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr, flush=True)
+        if isinstance(e, Interrupted):
+            return e.exit_status
+        return EXIT_NON_FINITE if isinstance(e, NonFiniteError) else EXIT_USAGE
     print(result.summary, flush=True)
     return 0
 

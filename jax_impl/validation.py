@@ -1,0 +1,131 @@
+"""Input checks of ``Net`` and ``penalized_loss``: a clear ``ValueError`` instead of garbage.
+
+JAX computes happily on many wrong inputs: integer labels out of range give a
+finite, meaningless cross-entropy, float labels are silently cast, a batch of
+the wrong length broadcasts. These checks turn such calls into one
+``ModelInputError`` (a ``ValueError``) that names the expected shape.
+
+Two kinds of checks:
+
+* static ones (rank, size, channel count, dtype of ``x``; shape and dtype of
+  ``y``): they only read shapes and dtypes, so they run at trace time and
+  cost nothing under ``jax.jit``;
+* value ones (labels in ``[0, K)``, finite inputs): only when the values are
+  concrete (not tracers), i.e. in eager calls; under ``jit`` they are skipped
+  (the training CLIs validate the data when they load it, see
+  ``agp_common.data.validate_split``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from agp_common.errors import ModelInputError
+
+__all__ = ["ModelInputError", "check_net_input", "check_penalized_loss_args", "is_concrete", "min_image_size"]
+
+#: ``Net``: two stages of conv5x5 (VALID) + 2x2 max-pool, 64 channels after the second.
+KERNEL = 5
+FEATURES = 64
+
+
+def stage_output_size(size: int) -> int:
+    """Spatial size after conv5x5 (VALID) and a 2x2/2 max-pool (floor): ``(size - 4) // 2``."""
+    return (size - KERNEL + 1) // 2
+
+
+def min_image_size(side: int = 1) -> int:
+    """Smallest input size whose two stages give ``side`` pixels: ``4 * side + 12`` (16 for 1, 32 for 5)."""
+    return 4 * side + 12
+
+
+def is_concrete(value: Any) -> bool:
+    """True unless ``value`` is a JAX tracer (inside ``jit``, ``grad`` w.r.t. it, ``vmap``...)."""
+    return not isinstance(value, jax.core.Tracer)
+
+
+def _param_shape(variables: Any, layer: str, name: str) -> tuple[int, ...] | None:
+    try:
+        return tuple(variables["params"][layer][name].shape)
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
+def check_net_input(x: Any, variables: Any = None, where: str = "Net") -> None:
+    """Raise ``ModelInputError`` unless ``x`` fits ``Net`` (and its parameters, when bound).
+
+    ``x``: NHWC images (B, H, W, C) of a floating dtype with H, W >= 16 (two
+    conv5x5 + pool2 stages need that much). With ``variables`` (the bound
+    module's ``self.variables``, empty during ``init``), C must be the
+    ``conv1`` kernel's input channels and (H, W) must give the number of
+    features the ``linear`` kernel was built for (64 * h' * w'). Static: only
+    shapes and dtypes are read.
+    """
+    shape = tuple(x.shape)
+    conv1 = _param_shape(variables, "conv1", "kernel") if variables is not None else None  # (5, 5, C, 32)
+    linear = _param_shape(variables, "linear", "kernel") if variables is not None else None  # (F, K)
+    channels = conv1[2] if conv1 is not None else None
+    side = round(float(np.sqrt(linear[0] / FEATURES))) if linear is not None else None
+    if side is not None and FEATURES * side * side != linear[0]:
+        side = None  # non-square training images: the message cannot name (H, W)
+    size = str(min_image_size(side)) if side else ("32" if linear is None else None)
+    spatial = f"{size}, {size}" if size else "H, W"
+    expected = f"(B, {spatial}, {channels if channels is not None else 'C'})"
+    if len(shape) != 4:
+        raise ModelInputError(f"{where}: expected NHWC images of shape {expected}, got shape {shape} "
+                              f"(rank {len(shape)}, expected rank 4)")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ModelInputError(f"{where}: expected floating-point images of shape {expected}, got dtype "
+                              f"{x.dtype}; convert with x.astype(jnp.float32) (and scale to [0, 1])")
+    _, h, w, c = shape
+    if channels is not None and c != channels:
+        raise ModelInputError(f"{where}: expected images of shape {expected} ({channels} channels, as the "
+                              f"parameters were initialised), got shape {shape} ({c} channels)")
+    low = min_image_size(1)
+    if h < low or w < low:
+        raise ModelInputError(f"{where}: images must be at least {low}x{low} for two conv5x5 + pool2 stages; "
+                              f"expected shape {expected}, got {shape}")
+    if linear is not None:
+        h2, w2 = stage_output_size(stage_output_size(h)), stage_output_size(stage_output_size(w))
+        if FEATURES * h2 * w2 != linear[0]:
+            raise ModelInputError(f"{where}: expected images of shape {expected} (the size the parameters "
+                                  f"were initialised for: {linear[0]} features before 'linear'), got shape "
+                                  f"{shape} ({FEATURES * h2 * w2} features)")
+
+
+def check_penalized_loss_args(model: Any, x: Any, y: Any, example_weights: Any = None,
+                              loss_fn: Any = None) -> None:
+    """Raise ``ModelInputError`` unless ``y`` (and ``example_weights``) fit the batch ``x``.
+
+    ``y``: integer class labels of shape (B,), B = ``x.shape[0]``; when concrete,
+    every label in ``[0, K)`` with K = ``model.num_classes`` (if the model has
+    one). ``example_weights``: shape (B,). When concrete, ``x`` must be finite.
+    With a custom ``loss_fn`` the labels can be anything it takes: only the
+    batch size of ``x`` is checked then.
+    """
+    batch = x.shape[0] if getattr(x, "ndim", 0) >= 1 else None
+    if example_weights is not None and batch is not None and tuple(example_weights.shape) != (batch,):
+        raise ModelInputError(f"penalized_loss: expected example_weights of shape ({batch},) (one per "
+                              f"example of x), got shape {tuple(example_weights.shape)}")
+    if is_concrete(x) and jnp.issubdtype(x.dtype, jnp.inexact) and not np.isfinite(np.asarray(x)).all():
+        raise ModelInputError("penalized_loss: x contains NaN or Inf; expected finite inputs")
+    if loss_fn is not None:
+        return
+    num_classes = getattr(model, "num_classes", None)
+    classes = f"[0, {num_classes})" if num_classes is not None else "[0, K)"
+    if tuple(y.shape) != (batch,):
+        raise ModelInputError(f"penalized_loss: expected labels y of shape ({batch},) (one integer class in "
+                              f"{classes} per example of x {tuple(x.shape)}), got shape {tuple(y.shape)}")
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+        raise ModelInputError(f"penalized_loss: expected integer class labels y of shape ({batch},) in "
+                              f"{classes}, got dtype {y.dtype}; use y.astype(jnp.int32)")
+    if is_concrete(y) and batch:
+        labels = np.asarray(y)
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or (num_classes is not None and high >= num_classes):
+            raise ModelInputError(f"penalized_loss: labels must be class indices in {classes}, found values "
+                                  f"from {low} to {high}")

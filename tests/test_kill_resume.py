@@ -1,0 +1,204 @@
+"""Kills and resume: real training runs as subprocesses, killed at chosen points, restarted on one workdir.
+
+A run is SIGKILLed between checkpoint writes and in the middle of one, stopped
+with SIGTERM and with Ctrl-C (SIGINT), and restarted each time with the same
+command; it must end with parameters bitwise identical to an uninterrupted
+run, a metrics.jsonl without duplicated or missing steps, and no half-written
+checkpoint. The kill points are made deterministic by the ``AGP_TEST_PAUSE``
+test hook (``agp_common.interrupts.pause_point``): the child prints
+``AGP_TEST_PAUSED <where> <step>`` and waits there until it is signalled.
+
+The JAX children share a persistent compilation cache (only the first one
+compiles), which keeps this test at a few seconds per process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agp_common.interrupts import PAUSE_ENV
+
+TIMING_KEYS = ("step_time_s", "examples_per_s")
+# 20 examples in batches of 8 (3 steps per epoch, the last one partial), 8 steps, a checkpoint every 2.
+FLAGS = ["--dataset", "synthetic", "--synthetic-shape", "20,16,16,1", "--batch-size", "8", "--steps", "8",
+         "--eval-every", "3", "--checkpoint-every", "2", "--keep-checkpoints", "10", "--quiet"]
+WAIT_S = 300  # generous: the first JAX child compiles, and other tests may share the 2 cores
+
+
+@pytest.fixture(scope="module")
+def child_env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("jax_cache")
+    env = {k: v for k, v in os.environ.items() if k != PAUSE_ENV}
+    env.update({"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+    return env
+
+
+def start(module: str, workdir: Path, env: dict, pause: str | None = None) -> subprocess.Popen:
+    env = dict(env) if pause is None else {**env, PAUSE_ENV: pause}
+    return subprocess.Popen([sys.executable, "-m", module, *FLAGS, "--workdir", str(workdir)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_pause(proc: subprocess.Popen) -> str:
+    """Read the child's stderr until it reports the pause; returns that line."""
+    deadline = time.monotonic() + WAIT_S
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if line.startswith("AGP_TEST_PAUSED"):
+            return line.strip()
+    proc.kill()
+    proc.communicate()
+    raise AssertionError(f"child did not reach its pause point; stderr: {''.join(seen)[-3000:]}")
+
+
+def interrupt(module: str, workdir: Path, env: dict, pause: str, sig: int) -> tuple[int, str]:
+    """Run until ``pause``, send ``sig``, wait; returns (exit status, rest of stderr)."""
+    proc = start(module, workdir, env, pause)
+    assert wait_for_pause(proc) == "AGP_TEST_PAUSED " + pause.replace(":", " ")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=WAIT_S)
+    return proc.returncode, err
+
+
+def finish(module: str, workdir: Path, env: dict) -> str:
+    proc = start(module, workdir, env)
+    out, err = proc.communicate(timeout=WAIT_S)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def records(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_metrics_are_those_of_the_uninterrupted_run(workdir: Path, reference: Path) -> None:
+    got = records(workdir)
+    assert [r["step"] for r in got if r["split"] == "train"] == list(range(1, 9))  # none twice, none missing
+    assert [r["step"] for r in got if r["split"] == "eval"] == [3, 6, 8]
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rs]
+
+    assert strip(got) == strip(records(reference))
+
+
+def assert_no_temporary_files(workdir: Path) -> None:
+    leftovers = [p for p in workdir.rglob("*") if "tmp" in p.name]
+    assert leftovers == []
+
+
+def jax_final_state(workdir: Path):
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager((workdir / "checkpoints").absolute()) as manager:
+        assert manager.latest_step() == 8
+        restored = manager.restore(8, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    import jax
+
+    return jax.tree.leaves(restored["state"])
+
+
+def test_jax_run_survives_sigkill_between_and_during_checkpoints_and_sigterm_and_ctrl_c(tmp_path, child_env):
+    module = "jax_impl.train"
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    finish(module, reference, child_env)
+
+    # SIGKILL after step 3's metrics are written, between the checkpoints of steps 2 and 4.
+    status, _ = interrupt(module, run, child_env, "before_save:3", signal.SIGKILL)
+    assert status == -signal.SIGKILL
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]
+
+    # SIGKILL in the middle of writing checkpoint 4: orbax's temporary folder is left behind ...
+    status, _ = interrupt(module, run, child_env, "in_save:4", signal.SIGKILL)
+    assert status == -signal.SIGKILL
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names[0] == "2" and names[1].startswith("4.orbax-checkpoint-tmp") and len(names) == 2
+
+    # ... and the restart removes it, redoes steps 3-4, and stops cleanly on SIGTERM after step 5,
+    # saving step 5 although it is not a checkpoint step.
+    status, err = interrupt(module, run, child_env, "after_step:5", signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1].startswith("stopped: stopped by SIGTERM after step 5")
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4", "5"]
+
+    # Ctrl-C (SIGINT) before step 6's checkpoint is written: step 6 is saved, exit 130.
+    status, err = interrupt(module, run, child_env, "before_save:6", signal.SIGINT)
+    assert status == 128 + signal.SIGINT, err
+    assert "stopped by SIGINT after step 6" in err and "Traceback" not in err
+
+    finish(module, run, child_env)
+    for got, want in zip(jax_final_state(run), jax_final_state(reference), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert_metrics_are_those_of_the_uninterrupted_run(run, reference)
+    assert_no_temporary_files(run)
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [2, 4, 5, 6, 8]
+
+
+def torch_final_state(workdir: Path) -> dict:
+    import torch
+
+    payload = torch.load(workdir / "checkpoints" / "step_00000008.pt", weights_only=True)
+    return {k: v.numpy() for k, v in payload["model"].items()}
+
+
+def test_torch_run_survives_sigkill_during_a_checkpoint_write_and_sigterm(tmp_path, child_env):
+    module = "torch_ref.train"
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    finish(module, reference, child_env)
+
+    status, _ = interrupt(module, run, child_env, "in_save:4", signal.SIGKILL)
+    assert status == -signal.SIGKILL
+    left = sorted(p.name for p in (run / "checkpoints").iterdir())  # "." sorts first
+    assert len(left) == 2 and left[0].startswith(".step_00000004.pt.") and left[1] == "step_00000002.pt"
+
+    status, err = interrupt(module, run, child_env, "after_step:5", signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM and "stopped by SIGTERM after step 5" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step_00000002.pt", "step_00000004.pt", "step_00000005.pt"]  # the half-written file is gone
+
+    finish(module, run, child_env)
+    got, want = torch_final_state(run), torch_final_state(reference)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    assert_metrics_are_those_of_the_uninterrupted_run(run, reference)
+    assert_no_temporary_files(run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_jax_run_survives_sigkill_at_random_times(tmp_path, child_env, seed):
+    """Heavier variant: SIGKILL at random moments (not at pause points), restart, until the run ends."""
+    module = "jax_impl.train"
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    finish(module, reference, child_env)
+    rng = np.random.default_rng(seed)
+    for _ in range(6):
+        proc = start(module, run, child_env)
+        time.sleep(float(rng.uniform(2.0, 6.0)))
+        finished = proc.poll() is not None
+        proc.kill()
+        proc.communicate()  # also closes the pipes
+        if finished:
+            break
+    finish(module, run, child_env)
+    for got, want in zip(jax_final_state(run), jax_final_state(reference), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert_metrics_are_those_of_the_uninterrupted_run(run, reference)
+    assert_no_temporary_files(run)
