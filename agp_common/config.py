@@ -14,14 +14,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from agp_common.errors import UsageError
+from agp_common.penalty_spec import APPROXIMATIONS, NORMALIZATIONS, NORMS
 
 DATASETS = ("digits", "cifar10", "npz", "synthetic")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 DTYPES = ("float32", "float64")
 #: Penalty options (``penalized_loss``'s ``normalization``, ``norm``, ``approx``; see the README).
-PENALTY_NORMALIZATIONS = ("batch_mean", "per_example")
-PENALTY_NORMS = ("squared_l2", "l2")
-PENALTY_APPROXIMATIONS = ("exact", "finite_difference")
+PENALTY_NORMALIZATIONS = NORMALIZATIONS
+PENALTY_NORMS = NORMS
+PENALTY_APPROXIMATIONS = APPROXIMATIONS
 #: Momentum coefficient of ``--optimizer momentum`` (optax.sgd / torch.optim.SGD).
 MOMENTUM = 0.9
 

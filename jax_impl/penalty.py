@@ -55,6 +55,11 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from agp_common.penalty_spec import (
+    INPUT,
+    check_penalty_options,
+    select_layers,
+)
 from jax_impl.layers import PERTURBATIONS
 from jax_impl.validation import check_penalized_loss_args
 
@@ -62,10 +67,6 @@ Params = Any
 SEP = "/"
 
 #: Capture name of the model's input in ``layers`` (classic double backprop).
-INPUT = "input"
-NORMALIZATIONS = ("batch_mean", "per_example")
-NORMS = ("squared_l2", "l2")
-APPROXIMATIONS = ("exact", "finite_difference")
 
 #: ``forward(perturbations, x) -> (outputs, updated_state_or_None)``; the
 #: perturbations are a flat ``{capture name: array}`` dict of the model's
@@ -131,51 +132,6 @@ def zero_perturbations(
     shapes = jax.eval_shape(perturbation_tree, params, model_state, x, rngs)
     flat = traverse_util.flatten_dict(shapes, sep=SEP)
     return {name: jnp.zeros(s.shape, s.dtype) for name, s in flat.items()}
-
-
-def select_layers(available: Sequence[str], layers: Sequence[str] | str | None) -> tuple[str, ...]:
-    """Validate ``layers`` against the model's capture points; ``None`` means all.
-
-    ``"input"`` is always accepted as well (the input capture point), but
-    ``None`` never includes it.
-    """
-    if layers is None:
-        return tuple(available)
-    if isinstance(layers, str):
-        layers = (layers,)
-    layers = tuple(layers)
-    unknown = [name for name in layers if name not in available and name != INPUT]
-    if unknown:
-        raise ValueError(
-            f"unknown penalty layer(s) {unknown}; the model's capture points are {list(available)}"
-            f" (or {INPUT!r} for the input itself)"
-        )
-    if not layers:
-        raise ValueError(f"layers is empty; choose from {list(available)} or pass None for all")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"penalty layers contain duplicates: {list(layers)}")
-    return layers
-
-
-def check_penalty_options(
-    *,
-    normalization: str = "batch_mean",
-    norm: str = "squared_l2",
-    approx: str = "exact",
-    fd_step: float = 1e-3,
-    every: int = 1,
-) -> None:
-    """Raise a one-line ``ValueError`` naming the expected values for a bad option."""
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if approx not in APPROXIMATIONS:
-        raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
-    if not (isinstance(fd_step, int | float) and fd_step > 0):
-        raise ValueError(f"fd_step must be a positive number, got {fd_step!r}")
-    if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
-        raise ValueError(f"penalty every must be a positive integer number of steps, got {every!r}")
 
 
 def _check_layer_weights(layer_weights: Mapping[str, float] | None, layers: Sequence[str]) -> None:

@@ -48,8 +48,9 @@ from agp_common.batching import eval_batches, padded_batch
 from agp_common.config import TrainConfig
 from agp_common.data import Dataset, load_dataset
 from agp_common.errors import NonFiniteError, UsageError
+from agp_common.penalty_spec import INPUT, NORMALIZATIONS
 from jax_impl.model import CAPTURE_NAMES, Net
-from jax_impl.penalty import INPUT, NORMALIZATIONS, penalized_loss
+from jax_impl.penalty import penalized_loss
 
 DEFAULT_WEIGHTS = (0.0, 1.0, 10.0, 100.0, 1000.0)
 DEFAULT_NOISE = (0.2, 0.4)

@@ -58,6 +58,7 @@ from agp_common.errors import (
 )
 from agp_common.interrupts import pause_point
 from agp_common.loop import run_loop
+from agp_common.penalty_spec import INPUT
 from agp_common.plot import plot_run
 from agp_common.runlog import (
     check_config_file,
@@ -69,7 +70,7 @@ from agp_common.runlog import (
     write_config,
 )
 from jax_impl.model import CAPTURE_NAMES, Net
-from jax_impl.penalty import INPUT, lazy_value_and_grad, penalized_loss
+from jax_impl.penalty import lazy_value_and_grad, penalized_loss
 
 FRAMEWORK = "jax"
 DATA_AXIS = "data"

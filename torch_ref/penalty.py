@@ -22,65 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from agp_common.penalty_spec import (
+    INPUT,
+    check_penalty_options,
+    select_layers,
+    wants_input,
+)
 from torch_ref.hooks import forward_with_captures
 from torch_ref.validation import check_labels
-
-
-def select_layers(available: Sequence[str], layers: Sequence[str] | str | None) -> tuple[str, ...]:
-    """Validate ``layers`` against the model's capture names; ``None`` means all."""
-    if layers is None:
-        return tuple(available)
-    if isinstance(layers, str):
-        layers = (layers,)
-    layers = tuple(layers)
-    unknown = [name for name in layers if name not in available]
-    if unknown:
-        raise ValueError(
-            f"unknown penalty layer(s) {unknown}; the model's capture points are {list(available)}"
-        )
-    if not layers:
-        raise ValueError(f"layers is empty; choose from {list(available)} or pass None for all")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"penalty layers contain duplicates: {list(layers)}")
-    return layers
-
-
-INPUT = "input"
-NORMALIZATIONS = ("batch_mean", "per_example")
-NORMS = ("squared_l2", "l2")
-APPROXIMATIONS = ("exact", "finite_difference")
-
-
-def check_penalty_options(
-    *,
-    normalization: str = "batch_mean",
-    norm: str = "squared_l2",
-    approx: str = "exact",
-    fd_step: float = 1e-3,
-) -> None:
-    """Raise a one-line ``ValueError`` naming the expected values for a bad option."""
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if approx not in APPROXIMATIONS:
-        raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
-    if not (isinstance(fd_step, int | float) and fd_step > 0):
-        raise ValueError(f"fd_step must be a positive number, got {fd_step!r}")
-
-
-def _wants_input(layers: Sequence[str] | str | None) -> bool:
-    if layers is None:
-        return False
-    return INPUT in ((layers,) if isinstance(layers, str) else tuple(layers))
-
-
-def _select_with_input(available: Sequence[str], layers: Sequence[str] | str | None) -> tuple[str, ...]:
-    """``select_layers`` that also accepts ``"input"`` (never implied by ``None``)."""
-    if not _wants_input(layers):
-        return select_layers(available, layers)
-    layers = (layers,) if isinstance(layers, str) else tuple(layers)
-    return select_layers((*available, INPUT), layers)
 
 
 def has_interacting_examples(model: nn.Module) -> bool:
@@ -174,7 +123,7 @@ def penalized_loss(
     check_labels(model, input, label, loss_fn)  # clear ValueError (torch_ref.validation)
     seed_recipe = (approx, normalization, norm) == ("exact", "batch_mean", "squared_l2")
     if seed_recipe and layer_weights is None and loss_fn is None and capture_modules is None \
-            and not _wants_input(layers):
+            and not wants_input(layers):
         return _seed_penalized_loss(model, input, label, penalty_weight, layers)
     return _penalized_loss_options(
         model, input, label, penalty_weight, layers, normalization=normalization, norm=norm,
@@ -222,9 +171,9 @@ def _penalized_loss_options(
             "with interacting examples (BatchNorm in train mode) use approx='exact'"
         )
     loss_fn = _per_example_ce if loss_fn is None else loss_fn
-    x = input.detach().requires_grad_(True) if _wants_input(layers) else input
+    x = input.detach().requires_grad_(True) if wants_input(layers) else input
     output, captures = _forward(model, x, capture_modules)
-    names = _select_with_input(tuple(captures), layers)
+    names = select_layers(tuple(captures), layers)
     captures = {**captures, INPUT: x}
     if layer_weights is not None:
         unknown = [n for n in layer_weights if n not in names]
@@ -348,7 +297,7 @@ def lazy_penalized_loss(
     loss_fn = options.get("loss_fn")
     loss = nn.CrossEntropyLoss()(output, label) if loss_fn is None else loss_fn(output, label).mean()
     zero = torch.zeros((), dtype=loss.dtype)
-    names = _select_with_input(tuple(captures), layers)
+    names = select_layers(tuple(captures), layers)
     terms = dict.fromkeys(names, zero)
     return loss, {"loss": loss, "penalty": zero, "penalty_terms": terms, "logits": output}
 

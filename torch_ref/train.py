@@ -45,6 +45,7 @@ from agp_common.errors import (
 from agp_common.interrupts import pause_point
 from agp_common.io import atomic_write, remove_stale_temporaries
 from agp_common.loop import run_loop
+from agp_common.penalty_spec import INPUT
 from agp_common.plot import plot_run
 from agp_common.runlog import (
     check_config_file,
@@ -58,7 +59,7 @@ from agp_common.runlog import (
 from torch_ref.convert import export_flax_params, load_flax_params
 from torch_ref.hooks import NET_CAPTURE_MODULES
 from torch_ref.model import CAPTURE_NAMES, Net
-from torch_ref.penalty import INPUT, lazy_penalized_loss, penalized_loss
+from torch_ref.penalty import lazy_penalized_loss, penalized_loss
 
 FRAMEWORK = "torch"
 CHECKPOINT_DIR = "checkpoints"
