@@ -14,6 +14,8 @@ bug and keeps its traceback. ``--debug`` shows the traceback in every case.
 from __future__ import annotations
 
 import signal
+import sys
+import traceback
 
 #: Exit status of the CLIs for usage and input errors (argparse uses 2 as well).
 EXIT_USAGE = 2
@@ -50,3 +52,21 @@ class Interrupted(Exception):
     def exit_status(self) -> int:
         """``128 + signum``: 143 for SIGTERM, 130 for SIGINT (Ctrl-C)."""
         return 128 + self.signum
+
+
+#: What a CLI reports as one line; anything else is a bug and keeps its traceback.
+REPORTED_ERRORS = (UsageError, ModelInputError, NonFiniteError, Interrupted)
+
+
+def report_error(error: BaseException, debug: bool = False) -> int:
+    """Print ``error`` as one line on stderr (after its traceback with ``debug``); return the exit status.
+
+    ``stopped: ...`` and ``128 + signum`` for ``Interrupted``; ``error: ...`` and
+    ``EXIT_NON_FINITE`` for ``NonFiniteError``; ``error: ...`` and ``EXIT_USAGE`` otherwise.
+    """
+    if debug:
+        traceback.print_exception(error)
+    print(f"{'stopped' if isinstance(error, Interrupted) else 'error'}: {error}", file=sys.stderr, flush=True)
+    if isinstance(error, Interrupted):
+        return error.exit_status
+    return EXIT_NON_FINITE if isinstance(error, NonFiniteError) else EXIT_USAGE

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agp_common.errors import EXIT_USAGE, UsageError
+from agp_common.errors import UsageError, report_error
 from agp_common.io import atomic_write, read_jsonl
 from agp_common.runlog import METRICS_FILE
 
@@ -120,8 +120,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m agp_common.pl
         for path in plot_run(args.workdir):
             print(path)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return report_error(e)
     return 0
 
 

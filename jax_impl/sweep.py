@@ -47,7 +47,7 @@ import optax
 from agp_common.batching import eval_batches, padded_batch
 from agp_common.config import TrainConfig
 from agp_common.data import Dataset, load_dataset
-from agp_common.errors import NonFiniteError, UsageError
+from agp_common.errors import NonFiniteError, UsageError, report_error
 from agp_common.penalty_spec import INPUT, NORMALIZATIONS
 from jax_impl.model import CAPTURE_NAMES, Net
 from jax_impl.penalty import penalized_loss
@@ -78,17 +78,10 @@ class SweepConfig:
 
 def train_config(sweep: SweepConfig, weight: float, normalization: str, workdir: Path) -> TrainConfig:
     """The ``TrainConfig`` of one grid point (quiet, no checkpoints kept beyond the last)."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    extra = {}
-    if normalization != "batch_mean":
-        if "penalty_normalization" not in fields:
-            raise UsageError("this jax_impl.train has no penalty_normalization option; "
-                             "run the sweep with --normalizations batch_mean")
-        extra["penalty_normalization"] = normalization
     return TrainConfig(
         dataset=sweep.dataset, data_dir=sweep.data_dir, epochs=sweep.epochs, batch_size=sweep.batch_size,
         optimizer=sweep.optimizer, lr=sweep.lr, penalty_weight=weight, seed=sweep.seed,
-        workdir=str(workdir), quiet=True, keep_checkpoints=1, **extra,
+        workdir=str(workdir), quiet=True, keep_checkpoints=1, penalty_normalization=normalization,
     )
 
 
@@ -409,8 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_tables(rows, out, sweep)
         plot_results(rows, out)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     print(f"sweep: {len(rows)} runs in {time.perf_counter() - t0:.0f} s; table {out / 'results.md'}")
     print((out / "results.md").read_text(), end="")
     return 0

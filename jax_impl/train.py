@@ -33,7 +33,6 @@ import functools
 import os
 import sys
 import time
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -49,12 +48,10 @@ from agp_common.batching import BatchOrder, eval_batches, padded_batch
 from agp_common.config import MOMENTUM, TrainConfig, parse_config, total_steps, validate_config
 from agp_common.data import Dataset, load_dataset
 from agp_common.errors import (
-    EXIT_NON_FINITE,
-    EXIT_USAGE,
-    Interrupted,
-    ModelInputError,
+    REPORTED_ERRORS,
     NonFiniteError,
     UsageError,
+    report_error,
 )
 from agp_common.interrupts import pause_point
 from agp_common.loop import run_loop
@@ -489,13 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One process: a signal stops it at a step boundary. Several: every process would have to
         # agree on the step, so a signal kills as usual and the run resumes from its last checkpoint.
         result = train_and_evaluate(config, handle_signals=jax.process_count() == 1)
-    except (UsageError, ModelInputError, NonFiniteError, Interrupted) as e:
-        if config.debug:
-            traceback.print_exc()
-        print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr, flush=True)
-        if isinstance(e, Interrupted):
-            return e.exit_status
-        return EXIT_NON_FINITE if isinstance(e, NonFiniteError) else EXIT_USAGE
+    except REPORTED_ERRORS as e:
+        return report_error(e, config.debug)
     if jax.process_index() == 0:
         print(result.summary, flush=True)
     return 0

@@ -22,7 +22,6 @@ import os
 import re
 import sys
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,12 +34,10 @@ from agp_common.batching import BatchOrder, eval_batches, take_batch
 from agp_common.config import MOMENTUM, TrainConfig, parse_config, total_steps, validate_config
 from agp_common.data import Dataset, load_dataset
 from agp_common.errors import (
-    EXIT_NON_FINITE,
-    EXIT_USAGE,
-    Interrupted,
-    ModelInputError,
+    REPORTED_ERRORS,
     NonFiniteError,
     UsageError,
+    report_error,
 )
 from agp_common.interrupts import pause_point
 from agp_common.io import atomic_write, remove_stale_temporaries
@@ -305,13 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv, prog="python -m torch_ref.train", framework=FRAMEWORK)
     try:
         result = train_and_evaluate(config, handle_signals=True)
-    except (UsageError, ModelInputError, NonFiniteError, Interrupted) as e:
-        if config.debug:
-            traceback.print_exc()
-        print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr, flush=True)
-        if isinstance(e, Interrupted):
-            return e.exit_status
-        return EXIT_NON_FINITE if isinstance(e, NonFiniteError) else EXIT_USAGE
+    except REPORTED_ERRORS as e:
+        return report_error(e, config.debug)
     print(result.summary, flush=True)
     return 0
 
