@@ -23,6 +23,7 @@ from agp_common.errors import (
     NonFiniteError,
     UsageError,
 )
+from agp_common.penalty_spec import PenaltyOptions
 
 __all__ = [
     "EXIT_NON_FINITE",
@@ -32,6 +33,7 @@ __all__ = [
     "Interrupted",
     "ModelInputError",
     "NonFiniteError",
+    "PenaltyOptions",
     "TrainConfig",
     "UsageError",
     "build_parser",

@@ -2,7 +2,8 @@
 
 ``python -m jax_impl.train`` and ``python -m torch_ref.train`` share this
 parser, so one recipe runs unchanged in both frameworks. Every field has one
-flag; ``--help`` explains each in one line.
+flag; the ``--penalty-*`` flags are made from ``PenaltyOptions``
+(agp_common/penalty_spec.py), their one definition.
 """
 
 from __future__ import annotations
@@ -13,25 +14,44 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from agp_common.attack_spec import (
+    ATTACKS,
+    DEFAULT_EPS,
+    DEFAULT_PGD_STEP_RATIO,
+    DEFAULT_PGD_STEPS,
+    Attack,
+    AttackOptionError,
+    attack_grid,
+)
+from agp_common.data import MAX_CLASSES
 from agp_common.errors import UsageError
-from agp_common.penalty_spec import APPROXIMATIONS, NORMALIZATIONS, NORMS
+from agp_common.penalty_spec import PenaltyOptionError, PenaltyOptions
 
 DATASETS = ("digits", "cifar10", "npz", "synthetic")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 DTYPES = ("float32", "float64")
-#: Penalty options (``penalized_loss``'s ``normalization``, ``norm``, ``approx``; see the README).
-PENALTY_NORMALIZATIONS = NORMALIZATIONS
-PENALTY_NORMS = NORMS
-PENALTY_APPROXIMATIONS = APPROXIMATIONS
 #: Momentum coefficient of ``--optimizer momentum`` (optax.sgd / torch.optim.SGD).
 MOMENTUM = 0.9
+#: ``--lr`` when not given, per ``--optimizer``. SGD's is the seed recipe's tuned
+#: value on digits; momentum 0.9 multiplies the step by ~10, so it gets a tenth;
+#: Adam's is its usual 1e-3 (0.05 makes Adam diverge to chance accuracy).
+DEFAULT_LR = {"sgd": 0.05, "momentum": 0.005, "adam": 0.001}
+#: Epochs of the default run (chosen so that it finishes in a few minutes on a 2-core CPU).
+DEFAULT_EPOCHS = 20
+#: The prefix of the ``TrainConfig`` field (and the flag) of each ``PenaltyOptions`` field.
+PENALTY_PREFIX = "penalty_"
 
 #: Fields that may differ when a run is resumed: how long to train, where and how to
-#: report. Every other field changes the trajectory, so a mismatch is refused.
+#: report and evaluate. Every other field changes the trajectory, so a mismatch is refused.
 RESUMABLE_FIELDS = frozenset(
     {"data_dir", "epochs", "steps", "eval_every", "checkpoint_every", "keep_checkpoints",
-     "workdir", "quiet", "tensorboard", "debug"}
+     "workdir", "quiet", "tensorboard", "debug",
+     "eval_attacks", "eval_eps", "eval_pgd_steps", "eval_pgd_step_ratio"}
 )
+#: The prefix of the ``TrainConfig`` field (and the flag) of each attack option.
+EVAL_PREFIX = "eval_"
+
+_PENALTY_DEFAULTS = PenaltyOptions()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,44 +59,73 @@ class TrainConfig:
     """Everything that defines a training run (defaults: ``python -m jax_impl.train``).
 
     ``epochs`` and ``steps`` are alternatives: ``steps`` counts optimizer steps;
-    if both are ``None``, ``DEFAULT_EPOCHS`` epochs are run. ``eval_every`` and
-    ``checkpoint_every`` count steps; ``None`` means once per epoch (and always
-    at the end). ``penalty_layers=None`` penalises every capture point.
+    if both are ``None``, ``DEFAULT_EPOCHS`` epochs are run. ``lr=None`` means
+    ``DEFAULT_LR[optimizer]`` (filled in when the config is made, so it is
+    recorded). ``eval_every`` and ``checkpoint_every`` count steps; ``None``
+    means once per epoch (and always at the end). The ``penalty_*`` fields
+    other than the weight are ``PenaltyOptions``' fields
+    (``penalty_options()``); ``penalty_layers=None`` penalises every capture point.
+    ``eval_attacks`` (``None``: none) are evaluated at every ``eval_eps`` on the test
+    split next to the clean accuracy (``attacks()``, agp_common/attack_spec.py).
     """
 
     dataset: str = "digits"
     data_dir: str | None = None
     synthetic_shape: tuple[int, int, int, int] = (512, 32, 32, 3)
+    num_classes: int | None = None
     epochs: int | None = None
     steps: int | None = None
     batch_size: int = 32
     optimizer: str = "sgd"
-    lr: float = 0.05
+    lr: float | None = None
     penalty_weight: float = 10.0
-    penalty_layers: tuple[str, ...] | None = None
-    penalty_normalization: str = "batch_mean"
-    penalty_norm: str = "squared_l2"
-    penalty_every: int = 1
-    penalty_approx: str = "exact"
-    penalty_fd_step: float = 1e-3
+    penalty_layers: tuple[str, ...] | None = _PENALTY_DEFAULTS.layers
+    penalty_normalization: str = _PENALTY_DEFAULTS.normalization
+    penalty_norm: str = _PENALTY_DEFAULTS.norm
+    penalty_layer_weights: tuple[tuple[str, float], ...] | None = _PENALTY_DEFAULTS.layer_weights
+    penalty_every: int = _PENALTY_DEFAULTS.every
+    penalty_approx: str = _PENALTY_DEFAULTS.approx
+    penalty_fd_step: float = _PENALTY_DEFAULTS.fd_step
     seed: int = 0
     dtype: str = "float32"
     workdir: str | None = None
     eval_every: int | None = None
+    eval_attacks: tuple[str, ...] | None = None
+    eval_eps: tuple[float, ...] = DEFAULT_EPS
+    eval_pgd_steps: int = DEFAULT_PGD_STEPS
+    eval_pgd_step_ratio: float = DEFAULT_PGD_STEP_RATIO
     checkpoint_every: int | None = None
     keep_checkpoints: int = 3
     tensorboard: bool = False
     quiet: bool = False
     debug: bool = False
 
-    def penalty_options(self) -> dict[str, Any]:
-        """Keyword options of ``penalized_loss`` (both frameworks) other than weight and layers."""
-        return {"normalization": self.penalty_normalization, "norm": self.penalty_norm,
-                "approx": self.penalty_approx, "fd_step": self.penalty_fd_step}
+    def __post_init__(self):
+        if self.lr is None and self.optimizer in DEFAULT_LR:
+            object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
+        for key in ("penalty_layers", "penalty_layer_weights", "eval_attacks", "eval_eps"):  # lists -> tuples
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, key, tuple(tuple(v) if isinstance(v, list) else v for v in value))
+
+    def penalty_options(self) -> PenaltyOptions:
+        """The penalty's options (all but its weight): the ``penalty_*`` fields as ``PenaltyOptions``."""
+        return PenaltyOptions(**{f.name: getattr(self, PENALTY_PREFIX + f.name)
+                                 for f in dataclasses.fields(PenaltyOptions)})
+
+    def attacks(self) -> tuple[Attack, ...]:
+        """Every (attack, eps) pair to evaluate (empty without ``eval_attacks``); ``UsageError`` if any
+        ``eval_*`` option is invalid, even when no attack is chosen."""
+        try:
+            return attack_grid(self.eval_attacks or (), self.eval_eps, self.eval_pgd_steps,
+                               self.eval_pgd_step_ratio)
+        except AttackOptionError as error:
+            raise UsageError(f"{_flag(EVAL_PREFIX + error.field)} must be {error.expected}, "
+                             f"got {error.value!r}") from None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {k: _lists(v) for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> TrainConfig:
@@ -86,26 +135,39 @@ class TrainConfig:
         if unknown:
             raise UsageError(f"config has unknown field(s) {unknown}; expected a subset of {sorted(names)}")
         values = dict(record)
-        for key in ("synthetic_shape", "penalty_layers"):
-            if values.get(key) is not None:
-                values[key] = tuple(values[key])
+        if values.get("synthetic_shape") is not None:
+            values["synthetic_shape"] = tuple(values["synthetic_shape"])
         return cls(**values)
 
 
-#: Epochs of the default run (chosen so that it finishes in a few minutes on a 2-core CPU).
-DEFAULT_EPOCHS = 20
+def _lists(value: Any) -> Any:
+    return [_lists(v) for v in value] if isinstance(value, tuple) else value
 
 
 def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     """Number of optimizer steps the run ends at."""
     if config.steps is not None:
         return config.steps
-    return (config.epochs if config.epochs is not None else DEFAULT_EPOCHS) * steps_per_epoch
+    total = (config.epochs if config.epochs is not None else DEFAULT_EPOCHS) * steps_per_epoch
+    _require(total <= MAX_INT, f"--epochs {config.epochs} is {total} steps of {steps_per_epoch}, more than "
+                               f"the {MAX_INT} a run can count; ask for fewer --epochs")
+    return total
+
+
+#: Largest step count, seed or period a run accepts: the step counter is a 32-bit integer.
+MAX_INT = 2**31 - 1
+#: Integer fields checked against ``MAX_INT`` (the ``None`` ones, when set).
+_BOUNDED_INTS = ("epochs", "steps", "eval_every", "checkpoint_every", "batch_size", "keep_checkpoints",
+                 "seed", "penalty_every")
 
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise UsageError(message)
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 def validate_config(config: TrainConfig, capture_names: Sequence[str] | None = None) -> TrainConfig:
@@ -122,37 +184,45 @@ def validate_config(config: TrainConfig, capture_names: Sequence[str] | None = N
              f"give --epochs or --steps, not both (got --epochs {config.epochs} --steps {config.steps})")
     for name in ("epochs", "steps", "eval_every", "checkpoint_every"):
         value = getattr(config, name)
-        _require(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        _require(value is None or value >= 1, f"{_flag(name)} must be >= 1, got {value}")
     _require(config.batch_size >= 1, f"--batch-size must be >= 1, got {config.batch_size}")
     _require(config.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {config.keep_checkpoints}")
     _require(math.isfinite(config.lr) and config.lr > 0, f"--lr must be a finite number > 0, got {config.lr}")
     _require(math.isfinite(config.penalty_weight) and config.penalty_weight >= 0,
              f"--penalty-weight must be a finite number >= 0, got {config.penalty_weight}")
-    _require(config.penalty_normalization in PENALTY_NORMALIZATIONS,
-             f"--penalty-normalization must be one of {list(PENALTY_NORMALIZATIONS)}, "
-             f"got {config.penalty_normalization!r}")
-    _require(config.penalty_norm in PENALTY_NORMS,
-             f"--penalty-norm must be one of {list(PENALTY_NORMS)}, got {config.penalty_norm!r}")
-    _require(config.penalty_approx in PENALTY_APPROXIMATIONS,
-             f"--penalty-approx must be one of {list(PENALTY_APPROXIMATIONS)}, got {config.penalty_approx!r}")
-    _require(config.penalty_every >= 1, f"--penalty-every must be >= 1, got {config.penalty_every}")
-    _require(math.isfinite(config.penalty_fd_step) and config.penalty_fd_step > 0,
-             f"--penalty-fd-step must be a finite number > 0, got {config.penalty_fd_step}")
+    try:
+        options = config.penalty_options()
+    except PenaltyOptionError as error:
+        raise UsageError(f"{_flag(PENALTY_PREFIX + error.field)} must be {error.expected}, "
+                         f"got {error.value!r}") from None
+    except ValueError as error:  # duplicates
+        raise UsageError(f"--penalty-layers: {error}") from None
     _require(config.seed >= 0, f"--seed must be >= 0, got {config.seed}")
+    for name in _BOUNDED_INTS:
+        value = getattr(config, name)
+        _require(value is None or value <= MAX_INT, f"{_flag(name)} must be at most {MAX_INT}, got {value}")
+    _require(config.num_classes is None or 2 <= config.num_classes <= MAX_CLASSES,
+             f"--num-classes must be between 2 and {MAX_CLASSES}, got {config.num_classes}")
+    _require(config.workdir is None or bool(str(config.workdir).strip()),
+             "--workdir is empty; name a folder for the run (new, or one of an earlier run to resume)")
+    config.attacks()  # UsageError naming the --eval-* flag
     _require(config.dataset != "npz" or config.data_dir is not None,
              "--dataset npz needs --data-dir naming an .npz file (or a folder holding one)")
     _require(config.dataset != "cifar10" or config.data_dir is not None,
-             "--dataset cifar10 needs --data-dir naming the CIFAR-10 folder (binary or python release)")
+             "--dataset cifar10 needs --data-dir naming the CIFAR-10 folder (binary or python release, "
+             "from https://www.cs.toronto.edu/~kriz/cifar.html, unpacked with tar xzf)")
     _require(len(config.synthetic_shape) == 4 and all(d >= 1 for d in config.synthetic_shape),
              f"--synthetic-shape must be four positive sizes N,H,W,C, got {config.synthetic_shape}")
-    if config.penalty_layers is not None:
-        layers = config.penalty_layers
-        _require(len(layers) > 0, "--penalty-layers is empty; name capture points or say 'all'")
-        _require(len(set(layers)) == len(layers), f"--penalty-layers has duplicates: {list(layers)}")
-        if capture_names is not None:
-            unknown = [name for name in layers if name not in capture_names]
-            _require(not unknown, f"unknown --penalty-layers {unknown}; the model's capture points are "
-                                  f"{list(capture_names)} (or 'all')")
+    if capture_names is not None:
+        known = (*capture_names, "input")
+        chosen = options.layers or ()
+        unknown = [name for name in chosen if name not in known]
+        _require(not unknown, f"unknown --penalty-layers {unknown}; the model's capture points are "
+                              f"{list(capture_names)} (or 'input', or 'all')")
+        weighted = options.layers or tuple(capture_names)
+        unknown = [name for name, _ in options.layer_weights or () if name not in weighted]
+        _require(not unknown, f"--penalty-layer-weights names {unknown}, which are not penalised "
+                              f"(penalised: {list(weighted)})")
     return config
 
 
@@ -174,6 +244,13 @@ def _int(text: str) -> int:
     return value
 
 
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
 def _shape(text: str) -> tuple[int, int, int, int]:
     try:
         dims = tuple(int(d) for d in text.replace("x", ",").split(","))
@@ -184,10 +261,40 @@ def _shape(text: str) -> tuple[int, int, int, int]:
     return dims  # type: ignore[return-value]
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    values = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated numbers such as 0.05,0.1, got {text!r}") from None
+    return tuple(values)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def _layers(text: str) -> tuple[str, ...] | None:
     if text.strip() == "all":
         return None
     return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _layer_weights(text: str) -> tuple[tuple[str, float], ...]:
+    pairs = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        name, sep, weight = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(
+                f"expected NAME=WEIGHT pairs such as relu1=1,relu2=0.5, got {text!r}")
+        pairs.append((name.strip(), _float(weight)))
+    return tuple(pairs)
+
+
+#: How each ``PenaltyOptions`` field is read from the command line (the rest of its flag is its metadata).
+_PENALTY_PARSERS = {"layers": _layers, "layer_weights": _layer_weights, "fd_step": _float, "every": _int}
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -197,58 +304,107 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 
+def _default(value: Any) -> str:
+    """`` (default: X)`` for the help text."""
+    if isinstance(value, tuple):
+        value = ",".join(map(str, value))
+    return f" (default: {value})"
+
+
+def _add_penalty_flags(group) -> None:
+    """One ``--penalty-<name>`` flag per ``PenaltyOptions`` field, from its metadata."""
+    for field in dataclasses.fields(PenaltyOptions):
+        meta = field.metadata
+        choices = meta["choices"]
+        default = "" if field.default is None else _default(field.default)
+        kwargs = {"choices": choices} if choices else {"type": _PENALTY_PARSERS[field.name]}
+        group.add_argument(_flag(PENALTY_PREFIX + field.name), default=field.default, metavar=meta["metavar"],
+                           help=meta["help"] + default, **kwargs)
+
+
 def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
-    """The flags of ``python -m {jax_impl,torch_ref}.train``; one line of help each."""
+    """The flags of ``python -m {jax_impl,torch_ref}.train``, in groups; each default stated once."""
     d = TrainConfig()
     p = OneLineErrorParser(
         prog=prog,
-        description=f"Train the seed CNN with the activation gradient penalty ({framework}). "
-                    "Running the same command on the same --workdir resumes from its newest checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=f"Train the seed CNN with the activation gradient penalty ({framework}): "
+                    "total = loss + w * sum_l ||d loss / d a_l||^2. Running the same command on the "
+                    "same --workdir resumes from its newest checkpoint.",
     )
-    p.add_argument("--dataset", choices=DATASETS, default=d.dataset,
-                   help="training data: bundled scikit-learn digits, CIFAR-10 files, your .npz, or random")
-    p.add_argument("--data-dir", default=None,
-                   help="CIFAR-10 folder (binary or python release), or the .npz file / folder holding one")
-    p.add_argument("--synthetic-shape", type=_shape, default=d.synthetic_shape,
-                   help="N,H,W,C of --dataset synthetic (training examples; a fifth as many test ones)")
-    length = p.add_mutually_exclusive_group()
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default=d.dataset,
+                      help="bundled scikit-learn digits (8x8 resized to 32x32, 1 channel), CIFAR-10 files, "
+                           "your .npz, or random images with learnable labels" + _default(d.dataset))
+    data.add_argument("--data-dir", default=None,
+                      help="CIFAR-10 folder (binary or python release), or the .npz file / folder holding "
+                           "one; needed by --dataset cifar10 and npz, unused otherwise")
+    data.add_argument("--num-classes", type=_int, default=None, metavar="K",
+                      help=f"number of classes; every label must be in [0, K). Not set: 10 for digits, "
+                           f"cifar10 and synthetic, max(label) + 1 for npz (refused above {MAX_CLASSES})")
+    data.add_argument("--synthetic-shape", type=_shape, default=d.synthetic_shape, metavar="N,H,W,C",
+                      help="size of --dataset synthetic: training examples N (plus N/5 test ones), "
+                           "height, width, channels" + _default(d.synthetic_shape))
+
+    model = p.add_argument_group("model and penalty", "the seed's CNN; the penalty's options "
+                                 "(see PenaltyOptions and docs/options.md)")
+    model.add_argument("--penalty-weight", type=_float, default=d.penalty_weight, metavar="W",
+                       help="weight w of the penalty; 0 trains without it" + _default(d.penalty_weight))
+    _add_penalty_flags(model)
+
+    optim = p.add_argument_group("optimisation")
+    length = optim.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=_int, default=None,
-                        help=f"passes over the training data (default {DEFAULT_EPOCHS} unless --steps)")
-    length.add_argument("--steps", type=_int, default=None, help="optimizer steps (instead of --epochs)")
-    p.add_argument("--batch-size", type=_int, default=d.batch_size, help="global batch size")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
-                   help=f"plain SGD as in the seed, SGD with momentum {MOMENTUM}, or Adam")
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate (constant)")
-    p.add_argument("--penalty-weight", type=float, default=d.penalty_weight,
-                   help="weight w of sum_l ||d loss / d a_l||^2 (0 trains without the penalty)")
-    p.add_argument("--penalty-layers", type=_layers, default=None,
-                   help="comma-separated layers to penalise: relu1, relu2, input; 'all' = relu1,relu2")
-    p.add_argument("--penalty-normalization", choices=PENALTY_NORMALIZATIONS, default=d.penalty_normalization,
-                   help="batch_mean: gradients of the batch-mean loss (the seed's); per_example: "
-                        "mean over examples of each example's own gradient norm (B x stronger)")
-    p.add_argument("--penalty-norm", choices=PENALTY_NORMS, default=d.penalty_norm,
-                   help="norm of each layer's activation gradient: squared L2 (the seed's) or L2")
-    p.add_argument("--penalty-every", type=_int, default=d.penalty_every,
-                   help="lazy regularisation: apply the penalty every k steps with weight k*w")
-    p.add_argument("--penalty-approx", choices=PENALTY_APPROXIMATIONS, default=d.penalty_approx,
-                   help="exact double backprop, or the first-order finite difference (Finlay & Oberman 2019)")
-    p.add_argument("--penalty-fd-step", type=float, default=d.penalty_fd_step,
-                   help="step h of --penalty-approx finite_difference")
-    p.add_argument("--seed", type=_int, default=d.seed, help="seed of the initial weights and batch order")
-    p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="floating-point type of data and weights")
-    p.add_argument("--workdir", default=None,
-                   help=f"run folder (config, metrics, checkpoints, plots); default runs/{framework}_DATASET")
-    p.add_argument("--eval-every", type=_int, default=None,
-                   help="evaluate on the test split every N steps (default: each epoch and at the end)")
-    p.add_argument("--checkpoint-every", type=_int, default=None,
-                   help="checkpoint every N steps (default: each epoch and at the end)")
-    p.add_argument("--keep-checkpoints", type=_int, default=d.keep_checkpoints,
-                   help="how many of the newest checkpoints to keep")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="also write TensorBoard event files to WORKDIR/tensorboard (needs tensorboardX)")
-    p.add_argument("--quiet", action="store_true", help="plain periodic log lines instead of a progress bar")
-    p.add_argument("--debug", action="store_true", help="show the full traceback of usage errors")
+                        help=f"passes over the training data; not set: {DEFAULT_EPOCHS}, or --steps")
+    length.add_argument("--steps", type=_int, default=None,
+                        help="optimizer steps, instead of --epochs; not set: --epochs decides")
+    optim.add_argument("--batch-size", type=_int, default=d.batch_size,
+                       help="global batch size, over all devices" + _default(d.batch_size))
+    optim.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                       help=f"plain SGD as in the seed, SGD with momentum {MOMENTUM}, or Adam"
+                            + _default(d.optimizer))
+    optim.add_argument("--lr", type=_float, default=None,
+                       help="constant learning rate; not set: the optimizer's default, "
+                            + ", ".join(f"{k} {v}" for k, v in DEFAULT_LR.items()))
+    optim.add_argument("--seed", type=_int, default=d.seed,
+                       help="seed of the initial weights and the batch order" + _default(d.seed))
+
+    run = p.add_argument_group("run folder", "config.json, metrics.jsonl, checkpoints and plots")
+    run.add_argument("--workdir", default=None,
+                     help=f"run folder; not set: runs/{framework}_DATASET")
+    run.add_argument("--eval-every", type=_int, default=None,
+                     help="evaluate on the test split every N steps; not set: after each epoch and at "
+                          "the end")
+    run.add_argument("--checkpoint-every", type=_int, default=None,
+                     help="checkpoint every N steps; not set: after each epoch and at the end")
+    run.add_argument("--keep-checkpoints", type=_int, default=d.keep_checkpoints,
+                     help="how many of the newest checkpoints to keep" + _default(d.keep_checkpoints))
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also write TensorBoard event files to WORKDIR/tensorboard (needs tensorboardX)")
+    run.add_argument("--quiet", action="store_true",
+                     help="plain periodic log lines instead of a progress bar")
+    run.add_argument("--debug", action="store_true", help="show the full traceback of errors")
+
+    attack = p.add_argument_group(
+        "adversarial evaluation", "accuracy on the test split under L-infinity attacks, written to "
+        "metrics.jsonl as eval_accuracy/ATTACK@EPS at every evaluation (agp_common/attack_spec.py)")
+    attack.add_argument("--eval-attacks", type=_names, default=d.eval_attacks, metavar="NAMES",
+                        help=f"comma-separated attacks from {','.join(ATTACKS)}; not set: no attack")
+    attack.add_argument("--eval-eps", type=_floats, default=d.eval_eps, metavar="EPS",
+                        help="comma-separated L-infinity radii of every attack, in units of the scaled "
+                             "data ([0, 1] for digits, CIFAR-10, synthetic)" + _default(d.eval_eps))
+    attack.add_argument("--eval-pgd-steps", type=_int, default=d.eval_pgd_steps, metavar="K",
+                        help="PGD's steps (no random start)" + _default(d.eval_pgd_steps))
+    attack.add_argument("--eval-pgd-step-ratio", type=_float, default=d.eval_pgd_step_ratio, metavar="R",
+                        help="PGD's step size as a fraction of eps: alpha = R * eps"
+                             + _default(d.eval_pgd_step_ratio))
+
+    devices = p.add_argument_group(
+        "devices and precision",
+        "JAX trains data-parallel on every device it sees (choose with JAX_PLATFORMS=cpu|cuda|tpu or "
+        "CUDA_VISIBLE_DEVICES; several hosts: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+        "JAX_PROCESS_ID); PyTorch uses the CPU")
+    devices.add_argument("--dtype", choices=DTYPES, default=d.dtype,
+                         help="floating-point type of data and weights" + _default(d.dtype))
     return p
 
 

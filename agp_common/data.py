@@ -13,7 +13,10 @@ through ``restricted_unpickle`` (plain types and NumPy arrays only) and
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import io
+import os
 import pickle
 import zipfile
 import zlib
@@ -31,6 +34,9 @@ TEST_FRACTION = 0.2
 DIGITS_SIZE = 32
 #: The model's two conv5x5 + pool2 stages need at least this many pixels per side.
 MIN_IMAGE_SIZE = 16
+#: Most classes a dataset may have (``--num-classes``, or inferred as max(label) + 1): one stray
+#: label of 10^9 would otherwise ask for a classifier with 10^9 outputs.
+MAX_CLASSES = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,16 +50,66 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     pixel_scale: float = 1.0
+    #: Valid range (lo, hi) of the scaled pixels, where the loader knows it; None: see ``input_range``.
+    value_range: tuple[float, float] | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of one example."""
         return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
 
+    def input_range(self) -> tuple[float, float]:
+        """(lo, hi) of valid inputs after ``pixel_scale``, the box adversarial examples are clipped to.
+
+        digits, CIFAR-10 and synthetic: [0, 1] (``value_range``). Others (.npz):
+        the smallest and largest pixel of both splits times ``pixel_scale``, so an
+        attack never leaves the range the data occupies (hi = lo + 1 if all pixels are equal).
+        """
+        if self.value_range is not None:
+            return self.value_range
+        lo = float(min(self.x_train.min(), self.x_test.min())) * self.pixel_scale
+        hi = float(max(self.x_train.max(), self.x_test.max())) * self.pixel_scale
+        return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """``sha256:<hex>`` of the four arrays' dtypes, shapes and bytes and of ``pixel_scale``.
+
+        Stored in config.json and every checkpoint: a run resumes only on the data it began on,
+        wherever that file now lives. Cost: one pass over the data (about 0.3 s for CIFAR-10).
+        """
+        digest = hashlib.sha256(repr(self.pixel_scale).encode())
+        for array in (self.x_train, self.y_train, self.x_test, self.y_test):
+            digest.update(f"{array.dtype.str}{array.shape}".encode())
+            digest.update(np.ascontiguousarray(array).data)
+        return "sha256:" + digest.hexdigest()
+
     def info(self) -> dict[str, Any]:
         """JSON-ready summary for config.json."""
         return {"name": self.name, "train_examples": len(self.y_train), "test_examples": len(self.y_test),
-                "image_shape": list(self.image_shape), "num_classes": self.num_classes}
+                "image_shape": list(self.image_shape), "num_classes": self.num_classes,
+                "fingerprint": self.fingerprint}
+
+
+def check_labels(y: np.ndarray, where: str, num_classes: int | None = None) -> None:
+    """``UsageError`` naming the first label outside ``[0, num_classes)`` and its index.
+
+    ``num_classes=None``: the count is to be inferred as max(y) + 1, so labels must be
+    in ``[0, MAX_CLASSES)``.
+    """
+    bound = num_classes if num_classes is not None else MAX_CLASSES
+    bad = np.flatnonzero((y < 0) | (y >= bound))
+    if not len(bad):
+        return
+    i = int(bad[0])
+    found = f"found values from {y.min()} to {y.max()} (the first bad one: y[{i}] = {y[i]})"
+    if num_classes is not None:
+        raise UsageError(f"{where}: labels must be in [0, {num_classes}), {found}; fix the labels or "
+                         "--num-classes")
+    if y[i] < 0:
+        raise UsageError(f"{where}: labels must be >= 0, {found}")
+    raise UsageError(f"{where}: labels must be in [0, {MAX_CLASSES}) to infer the number of classes as "
+                     f"max(label) + 1, {found}; fix the label, or give --num-classes to check them against")
 
 
 def validate_split(x: np.ndarray, y: np.ndarray, where: str, num_classes: int | None = None) -> None:
@@ -66,15 +122,15 @@ def validate_split(x: np.ndarray, y: np.ndarray, where: str, num_classes: int | 
         raise UsageError(f"{where}: {len(x)} images but {len(y)} labels; expected the same number")
     if len(x) == 0:
         raise UsageError(f"{where}: the dataset is empty; expected at least one example")
+    if x.shape[3] == 0:
+        raise UsageError(f"{where}: images have 0 channels (shape {x.shape}); expected at least one")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise UsageError(f"{where}: expected numeric images, got dtype {x.dtype}")
     if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
         raise UsageError(f"{where}: images contain NaN or Inf; expected finite values")
     if not np.issubdtype(y.dtype, np.integer):
         raise UsageError(f"{where}: expected integer class labels, got dtype {y.dtype}")
-    if y.min() < 0 or (num_classes is not None and y.max() >= num_classes):
-        bound = f"in [0, {num_classes})" if num_classes is not None else ">= 0"
-        raise UsageError(f"{where}: labels must be {bound}, found values from {y.min()} to {y.max()}")
+    check_labels(y, where, num_classes)
     h, w = x.shape[1:3]
     if h < MIN_IMAGE_SIZE or w < MIN_IMAGE_SIZE:
         raise UsageError(f"{where}: images must be at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} for the CNN, "
@@ -89,6 +145,23 @@ def validate_dataset(ds: Dataset) -> Dataset:
         raise UsageError(f"{ds.name}: train images are {ds.x_train.shape[1:]} but test images are "
                          f"{ds.x_test.shape[1:]}; expected the same (H, W, C)")
     return ds
+
+
+def check_trainable(ds: Dataset, dtype: str | np.dtype, where: str = "") -> None:
+    """``UsageError`` unless every pixel times ``pixel_scale`` is finite in ``dtype``, the training dtype.
+
+    float64 data near 1e300 passes the finiteness check of ``validate_split`` but becomes Inf
+    when cast to float32 for training.
+    """
+    dtype = np.dtype(dtype)
+    limit = float(np.finfo(dtype).max)
+    for name, x in (("train", ds.x_train), ("test", ds.x_test)):
+        if x.size == 0:
+            continue
+        largest = max(abs(float(x.min())), abs(float(x.max()))) * ds.pixel_scale
+        if largest > limit:
+            raise UsageError(f"{where or ds.name} {name} split: pixel values up to {largest:.3g} overflow "
+                             f"{dtype} (largest {limit:.3g}); rescale the data or train with --dtype float64")
 
 
 def fixed_split(n: int, test_fraction: float = TEST_FRACTION) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +201,7 @@ def load_digits(size: int = DIGITS_SIZE) -> Dataset:
     x = np.einsum("hi,nij,wj->nhw", a, images, a).astype(np.float32)[..., None]  # (1797, size, size, 1)
     y = raw.target.astype(np.int32)
     train, test = fixed_split(len(y))
-    return Dataset("digits", x[train], y[train], x[test], y[test], num_classes=10)
+    return Dataset("digits", x[train], y[train], x[test], y[test], num_classes=10, value_range=(0.0, 1.0))
 
 
 CIFAR_BINARY_FILES = (*(f"data_batch_{i}.bin" for i in range(1, 6)), "test_batch.bin")
@@ -196,17 +269,42 @@ def _read_cifar_python(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x), labels.astype(np.int32)
 
 
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+#: The subfolders the two official archives unpack into, also searched below --data-dir.
+CIFAR_SUBFOLDERS = ("cifar-10-batches-bin", "cifar-10-batches-py")
+
+
 def find_cifar_folder(data_dir: str | Path) -> tuple[Path, str]:
-    """The folder holding a complete CIFAR-10 release under ``data_dir``, and which release it is."""
+    """The folder holding a complete CIFAR-10 release under ``data_dir``, and which release it is.
+
+    Searched: ``data_dir`` itself, then its ``cifar-10-batches-bin`` and ``cifar-10-batches-py``
+    subfolders; in each, the binary release (``data_batch_1.bin`` ... ``data_batch_5.bin``,
+    ``test_batch.bin``) or the python one (``data_batch_1`` ... ``data_batch_5``, ``test_batch``).
+    Otherwise a ``UsageError`` that says where to download CIFAR-10 and how to unpack it, and which
+    files a partly filled folder lacks.
+    """
     root = Path(data_dir)
-    candidates = [root, root / "cifar-10-batches-bin", root / "cifar-10-batches-py"]
+    candidates = [root, *(root / sub for sub in CIFAR_SUBFOLDERS)]
+    partial = []  # (files present, folder, release, missing files)
     for folder in candidates:
         for kind, files in (("binary", CIFAR_BINARY_FILES), ("python", CIFAR_PYTHON_FILES)):
-            if all((folder / f).is_file() for f in files):
+            missing = [f for f in files if not (folder / f).is_file()]
+            if not missing:
                 return folder, kind
+            if len(missing) < len(files):
+                partial.append((len(files) - len(missing), str(folder), kind, missing))
+    found = ""
+    if partial:
+        _, folder, kind, missing = max(partial)
+        found = f"; {folder} holds part of the {kind} release but lacks {', '.join(missing)}"
+    binary, python = (root / sub for sub in CIFAR_SUBFOLDERS)
     raise UsageError(
-        f"{root}: no complete CIFAR-10 release found (looked in {', '.join(str(c) for c in candidates)}); "
-        f"expected the binary files {list(CIFAR_BINARY_FILES)} or the python files {list(CIFAR_PYTHON_FILES)}"
+        f"--data-dir {root}: no complete CIFAR-10 release found (looked in "
+        f"{', '.join(str(c) for c in candidates)}{found}); download the \"CIFAR-10 binary version\" "
+        f"(cifar-10-binary.tar.gz) or \"CIFAR-10 python version\" (cifar-10-python.tar.gz) from {CIFAR_URL} "
+        f"and unpack it with 'tar xzf <archive> -C {root}': the binary one gives {binary}/"
+        f"{CIFAR_BINARY_FILES[0]} ... {CIFAR_BINARY_FILES[-2]}, {CIFAR_BINARY_FILES[-1]}; the python one "
+        f"{python}/{CIFAR_PYTHON_FILES[0]} ... {CIFAR_PYTHON_FILES[-2]}, {CIFAR_PYTHON_FILES[-1]}"
     )
 
 
@@ -218,11 +316,14 @@ def load_cifar10(data_dir: str | Path) -> Dataset:
     parts = [read(folder / f) for f in files]
     x_train = np.concatenate([p[0] for p in parts[:-1]])
     y_train = np.concatenate([p[1] for p in parts[:-1]])
-    return Dataset("cifar10", x_train, y_train, *parts[-1], num_classes=10, pixel_scale=1 / 255)
+    return Dataset("cifar10", x_train, y_train, *parts[-1], num_classes=10, pixel_scale=1 / 255,
+                   value_range=(0.0, 1.0))
 
 
 def find_npz_file(data_dir: str | Path) -> Path:
     """``data_dir`` itself if it is a file, else the single ``.npz`` inside the folder."""
+    if not str(data_dir).strip():
+        raise UsageError("--data-dir is empty; expected an .npz file or a folder holding one")
     path = Path(data_dir)
     if path.is_file():
         return path
@@ -236,18 +337,24 @@ def find_npz_file(data_dir: str | Path) -> Path:
     return found[0]
 
 
-def load_npz(data_dir: str | Path) -> Dataset:
+def load_npz(data_dir: str | Path, num_classes: int | None = None) -> Dataset:
     """A user's ``x`` (N, H, W, C) and ``y`` (N,) from an .npz file (no pickles).
 
     Optional ``x_test``/``y_test`` give the test split; otherwise a fixed seeded
-    20% of the examples is held out. Pixels are used as stored (cast to float);
-    the number of classes is ``max(y) + 1``.
+    20% of the examples is held out. Pixels are used as stored (cast to float).
+    ``num_classes``: every label must be in ``[0, num_classes)``; ``None``: it is
+    inferred as ``max(y) + 1`` (at least 2), and a label of ``MAX_CLASSES`` or more is refused.
     """
     path = find_npz_file(data_dir)
     try:
         # Our own handle: np.load leaks its file when the zip is truncated.
-        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+        with open(path, "rb") as handle:
+            f = np.load(handle, allow_pickle=False)
+            if not isinstance(f, np.lib.npyio.NpzFile):  # a plain .npy array
+                raise UsageError(f"{path}: a single .npy array, not an .npz archive; expected an .npz "
+                                 "holding 'x' (N, H, W, C) and 'y' (N,), as np.savez(path, x=x, y=y) writes")
+            with f:
+                arrays = {k: f[k] for k in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # truncated, corrupt, pickle
         raise UsageError(f"{path}: not a readable .npz file without pickles ({type(e).__name__}: {e})"
                          ) from None
@@ -256,48 +363,92 @@ def load_npz(data_dir: str | Path) -> Dataset:
         raise UsageError(f"{path}: missing array(s) {missing}; expected 'x' (N, H, W, C) and 'y' (N,), "
                          f"found {sorted(arrays)}")
     x, y = arrays["x"], arrays["y"]
-    validate_split(x, y, f"{path} (x, y)")
+    validate_split(x, y, f"{path} (x, y)", num_classes)
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise UsageError(f"{path}: give both 'x_test' and 'y_test' or neither")
     if "x_test" in arrays:
         x_test, y_test = arrays["x_test"], arrays["y_test"]
-        validate_split(x_test, y_test, f"{path} (x_test, y_test)")
+        validate_split(x_test, y_test, f"{path} (x_test, y_test)", num_classes)
         x_train, y_train = x, y
     else:
         if len(y) < 2:
             raise UsageError(f"{path}: need at least 2 examples to hold out a test split, got {len(y)}")
         train, test = fixed_split(len(y))
         x_train, y_train, x_test, y_test = x[train], y[train], x[test], y[test]
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    if num_classes is None:
+        num_classes = max(int(max(y_train.max(), y_test.max())) + 1, 2)
     return Dataset("npz", x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32),
-                   num_classes=max(num_classes, 2))
+                   num_classes=num_classes)
+
+
+#: Synthetic classes differ by smooth templates drawn on this coarse grid, then resized to H x W.
+SYNTHETIC_TEMPLATE_GRID = 4
+#: Standard deviations of the template's pixels (the class signal) and of each image's own noise.
+SYNTHETIC_SIGNAL, SYNTHETIC_NOISE = 0.4, 0.2
 
 
 def load_synthetic(shape: tuple[int, int, int, int], seed: int = 0, num_classes: int = 10) -> Dataset:
-    """Seeded random images of shape (N, H, W, C) plus N // 5 (at least 1) test images.
+    """Seeded images of shape (N, H, W, C) plus N // 5 (at least 1) test images, with learnable labels.
 
-    Labels are a fixed random linear function of the pixels (argmax of a seeded
-    projection), so a model can learn them and smoke tests see progress.
+    Class ``k`` has a fixed template ``T_k`` (H, W, C): Gaussian values of
+    standard deviation ``SYNTHETIC_SIGNAL`` on a 4 x 4 grid, bilinear-resized,
+    so it is smooth and a CNN sees it through its pooling. An example of class
+    ``k`` is ``clip(0.5 + T_k + noise, 0, 1)`` with i.i.d. Gaussian noise of
+    standard deviation ``SYNTHETIC_NOISE`` per pixel. Labels are balanced
+    (``i mod K``, shuffled), so chance accuracy is 1/K. The seed's CNN with
+    its SGD recipe learns them: 256 images of 16 x 16 x 1 reach test accuracy
+    1.0 within 120 steps (seed 0). Everything is drawn from ``seed`` and the
+    shape, identically for both frameworks.
     """
     n, h, w, c = shape
+    check_memory(f"--synthetic-shape {n},{h},{w},{c}", (n + max(1, n // 5)) * h * w * c * 4 * 2)
     rng = np.random.default_rng([seed, n, h, w, c])
     n_test = max(1, n // 5)
-    x = rng.random((n + n_test, h, w, c), dtype=np.float32)
-    projection = rng.standard_normal((h * w * c, num_classes)).astype(np.float32)
-    y = np.argmax((x - 0.5).reshape(len(x), -1) @ projection, axis=1).astype(np.int32)
-    return Dataset("synthetic", x[:n], y[:n], x[n:], y[n:], num_classes=num_classes)
+    g = SYNTHETIC_TEMPLATE_GRID
+    coarse = rng.standard_normal((num_classes, g, g, c)) * SYNTHETIC_SIGNAL  # (K, g, g, C)
+    templates = np.einsum("hi,kijc,wj->khwc", linear_resize_matrix(g, h), coarse,
+                          linear_resize_matrix(g, w))  # (K, H, W, C)
+    y = rng.permutation(np.arange(n + n_test) % num_classes).astype(np.int32)
+    noise = rng.standard_normal((n + n_test, h, w, c), dtype=np.float32) * SYNTHETIC_NOISE
+    x = np.clip(0.5 + templates[y].astype(np.float32) + noise, 0.0, 1.0)  # (N + N_test, H, W, C)
+    return Dataset("synthetic", x[:n], y[:n], x[n:], y[n:], num_classes=num_classes, value_range=(0.0, 1.0))
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM of this machine, where the OS tells (Linux, macOS); else None."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(what: str, needed: int) -> None:
+    """``UsageError`` when ``what`` needs more bytes than the machine's memory (before allocating it)."""
+    total = physical_memory()
+    if total is not None and needed > total:
+        raise UsageError(f"{what} needs about {needed / 2**30:.3g} GiB, more than this machine's "
+                         f"{total / 2**30:.3g} GiB of memory; choose smaller sizes")
 
 
 def load_dataset(config) -> Dataset:
-    """The dataset named by ``config.dataset`` (a ``TrainConfig``), validated."""
+    """The dataset named by ``config.dataset`` (a ``TrainConfig``), validated for ``config.dtype``.
+
+    ``config.num_classes`` (None: 10 for digits, CIFAR-10 and synthetic, inferred for .npz)
+    becomes the dataset's class count; every label is checked against it.
+    """
+    num_classes = getattr(config, "num_classes", None)
     if config.dataset == "digits":
         ds = load_digits()
     elif config.dataset == "cifar10":
         ds = load_cifar10(config.data_dir)
     elif config.dataset == "npz":
-        ds = load_npz(config.data_dir)
+        ds = load_npz(config.data_dir, num_classes)
     elif config.dataset == "synthetic":
-        ds = load_synthetic(config.synthetic_shape, seed=config.seed)
+        ds = load_synthetic(config.synthetic_shape, seed=config.seed, num_classes=num_classes or 10)
     else:
         raise UsageError(f"unknown dataset {config.dataset!r}")
-    return validate_dataset(ds)
+    if num_classes is not None and ds.num_classes != num_classes:
+        ds = dataclasses.replace(ds, num_classes=num_classes)
+    validate_dataset(ds)
+    check_trainable(ds, config.dtype)
+    return ds

@@ -20,8 +20,8 @@ from typing import Any
 from agp_common.batching import BatchOrder
 from agp_common.config import TrainConfig
 from agp_common.errors import Interrupted, NonFiniteError
-from agp_common.interrupts import GracefulStop, pause_point
-from agp_common.runlog import MetricsLog, Progress, TensorBoardLog, describe
+from agp_common.interrupts import GracefulStop
+from agp_common.runlog import PENALTY_APPLIED, MetricsLog, Progress, TensorBoardLog, describe
 
 #: Quantities that must stay finite; the first one that does not stops the run.
 CHECKED_FINITE = ("loss", "penalty", "total", "grad_norm")
@@ -94,6 +94,8 @@ def run_loop(
             record = {"step": step, "epoch": epoch, "split": "train", **values, "lr": config.lr,
                       "examples": len(indices), "step_time_s": elapsed,
                       "examples_per_s": len(indices) / elapsed if elapsed > 0 else math.nan}
+            if config.penalty_weight == 0:  # measured, not applied: marked so (runlog's docstring)
+                record[PENALTY_APPLIED] = False
             check_finite(step, record, last_saved)
             last_train = record
             metrics.write(record)
@@ -106,12 +108,10 @@ def run_loop(
                 if board is not None:
                     board.write(last_eval)
                 progress.log(f"step {step}/{total} (epoch {epoch + 1}) {describe(last_eval)}")
-            pause_point("before_save", step, stop)  # test hook (kill tests); no-op unless AGP_TEST_PAUSE
             if is_due(step, config.checkpoint_every, order.steps_per_epoch, total) or stop.requested:
                 metrics.sync()
                 save(step)
                 last_saved = step
-            pause_point("after_step", step, stop)
             if stop.requested:  # SIGTERM/Ctrl-C: this step's state is checkpointed, then stop
                 if last_saved != step:
                     metrics.sync()

@@ -6,7 +6,8 @@ writes, next to metrics.jsonl:
 * ``loss.png``: train loss, train total (loss + w * penalty) and test loss; penalty on a log axis;
   per-step train values are drawn faintly under their moving average (~2% of the run);
 * ``grad_norms.png``: ||d loss / d a_l|| per capture point (log axis);
-* ``accuracy.png``: train accuracy (per step) and test accuracy.
+* ``accuracy.png``: train accuracy (per step) and test accuracy (clean, and under each attack of
+  ``--eval-attacks``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agp_common.errors import UsageError, report_error
-from agp_common.io import atomic_write, read_jsonl
-from agp_common.runlog import METRICS_FILE
+from agp_common.errors import UsageError, WriteFailed, report_error
+from agp_common.io import JsonLinesError, atomic_write, read_jsonl
+from agp_common.runlog import METRICS_FILE, penalty_applied
 
 GRAD_NORM_PREFIX = "act_grad_norm/"
 
@@ -46,7 +47,10 @@ def _plot_train(ax, xs, ys, label, **kwargs):
 
 
 def _save(fig, path: Path) -> None:
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+    except OSError as e:
+        raise WriteFailed("the plot", path, e) from None
 
 
 def plot_run(workdir: str | Path) -> list[Path]:
@@ -58,7 +62,10 @@ def plot_run(workdir: str | Path) -> list[Path]:
     path = workdir / METRICS_FILE
     if not path.is_file():
         raise UsageError(f"{path}: not found; expected the metrics.jsonl of a training run")
-    records = list(read_jsonl(path))
+    try:
+        records = list(read_jsonl(path))
+    except JsonLinesError as e:
+        raise UsageError(f"{e}; repair or delete that line") from None
     train = [r for r in records if r.get("split") == "train"]
     evals = [r for r in records if r.get("split") == "eval"]
     if not train:
@@ -80,7 +87,9 @@ def plot_run(workdir: str | Path) -> list[Path]:
     ax2 = ax.twinx()
     _plot_train(ax2, *_series(train, "penalty"), "penalty", color="tab:red")
     ax2.set_yscale("log")
-    ax2.set_ylabel("penalty sum_l ||dL/da_l||^2", color="tab:red")
+    measured_only = not any(penalty_applied(r) for r in train)  # --penalty-weight 0
+    ax2.set_ylabel("penalty sum_l ||dL/da_l||^2" + (" (not applied, w = 0)" if measured_only else ""),
+                   color="tab:red")
     ax.legend(loc="upper right")
     ax.set_title("loss and penalty")
     outputs.append(workdir / "loss.png")
@@ -101,6 +110,8 @@ def plot_run(workdir: str | Path) -> list[Path]:
     _plot_train(ax, *_series(train, "accuracy"), "train (batch, moving average)")
     if evals:
         ax.plot(*_series(evals, "eval_accuracy"), "o-", label="test")
+    for key in sorted({k for r in evals for k in r if k.startswith("eval_accuracy/")}):  # --eval-attacks
+        ax.plot(*_series(evals, key), ".--", label=f"test, {key.split('/', 1)[1]}")
     ax.set_ylim(0, 1)
     ax.set_xlabel("step")
     ax.set_ylabel("accuracy")
@@ -119,7 +130,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m agp_common.pl
     try:
         for path in plot_run(args.workdir):
             print(path)
-    except UsageError as e:
+    except (UsageError, WriteFailed) as e:
         return report_error(e)
     return 0
 

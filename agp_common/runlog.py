@@ -12,6 +12,12 @@ Layout of ``WORKDIR``::
 measured (1 after the first update), the same number a checkpoint is saved
 under, so resuming from checkpoint ``k`` keeps exactly the records with
 ``step <= k``.
+
+With ``--penalty-weight 0`` the penalty is still measured (``penalty``,
+``penalty/<layer>`` and ``act_grad_norm/<layer>`` are diagnostics of the
+unpenalised model) but not part of the objective: every train record then
+carries ``"penalty_applied": false`` (records of runs with w > 0 have no such
+key), and the printed progress and summary lines leave the penalty out.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -32,8 +38,14 @@ except ImportError:  # not POSIX: no workdir lock
     fcntl = None
 
 from agp_common.config import TrainConfig, check_resumable
-from agp_common.errors import UsageError
-from agp_common.io import atomic_write_json, atomic_write_text, read_jsonl, remove_stale_temporaries
+from agp_common.errors import UsageError, WriteFailed
+from agp_common.io import (
+    JsonLinesError,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+    remove_stale_temporaries,
+)
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -90,6 +102,9 @@ def config_record(config: TrainConfig, framework: str, dataset_info: dict[str, A
 
 #: Fields of the dataset summary that fix the model's shape: a checkpoint only fits the same ones.
 MODEL_SHAPE_FIELDS = ("image_shape", "num_classes")
+#: The dataset summary's content hash (``Dataset.fingerprint``): a run resumes only on the same data.
+FINGERPRINT = "fingerprint"
+DATA_SIZE_FIELDS = ("train_examples", "test_examples")
 
 
 def check_saved_config(saved: dict[str, Any], config: TrainConfig, framework: str, where: str,
@@ -112,10 +127,40 @@ def check_saved_config(saved: dict[str, Any], config: TrainConfig, framework: st
         if diffs:
             raise UsageError(f"{where}: the run was trained on data of another shape ({'; '.join(diffs)}), "
                              "so its model has another shape; use another --workdir or the same data")
+        then, now = old.get(FINGERPRINT), dataset_info.get(FINGERPRINT)
+        if then is not None and then != now:  # records older than the fingerprint have none: not compared
+            sizes = "".join(f", {k} {old.get(k)} then, {dataset_info.get(k)} now" for k in DATA_SIZE_FIELDS
+                            if old.get(k) != dataset_info.get(k))
+            raise UsageError(f"{where}: the run was trained on other data (fingerprint {then} then, {now} "
+                             f"now{sizes}); resume with the same data or use another --workdir")
+
+
+def check_metrics_file(workdir: Path) -> None:
+    """Refuse to resume on a metrics.jsonl that cannot be read back whole (writes nothing).
+
+    Every line must be a JSON object with an integer ``step`` >= 0; only a last line cut
+    short by a crash is allowed (it is dropped on resume, as the records after the checkpoint are).
+    """
+    path = workdir / METRICS_FILE
+    if not path.exists():
+        return
+    advice = ("the log is damaged: repair or delete that line (config.json and the checkpoints are not "
+              "affected), or use another --workdir")
+    try:
+        for n, record in enumerate(read_jsonl(path), 1):
+            step = record.get("step")
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+                raise UsageError(f"{path}: record {n} has step {step!r}, expected an integer >= 0; {advice}")
+    except JsonLinesError as e:
+        raise UsageError(f"{e}; {advice}") from None
+    except OSError as e:
+        raise UsageError(f"{path}: unreadable ({e.strerror or e}); {advice}") from None
 
 
 def check_config_file(workdir: Path, record: dict[str, Any]) -> None:
-    """Refuse to resume unless an existing config.json describes the same run (writes nothing)."""
+    """Refuse to resume unless an existing config.json describes the same run and metrics.jsonl
+    can be read back (``check_metrics_file``); writes nothing."""
+    check_metrics_file(workdir)
     path = workdir / CONFIG_FILE
     if not path.exists():
         return
@@ -130,7 +175,10 @@ def check_config_file(workdir: Path, record: dict[str, Any]) -> None:
 def write_config(workdir: Path, record: dict[str, Any]) -> None:
     """config.json (atomically), after checking that an existing one describes the same run."""
     check_config_file(workdir, record)
-    atomic_write_json(workdir / CONFIG_FILE, record)
+    try:
+        atomic_write_json(workdir / CONFIG_FILE, record)
+    except OSError as e:
+        raise WriteFailed("the run's config", workdir / CONFIG_FILE, e) from None
 
 
 class MetricsLog:
@@ -142,28 +190,52 @@ class MetricsLog:
         self._file: TextIO | None = None
         if enabled:
             self.truncate_after(resume_step)
-            self._file = open(self.path, "a")
+            try:
+                self._file = open(self.path, "a")
+            except OSError as e:
+                raise WriteFailed("the metrics log", self.path, e) from None
 
     def truncate_after(self, step: int) -> None:
         """Drop records newer than ``step`` (from a run that died after its last checkpoint), atomically."""
         if not self.path.exists():
             return
         kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        try:
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        except OSError as e:
+            raise WriteFailed("the metrics log", self.path, e) from None
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+            try:
+                self._file.write(json.dumps(record) + "\n")
+                self._file.flush()
+            except OSError as e:
+                self._abandon()
+                raise WriteFailed("the metrics log", self.path, e) from None
 
     def sync(self) -> None:
         """fsync, so records up to a checkpoint survive a power loss together with it."""
         if self._file is not None:
-            os.fsync(self._file.fileno())
+            try:
+                os.fsync(self._file.fileno())
+            except OSError as e:
+                self._abandon()
+                raise WriteFailed("the metrics log", self.path, e) from None
+
+    def _abandon(self) -> None:
+        """Close after a failed write without retrying it: a torn last line is dropped on resume."""
+        with contextlib.suppress(OSError):
+            self._file.close()  # may fail again flushing what is left in the buffer
+        self._file = None
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as e:
+                self._file = None
+                raise WriteFailed("the metrics log", self.path, e) from None
             self._file = None
 
 
@@ -181,7 +253,8 @@ class TensorBoardLog:
     def write(self, record: dict[str, Any]) -> None:
         prefix = record.get("split", "train")
         for key, value in record.items():
-            if key not in ("step", "epoch", "split") and isinstance(value, int | float):
+            if key not in ("step", "epoch", "split") and isinstance(value, int | float) \
+                    and not isinstance(value, bool):  # penalty_applied is a flag, not a scalar to plot
                 self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
 
     def close(self) -> None:
@@ -193,11 +266,23 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+#: Key of train records of a run whose penalty is measured but not applied (``--penalty-weight 0``).
+PENALTY_APPLIED = "penalty_applied"
+
+
+def penalty_applied(record: dict[str, Any]) -> bool:
+    """False for a record of a ``--penalty-weight 0`` run (its ``penalty`` is only a diagnostic)."""
+    return record.get(PENALTY_APPLIED, True)
+
+
 def describe(record: dict[str, Any]) -> str:
-    """Short text of a train or eval record for logs."""
+    """Short text of a train or eval record for logs (no penalty when it is not applied)."""
     if record.get("split") == "eval":
-        return f"eval loss {record['eval_loss']:.4f} acc {record['eval_accuracy']:.4f}"
-    return (f"loss {record['loss']:.4f} penalty {record['penalty']:.3e} acc {record['accuracy']:.3f}")
+        attacked = "".join(f", {k.split('/', 1)[1]} {v:.4f}" for k, v in record.items()
+                           if k.startswith("eval_accuracy/"))  # --eval-attacks: fgsm@0.05 ...
+        return f"eval loss {record['eval_loss']:.4f} acc {record['eval_accuracy']:.4f}{attacked}"
+    penalty = f" penalty {record['penalty']:.3e}" if penalty_applied(record) else ""
+    return f"loss {record['loss']:.4f}{penalty} acc {record['accuracy']:.3f}"
 
 
 class Progress:
@@ -258,13 +343,17 @@ class Progress:
 
 
 def summary_line(framework: str, step: int, wall_s: float, train: dict[str, Any] | None,
-                 evaluation: dict[str, Any] | None, workdir: Path) -> str:
-    """The final one-line summary of a run."""
+                 evaluation: dict[str, Any] | None, workdir: Path, plots: Sequence[Path] = ()) -> str:
+    """The final one-line summary of a run, naming its folder and the ``plots`` drawn in it."""
     parts = [f"done ({framework}): {step} steps in {wall_s:.1f}s"]
     if evaluation is not None:
         parts.append(f"test accuracy {evaluation['eval_accuracy']:.4f}, "
                      f"test loss {evaluation['eval_loss']:.4f}")
     if train is not None:
-        parts.append(f"last train loss {train['loss']:.4f}, penalty {train['penalty']:.3e}")
+        penalty = f", penalty {train['penalty']:.3e}" if penalty_applied(train) else ""
+        parts.append(f"last train loss {train['loss']:.4f}{penalty}")
     parts.append(f"run folder {workdir}")
+    if plots:
+        names = [p.name if p.parent == workdir else str(p) for p in map(Path, plots)]
+        parts[-1] += f" (plots: {', '.join(names)})"
     return "; ".join(parts)

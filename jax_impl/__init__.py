@@ -12,16 +12,18 @@ Public API::
 This package never imports PyTorch.
 """
 
+from agp_common.attack_spec import Attack
+from agp_common.penalty_spec import PenaltyOptions
+from jax_impl.attacks import adversarial_correct, adversarial_examples, fgsm, input_gradient, pgd
 from jax_impl.layers import Conv2D, Dense, capture, max_pool_2x2
 from jax_impl.model import CAPTURE_NAMES, Net
-from jax_impl.models_zoo import MLP, MLP_CAPTURE_NAMES, RESNET_CAPTURE_NAMES, ResNet
 from jax_impl.penalty import (
     INPUT,
     cross_entropy_loss,
     is_penalty_step,
     lazy_penalty_weight,
     lazy_value_and_grad,
-    loss_and_activation_grads,
+    linen_forward,
     penalized_loss,
     penalized_loss_from_forward,
     zero_perturbations,
@@ -30,21 +32,24 @@ from jax_impl.penalty import (
 __all__ = [
     "CAPTURE_NAMES",
     "INPUT",
-    "MLP",
-    "MLP_CAPTURE_NAMES",
-    "RESNET_CAPTURE_NAMES",
+    "Attack",
     "Conv2D",
     "Dense",
     "Net",
-    "ResNet",
+    "PenaltyOptions",
+    "adversarial_correct",
+    "adversarial_examples",
     "capture",
     "cross_entropy_loss",
+    "fgsm",
+    "input_gradient",
     "is_penalty_step",
     "lazy_penalty_weight",
     "lazy_value_and_grad",
-    "loss_and_activation_grads",
+    "linen_forward",
     "max_pool_2x2",
     "penalized_loss",
     "penalized_loss_from_forward",
+    "pgd",
     "zero_perturbations",
 ]

@@ -66,7 +66,7 @@ def torch_default_uniform(fan_in: int):
 def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
     """Map ``"auto"`` to the faster convolution for ``backend`` (default: JAX's default backend).
 
-    Measured with ``python -m benchmarks.step_time`` (README, "Performance"):
+    Measured with ``python -m benchmarks.step_time`` (docs/performance.md):
     on CPU, XLA differentiates the input-gradient convolution into a
     window-reversed convolution that its CPU runtime runs through a naive loop
     (~1.7 GFLOP/s), so the penalised step uses ``"canonical"`` there; on GPU

@@ -29,6 +29,7 @@ from flax import nnx
 
 from jax_impl.layers import max_pool_2x2
 from jax_impl.penalty import SEP, penalized_loss_from_forward
+from jax_impl.validation import check_loss_inputs
 
 #: Capture points of ``Net``, in forward order (same as the Linen ``Net``).
 CAPTURE_NAMES = ("relu1", "relu2")
@@ -132,13 +133,14 @@ def penalized_loss(
 ) -> tuple[jax.Array, dict[str, Any]]:
     """``jax_impl.penalized_loss`` for an NNX ``model`` (its capture points use ``capture``).
 
-    ``options`` are the Linen function's (``layers``, ``normalization``,
-    ``norm``, ``layer_weights``, ``approx``, ``fd_step``, ``example_weights``,
-    ``loss_fn``); ``call_kwargs`` are passed to ``model(x, **call_kwargs)``.
+    ``options`` are the Linen function's (``layers``, ``options=PenaltyOptions(...)``
+    or its fields as keywords, ``example_weights``, ``loss_fn``); ``call_kwargs``
+    are passed to ``model(x, **call_kwargs)``.
     BatchNorm statistics updated by the forward pass are written back into
     ``model`` (``nnx.update``) and also returned as ``aux["model_state"]``;
     ``examples_interact=None`` means "the model has BatchStat variables".
     """
+    check_loss_inputs(x, penalty_weight)  # before the forward pass, which cannot take a batch of 0
     zeros = zero_perturbations(model, x)
     if examples_interact is None:
         examples_interact = bool(jax.tree.leaves(nnx.state(model, nnx.BatchStat)))

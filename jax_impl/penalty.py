@@ -21,35 +21,40 @@ carries a factor 1/B, so with examples that do not interact the penalty is
 (1/B^2) * sum_i ||d CE_i / d a_i||^2: it shrinks like 1/B at a fixed
 per-example gradient size.
 
-Options of ``penalized_loss`` (all keyword-only; the defaults are the seed's
-recipe above, bit for bit). With ``g_l = d loss / d a_l``, ``G_{l,i} =
-d loss_i / d a_{l,i}`` (example i's own loss, not divided by B),
-``lambda_l`` the per-layer weights (default 1) and ``phi(s) = s`` for
-``norm="squared_l2"`` or ``sqrt(s)`` for ``norm="l2"``:
+How the penalty is computed beyond that (which layers, per-example
+normalisation, L2 instead of squared L2, layer weights, the finite-difference
+approximation) is one ``PenaltyOptions`` object (agp_common/penalty_spec.py,
+the formulas are in its docstring), shared with ``torch_ref`` and the CLIs;
+``penalized_loss`` takes it as ``options=`` or as keywords (``norm="l2"``).
+With ``g_l = d loss / d a_l`` and ``G_{l,i} = d loss_i / d a_{l,i}``:
 
-* ``normalization="batch_mean"``: ``penalty = sum_l lambda_l phi(||g_l||^2)``.
-* ``normalization="per_example"``:
-  ``penalty = sum_l lambda_l (1/B) sum_i phi(||G_{l,i}||^2)``. When examples do
-  not interact, ``g_{l,i} = G_{l,i} / B`` so with squared L2
-  ``batch_mean == per_example / B`` exactly.
-* ``layers`` may name ``"input"``: a zero perturbation added to ``x`` itself,
-  giving the input-gradient penalty (double backpropagation, Drucker & LeCun
-  1992) for any model.
+* ``normalization="per_example"``: when examples do not interact,
+  ``g_{l,i} = G_{l,i} / B``, so with squared L2 ``batch_mean == per_example / B``
+  exactly.
+* ``"input"`` in ``layers``: a zero perturbation added to ``x`` itself, giving
+  the input-gradient penalty (double backpropagation, Drucker & LeCun 1992)
+  for any model.
 * ``approx="finite_difference"`` (Finlay & Oberman 2019): the squared norm is
   replaced by the square of a finite-difference directional derivative along
   the detached gradient, ``((loss(a + h v) - loss(a)) / h)^2`` with
   ``v = Lambda g / sqrt(g^T Lambda g)``; only first-order differentiation is
   needed, and the value and its parameter gradient are exact up to O(h).
-* ``model_state`` / ``mutable`` / ``apply_kwargs`` / ``rngs``: models with other
-  collections (BatchNorm's ``batch_stats`` in train mode, dropout). The
-  updated collections come back in ``aux["model_state"]``.
+
+The model is reached through one function, ``forward(perturbations, x) ->
+(outputs, updated_state_or_None)`` (``linen_forward`` builds it for a Linen
+module; ``jax_impl.nnx`` for an NNX one), so models with other collections
+(BatchNorm's ``batch_stats``, dropout) need no special keywords beyond
+``model_state`` / ``mutable``; anything else ``apply`` needs is bound with
+``functools.partial(model.apply, train=True, rngs=...)`` passed as ``model``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -57,21 +62,23 @@ from flax import traverse_util
 
 from agp_common.penalty_spec import (
     INPUT,
-    check_penalty_options,
+    PenaltyOptions,
+    check_layer_weights,
+    resolve_options,
     select_layers,
 )
 from jax_impl.layers import PERTURBATIONS
-from jax_impl.validation import check_penalized_loss_args
+from jax_impl.validation import check_loss_inputs, check_penalized_loss_args
 
 Params = Any
 SEP = "/"
-
-#: Capture name of the model's input in ``layers`` (classic double backprop).
 
 #: ``forward(perturbations, x) -> (outputs, updated_state_or_None)``; the
 #: perturbations are a flat ``{capture name: array}`` dict of the model's
 #: capture points (never ``"input"``, which is added to ``x`` by the caller).
 Forward = Callable[[dict[str, jax.Array], jax.Array], tuple[jax.Array, Any]]
+#: ``apply(variables, x, mutable=...)``: ``Module.apply``, or a function with its signature.
+Apply = Callable[..., Any]
 
 
 def per_example_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -99,12 +106,53 @@ def cross_entropy_loss(
     return weighted_mean(per_example_cross_entropy(logits, labels), example_weights)  # (B,) -> ()
 
 
-def _apply_variables(params: Params, model_state: Mapping | None, perturbations: Mapping) -> dict:
-    return {"params": params, **(model_state or {}), PERTURBATIONS: perturbations}
+def _apply_fn(model: nn.Module | Apply, apply_kwargs: Mapping | None = None, rngs: Any = None) -> Apply:
+    """``model.apply`` for a Linen module (or ``model`` itself, a function like it), with bound keywords.
+
+    ``apply_kwargs`` / ``rngs`` are the older spelling of
+    ``functools.partial(model.apply, **apply_kwargs, rngs=rngs)`` and still work.
+    """
+    apply = model.apply if isinstance(model, nn.Module) else model
+    if not callable(apply):
+        raise TypeError(f"model must be a flax.linen Module or an apply function, got {type(model).__name__}")
+    kwargs = dict(apply_kwargs or {})
+    if rngs is not None:
+        kwargs["rngs"] = rngs
+    return functools.partial(apply, **kwargs) if kwargs else apply
+
+
+def linen_forward(
+    model: nn.Module | Apply,
+    params: Params,
+    *,
+    model_state: Mapping | None = None,
+    mutable: Sequence[str] = (),
+    apply_kwargs: Mapping | None = None,
+    rngs: Any = None,
+) -> Forward:
+    """``forward(perturbations, x)`` for a Linen module: ``model.apply`` with the perturbations.
+
+    ``model`` is a Linen module or an ``apply`` function with ``Module.apply``'s
+    signature (e.g. ``functools.partial(model.apply, train=True)``).
+    Variables are ``{"params": params, **model_state, "perturbations": ...}``.
+    Returns ``(outputs, updated collections)`` when ``mutable`` names
+    collections (e.g. ``["batch_stats"]``), else ``(outputs, None)``.
+    """
+    apply = _apply_fn(model, apply_kwargs, rngs)
+    mutable = list(mutable)
+
+    def forward(perturbations: dict[str, jax.Array], x: jax.Array):
+        nested = traverse_util.unflatten_dict(perturbations, sep=SEP)
+        variables = {"params": params, **(model_state or {}), PERTURBATIONS: nested}
+        if mutable:
+            return apply(variables, x, mutable=mutable)
+        return apply(variables, x), None
+
+    return forward
 
 
 def zero_perturbations(
-    model,
+    model: nn.Module | Apply,
     params: Params,
     x: jax.Array,
     *,
@@ -119,81 +167,18 @@ def zero_perturbations(
     name (nested modules give ``"block/relu"``). Shapes come from tracing only
     (``jax.eval_shape``), so this is free under ``jit`` and always matches the
     batch size of ``x``, not the one the model was initialised with.
-    ``model_state``, ``mutable``, ``apply_kwargs`` and ``rngs`` are as in
-    ``penalized_loss`` (needed e.g. by BatchNorm in train mode).
+    ``model`` and the keywords are as in ``linen_forward``.
     """
-    kwargs = dict(apply_kwargs or {})
+    apply = _apply_fn(model, apply_kwargs, rngs)
 
-    def perturbation_tree(p, state, inputs, r):
+    def perturbation_tree(p, state, inputs):
         variables = {"params": p, **(state or {})}
-        _, new = model.apply(variables, inputs, mutable=[PERTURBATIONS, *mutable], rngs=r, **kwargs)
+        _, new = apply(variables, inputs, mutable=[PERTURBATIONS, *mutable])
         return new.get(PERTURBATIONS, {})
 
-    shapes = jax.eval_shape(perturbation_tree, params, model_state, x, rngs)
+    shapes = jax.eval_shape(perturbation_tree, params, model_state, x)
     flat = traverse_util.flatten_dict(shapes, sep=SEP)
     return {name: jnp.zeros(s.shape, s.dtype) for name, s in flat.items()}
-
-
-def _check_layer_weights(layer_weights: Mapping[str, float] | None, layers: Sequence[str]) -> None:
-    if layer_weights is None:
-        return
-    unknown = [name for name in layer_weights if name not in layers]
-    if unknown:
-        raise ValueError(f"layer_weights names {unknown} that are not penalised layers {list(layers)}")
-
-
-def loss_and_activation_grads(
-    params: Params,
-    model,
-    x: jax.Array,
-    y: jax.Array,
-    layers: Sequence[str] | str | None = None,
-    example_weights: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    """Return ``(loss, logits, {name: d loss / d a_name})`` for the chosen layers.
-
-    Gradients have the activations' shapes, e.g. ``relu1`` (B, 14, 14, 32). Only
-    the chosen layers are differentiated; the others get constant zeros.
-    ``example_weights`` (B,) is passed to ``cross_entropy_loss``: examples with
-    weight 0 get zero activation gradients, so they add nothing to the penalty.
-    ``"input"`` in ``layers`` gives d loss / d x.
-    """
-    zeros = zero_perturbations(model, params, x)
-    layers = select_layers(tuple(zeros), layers)
-    forward = linen_forward(model, params)
-    batch_loss = _batch_loss(per_example_cross_entropy, y, example_weights)
-    (loss, (logits, _)), grads = jax.value_and_grad(_perturbed(forward, zeros, x, batch_loss), has_aux=True)(
-        _chosen_zeros(zeros, x, layers)
-    )
-    return loss, logits, grads
-
-
-def linen_forward(
-    model,
-    params: Params,
-    *,
-    model_state: Mapping | None = None,
-    mutable: Sequence[str] = (),
-    apply_kwargs: Mapping | None = None,
-    rngs: Any = None,
-) -> Forward:
-    """``forward(perturbations, x)`` for a Linen module: ``model.apply`` with the perturbations.
-
-    Returns ``(outputs, updated collections)`` when ``mutable`` names
-    collections (e.g. ``["batch_stats"]``), else ``(outputs, None)``.
-    """
-    kwargs = dict(apply_kwargs or {})
-    if rngs is not None:
-        kwargs["rngs"] = rngs
-
-    def forward(perturbations: dict[str, jax.Array], x: jax.Array):
-        nested = traverse_util.unflatten_dict(perturbations, sep=SEP)
-        variables = _apply_variables(params, model_state, nested)
-        if mutable:
-            return model.apply(variables, x, mutable=list(mutable), **kwargs)
-        return model.apply(variables, x, **kwargs), None
-
-    return forward
 
 
 def _chosen_zeros(
@@ -238,10 +223,12 @@ def _apply_norm(squared: jax.Array, norm: str) -> jax.Array:
     return squared if norm == "squared_l2" else _safe_sqrt(squared)
 
 
-def _weighted_sum(terms: Mapping[str, jax.Array], layer_weights: Mapping[str, float] | None):
-    if layer_weights is None:
-        return sum(terms.values())
-    return sum(layer_weights.get(name, 1.0) * term for name, term in terms.items())
+def _check_interaction(options: PenaltyOptions, examples_interact: bool) -> None:
+    if options.approx == "finite_difference" and options.normalization == "per_example" and examples_interact:
+        raise ValueError(
+            "approx='finite_difference' with normalization='per_example' needs independent examples; "
+            "with interacting examples (BatchNorm in train mode) use approx='exact'"
+        )
 
 
 def penalized_loss_from_forward(
@@ -252,14 +239,11 @@ def penalized_loss_from_forward(
     *,
     penalty_weight: float | jax.Array,
     layers: Sequence[str] | str | None = None,
+    options: PenaltyOptions | None = None,
     example_weights: jax.Array | None = None,
-    normalization: str = "batch_mean",
-    norm: str = "squared_l2",
-    layer_weights: Mapping[str, float] | None = None,
-    approx: str = "exact",
-    fd_step: float = 1e-3,
     examples_interact: bool = False,
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    **option_keywords: Any,
 ) -> tuple[jax.Array, dict[str, Any]]:
     """``penalized_loss`` for any model given as a pure ``forward(perturbations, x)``.
 
@@ -268,17 +252,14 @@ def penalized_loss_from_forward(
     options and ``aux``. ``zeros`` are the model's zero perturbations
     (``{capture name: zeros}``, without ``"input"``).
     """
-    check_penalty_options(normalization=normalization, norm=norm, approx=approx, fd_step=fd_step)
-    layers = select_layers(tuple(zeros), layers)
-    _check_layer_weights(layer_weights, layers)
+    check_loss_inputs(x, penalty_weight)  # clear ValueError (jax_impl.validation)
+    opts = resolve_options(options, layers, **option_keywords)
+    layers = select_layers(tuple(zeros), opts.layers)
+    check_layer_weights(opts, layers)
+    _check_interaction(opts, examples_interact)
     loss_fn = per_example_cross_entropy if loss_fn is None else loss_fn
     chosen = _chosen_zeros(zeros, x, layers)
-    per_example = normalization == "per_example"
-    if approx == "finite_difference" and per_example and examples_interact:
-        raise ValueError(
-            "approx='finite_difference' with normalization='per_example' needs independent examples; "
-            "with interacting examples (BatchNorm in train mode) use approx='exact'"
-        )
+    per_example = opts.normalization == "per_example"
 
     # Activation gradients: (B, ...) per layer. batch_mean: g = d loss / d a.
     # per_example: G[i] = d loss_i / d a_i (loss_i not divided by B).
@@ -309,14 +290,14 @@ def penalized_loss_from_forward(
         grads = {name: j[diag, diag] for name, j in jac.items()}  # {name: (B, ...)}
         loss = weighted_mean(losses, example_weights)
 
-    terms = _exact_terms(grads, norm, per_example, example_weights)
-    if approx == "exact":
-        penalty = _weighted_sum(terms, layer_weights)
+    terms = _exact_terms(grads, opts.norm, per_example, example_weights)
+    if opts.approx == "exact":
+        penalty = sum(opts.weight_of(name) * term for name, term in terms.items()) \
+            if opts.layer_weights is not None else sum(terms.values())
     else:
         penalty = _finite_difference_penalty(
             forward, zeros, x, y, loss_fn, example_weights, jax.lax.stop_gradient(grads),
-            loss if not per_example else None, norm=norm, per_example=per_example,
-            layer_weights=layer_weights, fd_step=fd_step,
+            loss if not per_example else None, opts,
         )
         terms = jax.lax.stop_gradient(terms)
     total = loss + penalty_weight * penalty
@@ -335,9 +316,7 @@ def penalized_loss_from_forward(
 def _exact_terms(grads, norm, per_example, example_weights):
     """Per-layer terms before ``layer_weights``: ``phi(||g_l||^2)`` or ``mean_i phi(||G_{l,i}||^2)``."""
     if not per_example:
-        if norm == "squared_l2":
-            return {name: jnp.sum(jnp.square(g)) for name, g in grads.items()}
-        return {name: _safe_sqrt(jnp.sum(jnp.square(g))) for name, g in grads.items()}
+        return {name: _apply_norm(jnp.sum(jnp.square(g)), norm) for name, g in grads.items()}
     return {
         name: weighted_mean(_apply_norm(_sum_over_examples(g), norm), example_weights)
         for name, g in grads.items()
@@ -345,8 +324,7 @@ def _exact_terms(grads, norm, per_example, example_weights):
 
 
 def _finite_difference_penalty(
-    forward, zeros, x, y, loss_fn, example_weights, grads, base_loss, *,
-    norm, per_example, layer_weights, fd_step,
+    forward, zeros, x, y, loss_fn, example_weights, grads, base_loss, options: PenaltyOptions,
 ):
     """Finlay & Oberman (2019): ``phi(||g||^2)`` from a directional finite difference.
 
@@ -361,7 +339,9 @@ def _finite_difference_penalty(
     example shifted along its own direction in one forward pass (exact only
     when examples do not interact).
     """
-    weights = {name: (1.0 if layer_weights is None else layer_weights.get(name, 1.0)) for name in grads}
+    norm, fd_step = options.norm, options.fd_step
+    per_example = options.normalization == "per_example"
+    weights = {name: options.weight_of(name) for name in grads}
     groups = [tuple(grads)] if norm == "squared_l2" else [(name,) for name in grads]
     per_loss = (lambda out: loss_fn(out, y)) if per_example else _batch_loss(loss_fn, y, example_weights)
     run = _perturbed(forward, zeros, x, per_loss)
@@ -401,57 +381,46 @@ def _finite_difference_penalty(
 
 def penalized_loss(
     params: Params,
-    model,
+    model: nn.Module | Apply,
     x: jax.Array,
     y: jax.Array,
     *,
     penalty_weight: float | jax.Array,
     layers: Sequence[str] | str | None = None,
+    options: PenaltyOptions | None = None,
     example_weights: jax.Array | None = None,
-    normalization: str = "batch_mean",
-    norm: str = "squared_l2",
-    layer_weights: Mapping[str, float] | None = None,
-    approx: str = "exact",
-    fd_step: float = 1e-3,
     model_state: Mapping | None = None,
     mutable: Sequence[str] = (),
-    apply_kwargs: Mapping | None = None,
-    rngs: Any = None,
     examples_interact: bool | None = None,
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    **option_keywords: Any,
 ) -> tuple[jax.Array, dict[str, Any]]:
     """``total = loss + penalty_weight * sum_l ||d loss / d a_l||^2`` and its parts.
 
     Args:
       params: the model's ``"params"`` collection.
       model: a Flax Linen module whose capture points use ``layers.capture``
-        (e.g. ``Net()``); it is applied as ``model.apply({"params": params,
-        **model_state, "perturbations": ...}, x, **apply_kwargs)``.
+        (e.g. ``Net()``), or an ``apply`` function with the signature of
+        ``Module.apply`` (``functools.partial(model.apply, train=True,
+        rngs={"dropout": key})`` for models whose ``__call__`` takes more).
+        It is applied as ``apply({"params": params, **model_state,
+        "perturbations": ...}, x)``.
       x: inputs, NHWC for ``Net``: (B, 32, 32, C). Any batch size.
       y: integer class labels (B,) (or whatever ``loss_fn`` takes).
-      penalty_weight: the weight ``w`` (the seed answer uses 10).
+      penalty_weight: the weight ``w`` (the seed answer uses 10); may be traced.
       layers: capture names to penalise; ``None`` (default) penalises all of
         the model's capture points; ``"input"`` names the input ``x`` itself.
+        Overrides ``options.layers``.
+      options: a ``PenaltyOptions`` (normalization, norm, layer_weights,
+        approx, fd_step; formulas in its docstring). Its fields may also be
+        given as keywords (``norm="l2"``), which override ``options``.
       example_weights: optional (B,) weights; the loss becomes
         ``sum_i m_i CE_i / sum_i m_i``. A 0/1 mask gives exactly the loss and
         penalty of the real examples of a zero-padded batch (per-example
         means are weighted the same way).
-      normalization: ``"batch_mean"`` (default, the seed's): gradients of the
-        batch-mean loss, ``sum_l lambda_l phi(||g_l||^2)``. ``"per_example"``:
-        ``sum_l lambda_l (1/B) sum_i phi(||d loss_i / d a_{l,i}||^2)``, which
-        does not shrink with the batch size; for independent examples and
-        squared L2 the batch-mean penalty equals it divided by B.
-      norm: ``"squared_l2"`` (default, ``phi(s) = s``) or ``"l2"``
-        (``phi(s) = sqrt(s)``, with a zero derivative at 0).
-      layer_weights: ``{layer: lambda_l}`` (missing layers weigh 1).
-      approx: ``"exact"`` (double backprop) or ``"finite_difference"``
-        (Finlay & Oberman 2019, first-order only, error O(fd_step)).
-      fd_step: the finite-difference step ``h`` (in activation units).
       model_state: other variable collections, e.g. ``{"batch_stats": ...}``.
       mutable: collections the model updates, e.g. ``["batch_stats"]`` for
         BatchNorm in train mode; the updates are in ``aux["model_state"]``.
-      apply_kwargs: extra keyword arguments of ``model.apply`` (``{"train": True}``).
-      rngs: PRNG keys for ``model.apply`` (dropout).
       examples_interact: whether an example's loss depends on other examples'
         activations (BatchNorm in train mode). Only used by ``per_example``:
         then the per-example gradients are the diagonal blocks of the full
@@ -459,6 +428,8 @@ def penalized_loss(
         when ``"batch_stats"`` is in ``mutable``.
       loss_fn: per-example loss ``(outputs, y) -> (B,)``; default softmax
         cross-entropy. The loss is its (weighted) mean.
+      **option_keywords: ``PenaltyOptions`` fields; also ``apply_kwargs`` and
+        ``rngs`` (the older spelling of a ``functools.partial`` ``model``).
 
     Returns:
       ``(total, aux)`` with ``aux`` holding ``loss``, ``penalty``,
@@ -474,19 +445,24 @@ def penalized_loss(
         grads = torch.autograd.grad(loss, [relu1, relu2], create_graph=True)
         total = loss + w * sum(g.pow(2).sum() for g in grads)
     """
-    check_penalized_loss_args(model, x, y, example_weights, loss_fn)  # clear ValueError (jax_impl.validation)
-    mutable = tuple(mutable)
+    check_loss_inputs(x, penalty_weight)  # clear ValueError (jax_impl.validation), before any forward pass
+    check_penalized_loss_args(model, x, y, example_weights, loss_fn)
+    forward, zeros = _linen_forward_and_zeros(params, model, x, model_state, mutable, option_keywords)
     if examples_interact is None:
-        examples_interact = "batch_stats" in mutable
-    options = {"model_state": model_state, "mutable": mutable, "apply_kwargs": apply_kwargs, "rngs": rngs}
-    zeros = zero_perturbations(model, params, x, **options)
-    forward = linen_forward(model, params, **options)
+        examples_interact = "batch_stats" in tuple(mutable)
     return penalized_loss_from_forward(
-        forward, zeros, x, y,
-        penalty_weight=penalty_weight, layers=layers, example_weights=example_weights,
-        normalization=normalization, norm=norm, layer_weights=layer_weights, approx=approx,
-        fd_step=fd_step, examples_interact=examples_interact, loss_fn=loss_fn,
+        forward, zeros, x, y, penalty_weight=penalty_weight, layers=layers, options=options,
+        example_weights=example_weights, examples_interact=examples_interact, loss_fn=loss_fn,
+        **option_keywords,
     )
+
+
+def _linen_forward_and_zeros(params, model, x, model_state, mutable, keywords: dict):
+    """The forward closure and zero perturbations of a Linen model (pops ``apply_kwargs``/``rngs``)."""
+    apply = _apply_fn(model, keywords.pop("apply_kwargs", None), keywords.pop("rngs", None))
+    forward = linen_forward(apply, params, model_state=model_state, mutable=mutable)
+    zeros = zero_perturbations(apply, params, x, model_state=model_state, mutable=mutable)
+    return forward, zeros
 
 
 def is_penalty_step(step: jax.Array | int, every: int) -> jax.Array:
@@ -503,20 +479,21 @@ def lazy_penalty_weight(step: jax.Array | int, every: int, weight: float | jax.A
     double backprop: to save the compute, branch with ``lax.cond`` on
     ``is_penalty_step`` (``lazy_value_and_grad`` does).
     """
-    check_penalty_options(every=every)
+    PenaltyOptions(every=every)  # checks every
     return jnp.where(is_penalty_step(step, every), weight * every, jnp.zeros_like(jnp.asarray(weight)))
 
 
 def lazy_value_and_grad(
     params: Params,
-    model,
+    model: nn.Module | Apply,
     x: jax.Array,
     y: jax.Array,
     *,
     step: jax.Array | int,
-    every: int,
+    every: int | None = None,
     penalty_weight: float | jax.Array,
-    **options,
+    options: PenaltyOptions | None = None,
+    **keywords: Any,
 ) -> tuple[tuple[jax.Array, dict[str, Any]], Params]:
     """``value_and_grad`` of ``penalized_loss`` with the penalty only every ``every`` steps.
 
@@ -525,14 +502,17 @@ def lazy_value_and_grad(
     the plain loss, computed *without* the double backprop (``lax.cond``
     executes one branch). ``aux`` has the same structure on both branches:
     on plain steps ``penalty``, ``penalty_terms`` and ``activation_grads``
-    are zeros. ``every`` is a Python int (it picks the compiled program).
-    ``options`` are ``penalized_loss``'s keyword options.
+    are zeros. ``every`` is a Python int (it picks the compiled program);
+    ``None`` takes ``options.every``. ``keywords`` are ``penalized_loss``'s.
     """
-    check_penalty_options(every=every)
+    opts = options if options is not None else PenaltyOptions()
+    every = opts.every if every is None else every
+    opts = opts.replace(every=every)
 
     def penalized(p):
         return jax.value_and_grad(
-            lambda q: penalized_loss(q, model, x, y, penalty_weight=penalty_weight * every, **options),
+            lambda q: penalized_loss(q, model, x, y, penalty_weight=penalty_weight * every, options=opts,
+                                     **keywords),
             has_aux=True,
         )(p)
 
@@ -542,29 +522,18 @@ def lazy_value_and_grad(
 
     def plain(p):
         return jax.value_and_grad(
-            lambda q: _plain_loss(q, model, x, y, aux_shapes, **options), has_aux=True
+            lambda q: _plain_loss(q, model, x, y, aux_shapes, **keywords), has_aux=True
         )(p)
 
     return jax.lax.cond(is_penalty_step(step, every), penalized, plain, params)
 
 
-def _plain_loss(params, model, x, y, aux_shapes, **options):
+def _plain_loss(params, model, x, y, aux_shapes, *, example_weights=None, model_state=None, mutable=(),
+                loss_fn=None, **keywords):
     """The unpenalised loss with an ``aux`` shaped like ``penalized_loss``'s (zeros for the penalty)."""
-    mutable = tuple(options.get("mutable", ()))
-    forward = linen_forward(
-        model, params, model_state=options.get("model_state"), mutable=mutable,
-        apply_kwargs=options.get("apply_kwargs"), rngs=options.get("rngs"),
-    )
-    zeros = {
-        name: jnp.zeros(s.shape, s.dtype)
-        for name, s in zero_perturbations(
-            model, params, x, model_state=options.get("model_state"), mutable=mutable,
-            apply_kwargs=options.get("apply_kwargs"), rngs=options.get("rngs"),
-        ).items()
-    }
+    forward, zeros = _linen_forward_and_zeros(params, model, x, model_state, mutable, dict(keywords))
     outputs, state = forward(zeros, x)
-    loss_fn = options.get("loss_fn") or per_example_cross_entropy
-    loss = weighted_mean(loss_fn(outputs, y), options.get("example_weights"))
+    loss = weighted_mean((loss_fn or per_example_cross_entropy)(outputs, y), example_weights)
     aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes)
     aux["loss"] = loss
     aux["logits"] = outputs

@@ -1,28 +1,40 @@
-"""``python -m jax_impl.sweep``: what the penalty does, over a grid of weights and normalisations.
+"""``python -m jax_impl.sweep``: what the penalty does, as an experiment over layers, weights and seeds.
 
-For every (penalty weight, normalisation) pair it trains the seed CNN with
-``jax_impl.train.train_and_evaluate`` (digits by default, CIFAR-10 with
-``--dataset cifar10 --data-dir DIR``), then measures on the test split:
+For every seed, every penalised layer set (``--layers``: ``input`` is the
+input-gradient penalty of double backpropagation, ``relu1``, ``relu2``, and
+``relu1+relu2`` the answer's), every normalisation and every weight > 0 it
+trains the seed CNN with ``jax_impl.train.train_and_evaluate`` (digits by
+default, CIFAR-10 with ``--data-dir DIR``); weight 0, the unpenalised model,
+is trained once per seed and is the w = 0 point of every curve. With the
+final weights it measures on the test split:
 
-* ``test_grad_rms/<layer>``: ``sqrt(mean_i ||d CE_i / d a_{l,i}||^2)`` over the
-  test examples, each example's own activation gradient (layers ``input``,
-  ``relu1``, ``relu2``): the square root of the per-example penalty's term,
-  in a unit independent of the batch size; ``test_grad_norm/<layer>`` is the
-  plain mean of the norms; ``train_...``: the same on the training split,
-  which the penalty was applied to;
-* ``test_loss``, ``train_loss`` (full splits, final weights);
-* ``test_accuracy`` and ``noisy_accuracy@<sigma>``: accuracy on the test
-  images plus Gaussian noise of standard deviation sigma (pixels in [0, 1];
-  one fixed noise draw shared by all runs).
+* ``test_accuracy``; ``test_accuracy/<attack>@<eps>``: the accuracy under FGSM
+  and PGD (L-infinity, ``agp_common.attack_spec``: PGD 10 steps of eps / 4,
+  no random start, inputs clipped to the data's valid range, [0, 1] for
+  images), computed by the trainer's final evaluation (``--eval-attacks``);
+* ``noisy_accuracy@<sigma>``: accuracy with Gaussian noise of standard
+  deviation sigma added (one fixed draw shared by all runs, not clipped);
+* ``test_grad_norm/<layer>``: the mean over test examples of each example's
+  own activation-gradient norm ``||d CE_i / d a_{l,i}||`` (``input``: the
+  input gradient that FGSM follows; ``test_grad_median/input`` is their median,
+  which a few badly classified examples do not dominate); ``test_grad_rms/<layer>``:
+  ``sqrt(mean_i ||d CE_i / d a_{l,i}||^2)``, the square root of the
+  per-example penalty's term; ``train_...``: the same on the training split;
+* ``test_loss``, ``train_loss``, and ``wall_s`` (the run's training and measuring).
 
-It writes ``OUT/results.{json,csv,md}`` (one row per run) and
-``OUT/{grad_norm,accuracy,noisy_accuracy}_vs_weight.png``, plus
-``OUT/convention.json``: the size of the seed's batch-mean penalty next to
-the loss, at initialisation and after unpenalised training (why weight 1 or
-10 may show no effect). Each run's own folder
-(metrics, config) is ``OUT/runs/<normalization>_w<weight>``.
+It writes to ``OUT``: ``results.json`` (the sweep's settings, one row per run,
+and the summary over seeds), ``results.csv`` (one row per run), ``results.md``
+(mean +- standard deviation over seeds per grid point),
+``robustness_vs_weight.png`` (clean, attacked and noisy accuracy and the input
+gradient norm against w, one line per layer set, shaded from the lowest to the
+highest seed), ``grad_norm_vs_weight.png`` (per-layer gradient sizes), and
+``convention.json`` (the size of the seed's batch-mean penalty next to the
+loss, at initialisation and after unpenalised training). Each run's own
+folder (metrics, config) is ``OUT/runs/<layers>_<normalization>_w<weight>_s<seed>``.
 
-Weight 0 is the same run for every normalisation and is trained once.
+The default grid (3 seeds x (1 + 4 layer sets x 3 weights) = 39 runs of 6
+epochs) is sized to finish within about 15 minutes on a 2-core CPU; see
+docs/robustness.md for its result.
 """
 
 from __future__ import annotations
@@ -44,19 +56,36 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from agp_common.batching import eval_batches, padded_batch
-from agp_common.config import TrainConfig
+from agp_common.attack_spec import (
+    ATTACKS,
+    DEFAULT_EPS,
+    DEFAULT_PGD_STEP_RATIO,
+    DEFAULT_PGD_STEPS,
+    EVAL_ACCURACY_PREFIX,
+)
+from agp_common.batching import eval_batches, padded_batch, steps_per_epoch
+from agp_common.config import OneLineErrorParser, TrainConfig
 from agp_common.data import Dataset, load_dataset
 from agp_common.errors import NonFiniteError, UsageError, report_error
 from agp_common.penalty_spec import INPUT, NORMALIZATIONS
 from jax_impl.model import CAPTURE_NAMES, Net
 from jax_impl.penalty import penalized_loss
 
-DEFAULT_WEIGHTS = (0.0, 1.0, 10.0, 100.0, 1000.0)
+#: Penalised layer sets: the input gradient, each capture point, and the answer's pair.
+DEFAULT_LAYER_SETS = ((INPUT,), ("relu1",), ("relu2",), ("relu1", "relu2"))
+#: Per-example weights (the per-example penalty does not depend on the batch size); 0 is the baseline.
+DEFAULT_WEIGHTS = (0.0, 1.0, 3.0, 10.0)
+DEFAULT_NORMALIZATIONS = ("per_example",)
+DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_NOISE = (0.2, 0.4)
-DEFAULT_EPOCHS = 10
+DEFAULT_EPOCHS = 6
 MEASURED_LAYERS = (INPUT, *CAPTURE_NAMES)
 NOISE_SEED = 1234
+INPUT_NORMS = "input_norms"
+#: Label of the unpenalised runs in the ``layers`` and ``normalization`` columns.
+NONE = "none"
+#: Prefix of the attacked accuracies in a row: ``test_accuracy/fgsm@0.05``.
+ATTACKED_PREFIX = "test_accuracy/"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,23 +94,55 @@ class SweepConfig:
 
     dataset: str = "digits"
     data_dir: str | None = None
+    layer_sets: tuple[tuple[str, ...], ...] = DEFAULT_LAYER_SETS
     weights: tuple[float, ...] = DEFAULT_WEIGHTS
-    normalizations: tuple[str, ...] = NORMALIZATIONS
+    normalizations: tuple[str, ...] = DEFAULT_NORMALIZATIONS
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
     epochs: int = DEFAULT_EPOCHS
     batch_size: int = 32
     optimizer: str = "sgd"
     lr: float = 0.05
-    seed: int = 0
     noise: tuple[float, ...] = DEFAULT_NOISE
+    eval_attacks: tuple[str, ...] = ATTACKS
+    eval_eps: tuple[float, ...] = DEFAULT_EPS
+    eval_pgd_steps: int = DEFAULT_PGD_STEPS
+    eval_pgd_step_ratio: float = DEFAULT_PGD_STEP_RATIO
     out: str = "runs/sweep_digits"
 
+    def grid(self) -> list[tuple[int, tuple[str, ...] | None, str, float]]:
+        """``(seed, layers, normalization, weight)`` of every run; ``layers=None`` is the w = 0 run."""
+        points = []
+        for seed in self.seeds:
+            if 0.0 in self.weights:
+                points.append((seed, None, NONE, 0.0))
+            points += [(seed, layers, norm, w) for layers in self.layer_sets for norm in self.normalizations
+                       for w in self.weights if w != 0.0]
+        return points
 
-def train_config(sweep: SweepConfig, weight: float, normalization: str, workdir: Path) -> TrainConfig:
-    """The ``TrainConfig`` of one grid point (quiet, no checkpoints kept beyond the last)."""
+
+def layers_label(layers: tuple[str, ...] | None) -> str:
+    """``relu1+relu2``; ``none`` for the unpenalised run."""
+    return NONE if layers is None else "+".join(layers)
+
+
+def run_label(layers: tuple[str, ...] | None, normalization: str, weight: float, seed: int) -> str:
+    if layers is None:
+        return f"none_w0_s{seed}"
+    return f"{layers_label(layers)}_{normalization}_w{weight:g}_s{seed}"
+
+
+def train_config(sweep: SweepConfig, seed: int, layers: tuple[str, ...] | None, normalization: str,
+                 weight: float, workdir: Path, num_train: int) -> TrainConfig:
+    """The ``TrainConfig`` of one grid point: quiet, evaluated and checkpointed only at the end."""
+    total = sweep.epochs * steps_per_epoch(num_train, sweep.batch_size)
     return TrainConfig(
         dataset=sweep.dataset, data_dir=sweep.data_dir, epochs=sweep.epochs, batch_size=sweep.batch_size,
-        optimizer=sweep.optimizer, lr=sweep.lr, penalty_weight=weight, seed=sweep.seed,
-        workdir=str(workdir), quiet=True, keep_checkpoints=1, penalty_normalization=normalization,
+        optimizer=sweep.optimizer, lr=sweep.lr, penalty_weight=weight, seed=seed, workdir=str(workdir),
+        quiet=True, keep_checkpoints=1, eval_every=total, checkpoint_every=total,
+        penalty_layers=layers if layers is not None else DEFAULT_LAYER_SETS[-1],
+        penalty_normalization=normalization if layers is not None else DEFAULT_NORMALIZATIONS[0],
+        eval_attacks=sweep.eval_attacks, eval_eps=sweep.eval_eps, eval_pgd_steps=sweep.eval_pgd_steps,
+        eval_pgd_step_ratio=sweep.eval_pgd_step_ratio,
     )
 
 
@@ -97,6 +158,8 @@ def _batch_measures(params, x, y, mask, noisy_x, *, num_classes: int):
         sq = jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)  # (B,)
         sums[f"grad_norm/{name}"] = jnp.sum(jnp.sqrt(sq) * mask)
         sums[f"grad_sq/{name}"] = jnp.sum(sq * mask)
+        if name == INPUT:
+            sums[INPUT_NORMS] = jnp.sqrt(sq)  # (B,): each example's, for the median
     sums["correct"] = jnp.sum((jnp.argmax(aux["logits"], -1) == y) * mask)
     sums["noisy_correct"] = jnp.stack([
         jnp.sum((jnp.argmax(model.apply({"params": params}, xn), -1) == y) * mask) for xn in noisy_x
@@ -114,6 +177,7 @@ def noise_draws(ds: Dataset, sigmas: Sequence[float]) -> np.ndarray:
 def _split_sums(params, x, y, ds: Dataset, batch_size: int, noise: np.ndarray) -> dict[str, Any]:
     """``_batch_measures`` summed over a whole split (noise (S, N, H, W, C), S may be 0)."""
     totals: dict[str, Any] = {}
+    norms = []
     for idx in eval_batches(len(y), batch_size):
         batch = padded_batch(x, y, idx, batch_size, np.float32, ds.pixel_scale)
         pad = ((0, batch_size - len(idx)), (0, 0), (0, 0), (0, 0))
@@ -121,8 +185,10 @@ def _split_sums(params, x, y, ds: Dataset, batch_size: int, noise: np.ndarray) -
             else np.zeros((0, *batch["x"].shape), np.float32)
         sums = jax.device_get(_batch_measures(params, batch["x"], batch["y"], batch["mask"], noisy,
                                               num_classes=ds.num_classes))
+        norms.append(np.asarray(sums.pop(INPUT_NORMS), np.float64)[: len(idx)])  # real rows only
         for k, v in sums.items():
             totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
+    totals[INPUT_NORMS] = np.concatenate(norms)  # (N,)
     return totals
 
 
@@ -132,7 +198,8 @@ def measure(
     """Test accuracy, accuracy under each noise level, and mean per-example activation-gradient norms.
 
     Keys ``{test,train}_{accuracy,loss}``, ``{test,train}_grad_rms/<layer>``,
-    ``{test,train}_grad_norm/<layer>`` (see the module docstring) and ``noisy_accuracy@<sigma>``.
+    ``{test,train}_grad_norm/<layer>``, ``{test,train}_grad_median/input`` (see the module
+    docstring) and ``noisy_accuracy@<sigma>``.
     """
     params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
     totals = _split_sums(params, ds.x_test, ds.y_test, ds, batch_size, noise)
@@ -141,6 +208,7 @@ def measure(
     train = _split_sums(params, ds.x_train, ds.y_train, ds, batch_size, noise[:0, :0])
     train.pop("noisy_correct")
     for prefix, sums in (("test_", totals), ("train_", train)):
+        out[f"{prefix}grad_median/{INPUT}"] = float(np.median(sums.pop(INPUT_NORMS)))
         count = float(sums.pop("count"))
         out[f"{prefix}accuracy"] = float(sums.pop("correct")) / count
         out[f"{prefix}loss"] = float(sums.pop("loss_sum")) / count
@@ -185,151 +253,207 @@ def convention_numbers(params, ds: Dataset, batch_size: int) -> dict[str, float]
     return out
 
 
-def run_label(normalization: str, weight: float) -> str:
-    return f"{normalization}_w{weight:g}"
+def _log(line: str) -> None:
+    print(line, flush=True)  # one line per finished run, visible at once when stdout is a file
 
 
-def run_sweep(sweep: SweepConfig, *, log=print) -> list[dict[str, Any]]:
-    """Train every grid point (weight 0 once), measure, and return one row per run."""
+def run_sweep(sweep: SweepConfig, *, log=_log) -> list[dict[str, Any]]:
+    """Train every grid point (weight 0 once per seed), measure, and return one row per run."""
     out = Path(sweep.out)
-    ds = load_dataset(train_config(sweep, 0.0, "batch_mean", out))
+    ds = load_dataset(TrainConfig(dataset=sweep.dataset, data_dir=sweep.data_dir))
     noise = noise_draws(ds, sweep.noise)
     from jax_impl.train import init_params, train_and_evaluate  # heavy: imported only when training
 
     rows: list[dict[str, Any]] = []
-    grid = [(0.0, "batch_mean")] if 0.0 in sweep.weights else []
-    grid += [(w, n) for n in sweep.normalizations for w in sweep.weights if w != 0.0]
-    for weight, normalization in grid:
-        label = "none" if weight == 0.0 else normalization
-        workdir = out / "runs" / run_label(label, weight)
-        config = train_config(sweep, weight, normalization, workdir)
+    grid = sweep.grid()
+    for i, (seed, layers, normalization, weight) in enumerate(grid):
+        label = run_label(layers, normalization, weight, seed)
+        workdir = out / "runs" / label
+        config = train_config(sweep, seed, layers, normalization, weight, workdir, len(ds.y_train))
         t0 = time.perf_counter()
-        row: dict[str, Any] = {"normalization": label, "penalty_weight": weight}
+        row: dict[str, Any] = {"layers": layers_label(layers), "normalization": normalization,
+                               "penalty_weight": weight, "seed": seed}
         try:
             result = train_and_evaluate(config, workdir, plots=False)
         except NonFiniteError as e:
             row.update({"status": f"diverged: {e}", "wall_s": time.perf_counter() - t0})
             rows.append(row)
-            log(f"{label:>11} w={weight:<8g} diverged ({e})")
+            log(f"[{i + 1}/{len(grid)}] {label} diverged ({e})")
             continue
         row["status"] = "ok"
         row.update(measure(result.params, ds, sweep.batch_size, sweep.noise, noise))
+        for key, value in (result.final_eval or {}).items():
+            if key.startswith(EVAL_ACCURACY_PREFIX):  # eval_accuracy/fgsm@0.05 -> test_accuracy/fgsm@0.05
+                row[ATTACKED_PREFIX + key.removeprefix(EVAL_ACCURACY_PREFIX)] = value
         row["wall_s"] = time.perf_counter() - t0
-        if weight == 0.0:
-            initial = init_params(Net(num_classes=ds.num_classes), ds.image_shape, sweep.seed, np.float32)
+        if layers is None and seed == sweep.seeds[0]:
+            initial = init_params(Net(num_classes=ds.num_classes), ds.image_shape, seed, np.float32)
             row["convention"] = {"at_init": convention_numbers(initial, ds, sweep.batch_size),
                                  "after_training_w0": convention_numbers(result.params, ds, sweep.batch_size)}
         rows.append(row)
-        log(f"{label:>11} w={weight:<8g} test acc {row['test_accuracy']:.4f}  "
-            + "  ".join(f"{k.split('/')[1]} {row[k]:.3g}" for k in row if k.startswith("test_grad_rms/"))
-            + f"  ({row['wall_s']:.0f} s)")
+        attacked = "  ".join(f"{k.removeprefix(ATTACKED_PREFIX)} {v:.3f}" for k, v in row.items()
+                             if k.startswith(ATTACKED_PREFIX))
+        log(f"[{i + 1}/{len(grid)}] {label}: clean {row['test_accuracy']:.3f}  {attacked}  "
+            f"|grad_x| {row['test_grad_norm/input']:.3g}  ({row['wall_s']:.0f} s)")
     return rows
 
 
-TABLE_COLUMNS = ("normalization", "penalty_weight", "status", "test_accuracy")
-#: Columns of results.md (results.csv and results.json hold every measure).
-MARKDOWN_PREFIXES = ("normalization", "penalty_weight", "test_accuracy", "noisy_accuracy@", "train_loss",
-                     "train_grad_rms/", "test_grad_rms/")
+GROUP_KEYS = ("layers", "normalization", "penalty_weight")
+#: Column titles of results.md (the attacked and noisy accuracies are titled by their label).
+COLUMN_NAMES = {"test_accuracy": "clean", "test_grad_norm/input": "mean ‖dCE/dx‖",
+                "test_grad_median/input": "median ‖dCE/dx‖", "train_loss": "train loss",
+                "wall_s": "wall s / run"}
 
 
-def table_columns(rows: list[dict[str, Any]]) -> list[str]:
-    keys: list[str] = list(TABLE_COLUMNS)
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per grid point (``GROUP_KEYS``): for every measure, its mean, sd, min and max over the
+    seeds that finished (``seeds_ok`` of ``seeds``); sd is the sample standard deviation (0 for one seed)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        for k in row:
-            if k not in keys and k != "convention":
-                keys.append(k)
-    return keys
+        groups.setdefault(tuple(row[k] for k in GROUP_KEYS), []).append(row)
+    summary = []
+    for key, runs in groups.items():
+        ok = [r for r in runs if r.get("status") == "ok"]
+        entry: dict[str, Any] = dict(zip(GROUP_KEYS, key, strict=True))
+        entry.update(seeds=len(runs), seeds_ok=len(ok))
+        measures = [k for k in (ok[0] if ok else {}) if isinstance(ok[0][k], float) and k not in GROUP_KEYS]
+        for k in measures:
+            values = np.asarray([r[k] for r in ok if k in r], np.float64)
+            sd = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            entry[k] = {"mean": float(values.mean()), "sd": sd, "min": float(values.min()),
+                        "max": float(values.max())}
+        summary.append(entry)
+    return summary
 
 
-def write_tables(rows: list[dict[str, Any]], out: Path, sweep: SweepConfig) -> None:
-    """results.json (with the sweep config), results.csv and results.md."""
+def _markdown_columns(summary: list[dict[str, Any]]) -> list[str]:
+    keys = [k for e in summary for k in e if isinstance(e[k], dict)]
+    keys = list(dict.fromkeys(keys))
+    ordered = ["test_accuracy"]
+    ordered += [k for k in keys if k.startswith(ATTACKED_PREFIX)]
+    ordered += [k for k in keys if k.startswith("noisy_accuracy@")]
+    ordered += [k for k in ("test_grad_norm/input", "test_grad_median/input", "train_loss", "wall_s")
+                if k in keys]
+    return [k for k in ordered if k in keys]
+
+
+def write_tables(rows: list[dict[str, Any]], out: Path, sweep: SweepConfig,
+                 wall_s: float | None = None) -> None:
+    """results.json (settings, rows, summary), results.csv (one row per run), results.md (over seeds)."""
     out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rows)
     (out / "results.json").write_text(json.dumps(
-        {"sweep": dataclasses.asdict(sweep), "rows": rows}, indent=2, default=float) + "\n")
+        {"sweep": dataclasses.asdict(sweep), "wall_s": wall_s, "rows": rows, "summary": summary},
+        indent=2, default=float) + "\n")
     conv = [r["convention"] for r in rows if "convention" in r]
     if conv:
         (out / "convention.json").write_text(json.dumps(conv[0], indent=2) + "\n")
-    cols = table_columns(rows)
+    cols = list(dict.fromkeys(["layers", "normalization", "penalty_weight", "seed", "status",
+                               *(k for r in rows for k in r if k != "convention")]))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
-        return str(v)
-
-    md_cols = [c for p in MARKDOWN_PREFIXES for c in cols if c.startswith(p)]
-    lines = ["| " + " | ".join(md_cols) + " |", "|" + "---|" * len(md_cols)]
-    for r in rows:
-        cells = [fmt(r.get(c, "")) if r.get("status") == "ok" or c in TABLE_COLUMNS[:2] else "diverged"
-                 for c in md_cols]
-        lines.append("| " + " | ".join(cells) + " |")
+    measures = _markdown_columns(summary)
+    names = [COLUMN_NAMES.get(m, m.removeprefix(ATTACKED_PREFIX).replace("noisy_accuracy@", "noise "))
+             for m in measures]
+    lines = ["| layers | normalization | w | seeds | " + " | ".join(names) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(measures)]
+    for e in summary:
+        cells = []
+        for m in measures:
+            if m not in e:
+                cells.append("diverged")
+            elif m == "wall_s":
+                cells.append(f"{e[m]['mean']:.0f}")
+            else:
+                sd = f" ± {e[m]['sd']:.3f}" if e["seeds_ok"] > 1 else ""
+                cells.append(f"{e[m]['mean']:.3f}{sd}")
+        seeds = f"{e['seeds_ok']}" if e["seeds_ok"] == e["seeds"] else f"{e['seeds_ok']} of {e['seeds']}"
+        lines.append(f"| {e['layers']} | {e['normalization']} | {e['penalty_weight']:g} | {seeds} | "
+                     + " | ".join(cells) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
+def _series(summary: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(layers, normalization) of every penalised curve, in the order of the grid."""
+    return list(dict.fromkeys((e["layers"], e["normalization"]) for e in summary if e["layers"] != NONE))
+
+
 def plot_results(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Three PNGs against the penalty weight (symlog x axis; weight 0 is the unpenalised run)."""
+    """``robustness_vs_weight.png`` and ``grad_norm_vs_weight.png``: each measure against w (symlog x
+    axis, the unpenalised run at w = 0 starts every curve), one line per layer set (and normalisation)
+    through the mean over seeds, shaded from the lowest to the highest seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r.get("status") == "ok"]
-    base = [r for r in ok if r["normalization"] == "none"]
-    positive = sorted({r["penalty_weight"] for r in ok if r["penalty_weight"] > 0}) or [1.0]
-    series = sorted({r["normalization"] for r in ok if r["normalization"] != "none"})
+    summary = summarize(rows)
+    base = [e for e in summary if e["layers"] == NONE]
+    series = _series(summary)
+    several_norms = len({n for _, n in series}) > 1
+    positive = sorted({e["penalty_weight"] for e in summary if e["penalty_weight"] > 0}) or [1.0]
+    seeds = max((e["seeds"] for e in summary), default=1)
 
-    def curve(norm, key):
-        runs = base + [r for r in ok if r["normalization"] == norm]
-        pts = sorted((r["penalty_weight"], r[key]) for r in runs if key in r)
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    def axes(ax, ylabel):
+    def draw(ax, key, ylabel, log=False):
+        for layers, norm in series:
+            pts = sorted((e["penalty_weight"], e[key]) for e in base + [
+                e for e in summary if (e["layers"], e["normalization"]) == (layers, norm)] if key in e)
+            if not pts:
+                continue
+            w = [p[0] for p in pts]
+            line, = ax.plot(w, [p[1]["mean"] for p in pts], marker="o", ms=4,
+                            label=f"{layers}, {norm}" if several_norms else layers)
+            ax.fill_between(w, [p[1]["min"] for p in pts], [p[1]["max"] for p in pts], color=line.get_color(),
+                            alpha=0.15, lw=0)
         ax.set_xscale("symlog", linthresh=positive[0])
-        ax.set_xlim(0, positive[-1] * 2)
+        ax.set_xlim(0, positive[-1] * 1.5)
+        if log:
+            ax.set_yscale("log")
         ax.set_xlabel("penalty weight w (0 = no penalty)")
-        ax.set_ylabel(ylabel)
+        ax.set_title(ylabel, fontsize=10)
         ax.grid(True, alpha=0.3)
 
-    paths = []
-    grad_keys = [k for k in (ok[0] if ok else {}) if k.startswith("test_grad_rms/")]
-    fig, axs = plt.subplots(1, max(len(grad_keys), 1), figsize=(4.2 * max(len(grad_keys), 1), 3.6))
-    for ax, key in zip(np.atleast_1d(axs), grad_keys, strict=False):
-        for norm in series:
-            line, = ax.plot(*curve(norm, key), marker="o", label=f"{norm}, test")
-            ax.plot(*curve(norm, key.replace("test_", "train_", 1)), marker="x", ls="--",
-                    color=line.get_color(), label=f"{norm}, train")
-        ax.set_yscale("log")
-        axes(ax, f"RMS over examples of ||d CE_i / d a_i||, {key.split('/')[1]}")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "grad_norm_vs_weight.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    def save(fig, axs, used, name, title):
+        axs[0].legend(fontsize=8, title="penalised")
+        for ax in axs[used:]:
+            ax.set_visible(False)
+        fig.suptitle(title, fontsize=11)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        return out / name
 
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for norm in series:
-        ax.plot(*curve(norm, "test_accuracy"), marker="o", label=norm)
-    axes(ax, "test accuracy")
-    ax.legend()
-    fig.tight_layout()
-    paths.append(out / "accuracy_vs_weight.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    keys = [k for e in summary for k in e if isinstance(e[k], dict)]
+    keys = list(dict.fromkeys(keys))
+    attacked = [k for k in keys if k.startswith(ATTACKED_PREFIX)]
+    noisy = [k for k in keys if k.startswith("noisy_accuracy@")]
+    panels = [("test_accuracy", "clean test accuracy", False)]
+    panels += [(k, f"accuracy under {k.removeprefix(ATTACKED_PREFIX).replace('@', ', eps = ')}", False)
+               for k in attacked]
+    panels += [(k, f"accuracy, Gaussian noise sigma = {k.split('@')[1]}", False) for k in noisy]
+    panels += [("test_grad_norm/input", "mean input-gradient norm ||dCE_i/dx_i|| (test)", True),
+               ("test_grad_median/input", "median input-gradient norm ||dCE_i/dx_i|| (test)", True)]
+    panels_used = [p for p in panels if p[0] in keys]
+    ncols = 3
+    nrows = max(1, math.ceil(len(panels_used) / ncols))
+    fig, axs = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.5 * nrows), squeeze=False)
+    axs = axs.ravel()
+    for ax, (key, title, log) in zip(axs, panels_used, strict=False):
+        draw(ax, key, title, log)
+    paths = [save(fig, axs, len(panels_used), "robustness_vs_weight.png",
+                  f"mean over {seeds} seed(s), band: lowest to highest seed")]
 
-    noisy_keys = [k for k in (ok[0] if ok else {}) if k.startswith("noisy_accuracy@")]
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for norm in series:
-        for key in noisy_keys:
-            ax.plot(*curve(norm, key), marker="o", label=f"{norm}, sigma={key.split('@')[1]}")
-    axes(ax, "test accuracy under Gaussian input noise")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "noisy_accuracy_vs_weight.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    grad_keys = [k for k in keys if k.startswith("test_grad_rms/")]
+    n = max(len(grad_keys), 1)
+    fig, axs = plt.subplots(1, n, figsize=(4.6 * n, 3.5), squeeze=False)
+    axs = axs.ravel()
+    for ax, key in zip(axs, grad_keys, strict=False):
+        draw(ax, key, f"RMS over test examples of ||dCE_i/da_i||, {key.split('/')[1]}", log=True)
+    paths.append(save(fig, axs, len(grad_keys), "grad_norm_vs_weight.png",
+                      "per-example activation-gradient size"))
     return paths
 
 
@@ -344,6 +468,17 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+    if not values or any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct integers >= 0, got {text!r}")
+    return values
+
+
 def _normalizations(text: str) -> tuple[str, ...]:
     values = tuple(v.strip() for v in text.split(",") if v.strip())
     bad = [v for v in values if v not in NORMALIZATIONS]
@@ -353,43 +488,76 @@ def _normalizations(text: str) -> tuple[str, ...]:
     return values
 
 
+def _layer_sets(text: str) -> tuple[tuple[str, ...], ...]:
+    sets = tuple(tuple(n.strip() for n in item.split("+")) for item in text.split(",") if item.strip())
+    bad = sorted({n for s in sets for n in s if n not in MEASURED_LAYERS})
+    if bad or not sets or len(set(sets)) != len(sets):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct layer sets such as input,relu1,relu1+relu2 from {list(MEASURED_LAYERS)}, "
+            f"got {text!r}")
+    return sets
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from agp_common.config import _names  # the training CLI's own reading of the --eval-* lists
+
     d = SweepConfig()
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="python -m jax_impl.sweep",
-        description="Train the seed CNN for a grid of penalty weights and normalisations; "
-                    "write a table (md, csv, json) and plots of gradient norms and accuracies vs the weight.",
+        description="Train the seed CNN for every seed x penalised layer set x normalisation x weight; "
+                    "measure clean accuracy, accuracy under FGSM and PGD and under Gaussian noise, and "
+                    "gradient sizes; write tables (md, csv, json) and plots against the weight.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--dataset", choices=("digits", "cifar10", "npz"), default=None,
                    help="training data (default: digits, or cifar10 when --data-dir is given)")
     p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (or .npz with --dataset npz)")
-    p.add_argument("--weights", type=_floats, default=d.weights, help="comma-separated penalty weights")
+    p.add_argument("--layers", type=_layer_sets, default=d.layer_sets,
+                   help="comma-separated penalised layer sets, layers within a set joined by '+' "
+                        "(input, relu1, relu2)")
+    p.add_argument("--weights", type=_floats, default=d.weights,
+                   help="comma-separated penalty weights (0: the unpenalised run, once per seed)")
     p.add_argument("--normalizations", type=_normalizations, default=d.normalizations,
                    help="comma-separated normalisations: batch_mean (the seed's) and/or per_example")
+    p.add_argument("--seeds", "--seed", type=_ints, default=d.seeds,
+                   help="comma-separated seeds of weights and batch order; every grid point runs once "
+                        "per seed")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs per run")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size of every run")
     p.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default=d.optimizer, help="optimizer")
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of weights and batch order (all runs)")
     p.add_argument("--noise", type=_floats, default=d.noise,
-                   help="standard deviations of the Gaussian input noise for the robustness accuracy")
+                   help="standard deviations of the Gaussian input noise for the noisy accuracy")
+    p.add_argument("--eval-attacks", type=_names, default=d.eval_attacks,
+                   help="comma-separated attacks (fgsm, pgd); '' for none")
+    p.add_argument("--eval-eps", type=_floats, default=d.eval_eps,
+                   help="comma-separated L-infinity radii, in units of the scaled data ([0, 1] for images)")
+    p.add_argument("--eval-pgd-steps", type=int, default=d.eval_pgd_steps,
+                   help="PGD's steps (no random start)")
+    p.add_argument("--eval-pgd-step-ratio", type=float, default=d.eval_pgd_step_ratio,
+                   help="PGD's step size as a fraction of eps")
     p.add_argument("--out", default=None, help="output folder (default runs/sweep_DATASET)")
     return p
 
 
 def parse_sweep(argv: Sequence[str] | None) -> SweepConfig:
+    """Flags -> ``SweepConfig``; argparse exits 2 on malformed flags, ``UsageError`` for invalid values."""
     args = build_parser().parse_args(argv)
     dataset = args.dataset or ("cifar10" if args.data_dir else "digits")
     if args.epochs < 1 or args.batch_size < 1:
         raise UsageError(f"--epochs and --batch-size must be >= 1, got {args.epochs} and {args.batch_size}")
     if not args.weights:
         raise UsageError("--weights is empty; give at least one penalty weight")
-    return SweepConfig(
-        dataset=dataset, data_dir=args.data_dir, weights=args.weights, normalizations=args.normalizations,
-        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
-        noise=args.noise, out=args.out or f"runs/sweep_{dataset}",
+    sweep = SweepConfig(
+        dataset=dataset, data_dir=args.data_dir, layer_sets=args.layers, weights=args.weights,
+        normalizations=args.normalizations, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, noise=args.noise, eval_attacks=args.eval_attacks,
+        eval_eps=args.eval_eps, eval_pgd_steps=args.eval_pgd_steps,
+        eval_pgd_step_ratio=args.eval_pgd_step_ratio,
+        out=args.out or f"runs/sweep_{dataset}",
     )
+    train_config(sweep, 0, None, NONE, 0.0, Path(sweep.out), 1).attacks()  # UsageError naming --eval-*
+    return sweep
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -398,12 +566,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep = parse_sweep(argv)
         t0 = time.perf_counter()
         rows = run_sweep(sweep)
+        wall = time.perf_counter() - t0
         out = Path(sweep.out)
-        write_tables(rows, out, sweep)
+        write_tables(rows, out, sweep, wall)
         plot_results(rows, out)
     except UsageError as e:
         return report_error(e)
-    print(f"sweep: {len(rows)} runs in {time.perf_counter() - t0:.0f} s; table {out / 'results.md'}")
+    print(f"sweep: {len(rows)} runs in {wall:.0f} s; table {out / 'results.md'}, "
+          f"figure {out / 'robustness_vs_weight.png'}")
     print((out / "results.md").read_text(), end="")
     return 0
 

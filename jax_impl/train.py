@@ -28,12 +28,15 @@ each process then feeds its slice of every global batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
+import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,6 +47,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from agp_common.attack_spec import Attack
 from agp_common.batching import BatchOrder, eval_batches, padded_batch
 from agp_common.config import MOMENTUM, TrainConfig, parse_config, total_steps, validate_config
 from agp_common.data import Dataset, load_dataset
@@ -51,11 +55,12 @@ from agp_common.errors import (
     REPORTED_ERRORS,
     NonFiniteError,
     UsageError,
+    WriteFailed,
     report_error,
 )
-from agp_common.interrupts import pause_point
+from agp_common.io import CHECKPOINT_OVERHEAD, ensure_free_space
 from agp_common.loop import run_loop
-from agp_common.penalty_spec import INPUT
+from agp_common.penalty_spec import INPUT, PenaltyOptions
 from agp_common.plot import plot_run
 from agp_common.runlog import (
     check_config_file,
@@ -66,8 +71,9 @@ from agp_common.runlog import (
     summary_line,
     write_config,
 )
+from jax_impl.attacks import adversarial_correct
 from jax_impl.model import CAPTURE_NAMES, Net
-from jax_impl.penalty import lazy_value_and_grad, penalized_loss
+from jax_impl.penalty import lazy_value_and_grad
 
 FRAMEWORK = "jax"
 DATA_AXIS = "data"
@@ -99,21 +105,21 @@ def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
     raise UsageError(f"--optimizer must be one of sgd, momentum, adam; got {name!r}")
 
 
+@functools.cache
+def _compiled_init(model: Net):
+    # One compilation instead of dozens of small op-by-op ones (seconds on a 2-core CPU); same values.
+    return jax.jit(model.init)
+
+
 def init_params(model: Net, image_shape: Sequence[int], seed: int, dtype) -> Params:
     """Fresh parameters for images of ``image_shape`` (H, W, C), cast to ``dtype``."""
-    params = model.init(jax.random.key(seed), jnp.zeros((1, *image_shape), dtype))["params"]
+    params = _compiled_init(model)(jax.random.key(seed), jnp.zeros((1, *image_shape), dtype))["params"]
     return jax.tree.map(lambda p: p.astype(dtype), params)
 
 
 def create_train_state(params: Params, tx: optax.GradientTransformation) -> TrainState:
     """Step 0: ``params`` and a fresh optimizer state."""
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-
-
-def nondefault_penalty_options(config: TrainConfig) -> tuple[tuple[str, Any], ...]:
-    """``config``'s penalty options that differ from the seed recipe, as sorted (name, value) pairs."""
-    defaults = TrainConfig().penalty_options()
-    return tuple(sorted((k, v) for k, v in config.penalty_options().items() if v != defaults[k]))
 
 
 def train_step(
@@ -123,9 +129,8 @@ def train_step(
     model: Net,
     tx: optax.GradientTransformation,
     penalty_weight: float,
-    layers: tuple[str, ...] | None,
-    penalty_options: tuple[tuple[str, Any], ...] = (),
-    penalty_every: int = 1,
+    layers: tuple[str, ...] | None = None,
+    options: PenaltyOptions | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update on ``batch`` = {x (B, H, W, C), y (B,), mask (B,)}; returns the new state and metrics.
 
@@ -134,22 +139,17 @@ def train_step(
     Metrics: ``total``, ``loss``, ``penalty``, ``penalty/<layer>``,
     ``act_grad_norm/<layer>`` (= sqrt of that term), ``accuracy`` (masked),
     ``grad_norm`` and ``param_norm`` (global L2 norms, before the update).
-    ``penalty_options`` are ``penalized_loss`` keyword options as (name, value)
-    pairs (``TrainConfig.penalty_options``); ``penalty_every`` = k applies the
-    penalty with weight k*w on steps 0, k, 2k, ... only (lazy regularisation).
+    ``options`` are the penalty's options (``TrainConfig.penalty_options()``;
+    ``layers``, when given, overrides ``options.layers``); ``options.every`` = k
+    applies the penalty with weight k*w on steps 0, k, 2k, ... only (lazy
+    regularisation, ``lazy_value_and_grad``).
     """
-
-    def objective(params):
-        return penalized_loss(params, model, batch["x"], batch["y"], penalty_weight=penalty_weight,
-                              layers=layers, example_weights=batch["mask"])
-
-    if penalty_every == 1 and not penalty_options:
-        (total, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-    else:
-        (total, aux), grads = lazy_value_and_grad(
-            state.params, model, batch["x"], batch["y"], step=state.step, every=penalty_every,
-            penalty_weight=penalty_weight, layers=layers, example_weights=batch["mask"],
-            **dict(penalty_options))
+    options = PenaltyOptions() if options is None else options
+    if layers is not None:
+        options = options.replace(layers=layers)
+    (total, aux), grads = lazy_value_and_grad(
+        state.params, model, batch["x"], batch["y"], step=state.step, penalty_weight=penalty_weight,
+        options=options, example_weights=batch["mask"])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     mask = batch["mask"]
@@ -164,7 +164,7 @@ def train_step(
     }
     for name, term in aux["penalty_terms"].items():
         metrics[f"penalty/{name}"] = term
-        is_norm = dict(penalty_options).get("norm") == "l2"  # then the term already is a norm
+        is_norm = options.norm == "l2"  # then the term already is a norm
         metrics[f"act_grad_norm/{name}"] = term if is_norm else jnp.sqrt(term)
     return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -177,6 +177,16 @@ def eval_step(params: Params, batch: dict[str, jax.Array], *, model: Net) -> dic
     correct = (jnp.argmax(logits, axis=-1) == batch["y"]).astype(mask.dtype)
     return {"loss_sum": jnp.sum(per_example * mask), "correct": jnp.sum(correct * mask),
             "count": jnp.sum(mask)}
+
+
+def attack_eval_step(params: Params, batch: dict[str, jax.Array], *, model: Net, attacks: tuple[Attack, ...],
+                     clip: tuple[float, float]) -> dict[str, jax.Array]:
+    """Sums over the real rows of ``batch``: ``{attack.eval_key: examples still right under it}``.
+
+    FGSM / PGD (``jax_impl.attacks``) within ``clip``, the data's valid range.
+    """
+    return adversarial_correct(model.apply, {"params": params}, batch["x"], batch["y"], attacks, clip=clip,
+                               mask=batch["mask"])
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -194,18 +204,42 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+class CountingJit:
+    """``jax.jit(fn, **jit_options)`` that counts in ``traces`` how many times JAX traced ``fn``.
+
+    Under ``jit`` the Python body of ``fn`` runs only while JAX traces it: on the first call and on
+    a call with an argument shape, dtype or committed sharding not traced before, never on a
+    cached call. So ``traces`` counts the compilations of ``fn`` in this process, with public API
+    only (``chex.assert_max_traces`` counts the same way).
+    """
+
+    def __init__(self, fn: Callable, **jit_options):
+        self.traces = 0
+
+        @functools.wraps(fn)
+        def traced(*args, **kwargs):
+            self.traces += 1  # Python side effect: happens at trace time only
+            return fn(*args, **kwargs)
+
+        self.jitted = jax.jit(traced, **jit_options)
+
+    def __call__(self, *args, **kwargs):
+        return self.jitted(*args, **kwargs)
+
+
 def make_train_step(model: Net, tx: optax.GradientTransformation, penalty_weight: float,
                     layers: tuple[str, ...] | None, mesh: Mesh, *,
-                    penalty_options: tuple[tuple[str, Any], ...] = (), penalty_every: int = 1):
+                    options: PenaltyOptions | None = None) -> CountingJit:
     """``train_step`` compiled for ``mesh``: state replicated and donated, batch sharded.
 
     The loss and penalty are those of the global batch (XLA inserts the
     cross-device reductions), so results match one device up to rounding.
+    The result's ``traces`` counts its compilations.
     """
     step = functools.partial(train_step, model=model, tx=tx, penalty_weight=penalty_weight, layers=layers,
-                             penalty_options=penalty_options, penalty_every=penalty_every)
-    return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)),
-                   out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+                             options=options)
+    return CountingJit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)),
+                       out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
 
 
 def make_eval_step(model: Net, mesh: Mesh):
@@ -216,17 +250,25 @@ def make_eval_step(model: Net, mesh: Mesh):
 
 @functools.lru_cache(maxsize=16)
 def compiled_steps(num_classes: int, optimizer: str, lr: float, penalty_weight: float,
-                   layers: tuple[str, ...] | None, devices: tuple[jax.Device, ...],
-                   penalty_options: tuple[tuple[str, Any], ...] = (), penalty_every: int = 1):
+                   devices: tuple[jax.Device, ...], options: PenaltyOptions | None = None):
     """``(model, tx, mesh, train_step_fn, eval_step_fn)`` for a run, built once per process and key.
 
     Runs in one process with the same model, optimizer and devices (tests, sweeps) share one jitted
     step, so XLA compiles each (shape, dtype) only once.
     """
     model, tx, mesh = Net(num_classes=num_classes), make_optimizer(optimizer, lr), data_mesh(devices)
-    return (model, tx, mesh, make_train_step(model, tx, penalty_weight, layers, mesh,
-                                             penalty_options=penalty_options, penalty_every=penalty_every),
+    return (model, tx, mesh, make_train_step(model, tx, penalty_weight, None, mesh, options=options),
             make_eval_step(model, mesh))
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_attack_eval(num_classes: int, attacks: tuple[Attack, ...], clip: tuple[float, float],
+                         devices: tuple[jax.Device, ...]):
+    """``attack_eval_step`` compiled for the mesh of ``devices`` (params replicated, batch sharded), once
+    per process and key (a sweep's runs share it)."""
+    mesh = data_mesh(devices)
+    step = functools.partial(attack_eval_step, model=Net(num_classes=num_classes), attacks=attacks, clip=clip)
+    return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh))
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -261,6 +303,16 @@ def evaluate(eval_fn, params: Params, ds: Dataset, batch_size: int, dtype, mesh:
     return {"eval_loss": total["loss_sum"] / count, "eval_accuracy": total["correct"] / count}
 
 
+def evaluate_attacks(attack_fn, params: Params, ds: Dataset, batch_size: int, dtype, mesh: Mesh
+                     ) -> dict[str, float]:
+    """``{eval_accuracy/ATTACK@EPS: test accuracy}`` under each attack of ``compiled_attack_eval``."""
+    sums = [attack_fn(params, put_batch(padded_batch(ds.x_test, ds.y_test, idx, batch_size, dtype,
+                                                       ds.pixel_scale), mesh))
+            for idx in eval_batches(len(ds.y_test), batch_size)]
+    sums = jax.device_get(sums)  # one sync for the whole pass
+    return {k: float(np.sum([s[k] for s in sums], dtype=np.float64)) / len(ds.y_test) for k in sums[0]}
+
+
 def checkpoint_manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
     """Orbax manager of WORKDIR/checkpoints: synchronous (the next step donates the state), atomic
     (written to a temporary folder, then renamed; temporary folders of a killed save are removed at
@@ -276,29 +328,6 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-class _PauseBeforeFinalize:
-    """Test hook (``AGP_TEST_PAUSE=in_save:<step>``): pause inside orbax's save after every item is
-    written to the temporary folder and before it is renamed into place, so that a kill test can
-    SIGKILL the process in the middle of a checkpoint write deterministically."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def __enter__(self):
-        handler = ocp.CompositeCheckpointHandler
-        self.original = original = handler.finalize
-        step = self.step
-
-        def finalize(self_, directory):
-            pause_point("in_save", step)
-            return original(self_, directory)
-
-        handler.finalize = finalize
-
-    def __exit__(self, *exc):
-        ocp.CompositeCheckpointHandler.finalize = self.original
-
-
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, record: dict[str, Any]) -> None:
     """Save ``state`` under its step, with the run's config record beside it.
 
@@ -312,12 +341,31 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, record: d
         raise NonFiniteError(f"step {step}: the parameters or optimizer state are NaN/Inf after the update; "
                              f"not saved (the newest checkpoint, step {manager.latest_step()}, is intact); "
                              "try a smaller --lr or --penalty-weight")
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(record))
-    if f"in_save:{step}" in os.environ.get("AGP_TEST_PAUSE", "").split(","):
-        with _PauseBeforeFinalize(step):
-            manager.save(step, args=args)
-    else:
-        manager.save(step, args=args)
+    try:
+        arrays = sum(leaf.nbytes for leaf in jax.tree.leaves((state.params, state.opt_state)))
+        ensure_free_space(manager.directory, arrays + CHECKPOINT_OVERHEAD)  # before orbax starts writing
+        with _orbax_errors_unlogged():
+            manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       config=ocp.args.JsonSave(record)))
+    except Exception as e:  # disk full, quota, I/O: orbax and tensorstore raise many types
+        gc.collect()  # finalise orbax's abandoned write coroutines now, not noisily at interpreter exit
+        raise WriteFailed("checkpoint", manager.directory / str(step), e) from e
+
+
+@contextlib.contextmanager
+def _orbax_errors_unlogged():
+    """Drop the ERROR records orbax's worker threads log (with tracebacks) for a failed save: the
+    error itself reaches ``save_checkpoint``, which reports it once (with its traceback under --debug)."""
+    logger = logging.getLogger("absl")
+
+    def below_error(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+    logger.addFilter(below_error)
+    try:
+        yield
+    finally:
+        logger.removeFilter(below_error)
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
@@ -396,10 +444,12 @@ def _train_and_evaluate(config, workdir, params, devices, plots, handle_signals)
     main_process = jax.process_index() == 0
     ds = load_dataset(config)
     model, tx, mesh, step_fn, eval_fn = compiled_steps(
-        ds.num_classes, config.optimizer, config.lr, config.penalty_weight, config.penalty_layers,
-        tuple(jax.devices() if devices is None else devices), nondefault_penalty_options(config),
-        config.penalty_every)
-    compiled_before = step_fn._cache_size()
+        ds.num_classes, config.optimizer, config.lr, config.penalty_weight,
+        tuple(jax.devices() if devices is None else devices), config.penalty_options())
+    compiled_before = step_fn.traces
+    attacks = config.attacks()
+    attack_fn = (compiled_attack_eval(ds.num_classes, attacks, ds.input_range(), tuple(mesh.devices.flat))
+                 if attacks else None)
     check_batch_size(config.batch_size, mesh, len(ds.y_train))
     order = BatchOrder(config.seed, len(ds.y_train), config.batch_size)
     total = total_steps(config, order.steps_per_epoch)
@@ -433,14 +483,18 @@ def _train_and_evaluate(config, workdir, params, devices, plots, handle_signals)
             return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
         def run_eval():
-            return evaluate(eval_fn, state.params, ds, config.batch_size, dtype, mesh)
+            result = evaluate(eval_fn, state.params, ds, config.batch_size, dtype, mesh)
+            if attack_fn is not None:  # --eval-attacks: accuracy under attack beside the clean one
+                result.update(evaluate_attacks(attack_fn, state.params, ds, config.batch_size, dtype, mesh))
+            return result
 
         loop = run_loop(config, workdir, order, start, total, train_step=run_step, evaluate=run_eval,
                         save=lambda step: save_checkpoint(manager, state, record), main_process=main_process,
                         handle_signals=handle_signals)
     final_eval = loop.last_eval if loop.steps_run else run_eval()
+    plot_paths = []
     if plots and main_process and (workdir / "metrics.jsonl").exists():
-        plot_run(workdir)
+        plot_paths = plot_run(workdir)
     wall = time.perf_counter() - t_start
     return TrainResult(
         step=int(jax.device_get(state.step)),
@@ -448,8 +502,8 @@ def _train_and_evaluate(config, workdir, params, devices, plots, handle_signals)
         last_train=loop.last_train,
         final_eval=final_eval,
         wall_s=wall,
-        train_step_compilations=step_fn._cache_size() - compiled_before,
-        summary=summary_line(FRAMEWORK, total, wall, loop.last_train, final_eval, workdir),
+        train_step_compilations=step_fn.traces - compiled_before,
+        summary=summary_line(FRAMEWORK, total, wall, loop.last_train, final_eval, workdir, plot_paths),
     )
 
 

@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from agp_common.errors import ModelInputError
+from agp_common.penalty_spec import check_penalty_weight
 
-__all__ = ["ModelInputError", "check_net_input", "check_penalized_loss_args", "is_concrete", "min_image_size"]
+__all__ = ["ModelInputError", "check_loss_inputs", "check_net_input", "check_penalized_loss_args",
+           "is_concrete", "min_image_size"]
 
 #: ``Net``: two stages of conv5x5 (VALID) + 2x2 max-pool, 64 channels after the second.
 KERNEL = 5
@@ -95,6 +97,19 @@ def check_net_input(x: Any, variables: Any = None, where: str = "Net") -> None:
             raise ModelInputError(f"{where}: expected images of shape {expected} (the size the parameters "
                                   f"were initialised for: {linear[0]} features before 'linear'), got shape "
                                   f"{shape} ({FEATURES * h2 * w2} features)")
+
+
+def check_loss_inputs(x: Any, penalty_weight: Any) -> None:
+    """Raise ``ModelInputError`` for a batch of 0 examples or a ``penalty_weight`` that is not one
+    finite number >= 0 (checked when concrete; a traced weight under ``jit`` is not looked at).
+
+    Same checks as ``torch_ref.validation.check_loss_inputs``.
+    """
+    if getattr(x, "ndim", 0) >= 1 and x.shape[0] == 0:
+        raise ModelInputError(f"penalized_loss: x holds no examples (shape {tuple(x.shape)}); expected a "
+                              "batch of at least one")
+    if is_concrete(penalty_weight):
+        check_penalty_weight(penalty_weight)
 
 
 def check_penalized_loss_args(model: Any, x: Any, y: Any, example_weights: Any = None,

@@ -60,6 +60,9 @@ def collect(quick: bool = False, trajectory_lr: float = cmp.TRAJECTORY_LR) -> tu
         add(rows, f"{{group}}, {steps} SGD steps", result.params + result.displacement)
         notes.append(f"trajectory {dtype}: lr={trajectory_lr}, batch {cmp.TRAJECTORY_BATCH}, penalty weight "
                      f"10; parameters moved {result.relative_move:.1e} of their largest entry")
+        for step, margin in result.kink_steps:
+            notes.append(f"trajectory {dtype}: step {step} left out, a pre-activation {margin:.1e} (relative)"
+                         f" from a ReLU/max-pool kink took another float32 branch; JAX resynced to PyTorch")
 
     for kind in cmp.TIE_KINDS[:1] if quick else cmp.TIE_KINDS:
         net, x, _ = cmp.tie_setup(kind, "float64")

@@ -3,7 +3,7 @@
 Cross-framework (imports JAX and PyTorch). The PyTorch models have no capture
 code: their capture points are named for forward hooks
 (``capture_modules``); the Flax models mark them with ``layers.capture``.
-Float64, identical weights (``parity_tests/zoo_convert.py``).
+Float64, identical weights (``torch_ref.export_flax_params`` / ``export_flax_variables``).
 """
 
 import jax
@@ -14,14 +14,27 @@ import torch
 from flax import traverse_util
 
 import torch_ref
-from jax_impl import MLP, ResNet, penalized_loss
-from parity_tests.zoo_convert import mlp_params_to_flax, resnet_bn_modules, resnet_to_flax
+from jax_impl import penalized_loss
+from parity_tests import models_torch
+from parity_tests.models_jax import MLP, ResNet
 
 # float64 rounding only (~1e-16 per op through double backprop, BatchNorm included): >1000x headroom.
 RTOL = 1e-10
 WEIGHT = 10.0
 BATCH = 5
 SHAPE_CHW = (2, 6, 6)  # two channels so that the NCHW/NHWC flatten order matters for the MLP
+
+
+def mlp_params(net, *, grads=False):
+    """The MLP flattens its input image: only running it once shows the converter that (C, H, W) map."""
+    example = torch.zeros(1, *SHAPE_CHW, dtype=torch.float64)
+    return torch_ref.export_flax_params(net, grads=grads, example_input=example)
+
+
+def bn_modules(net):
+    """The BatchNorm layers by their Flax ``batch_stats`` path ("block1/bn1"): same names in both models."""
+    layers = net.named_modules()
+    return {path.replace(".", "/"): m for path, m in layers if isinstance(m, torch.nn.BatchNorm2d)}
 
 
 def normwise(actual, expected, rtol, what):
@@ -73,10 +86,10 @@ def test_mlp_penalty_matches_reference_with_forward_hooks(case, batch):
     rtol = 1e-10 if options.get("approx") == "finite_difference" else RTOL
     x, y = batch
     torch.manual_seed(0)
-    net = torch_ref.MLP(int(np.prod(SHAPE_CHW))).double()
-    total_t, aux_t = torch_penalty(net, torch_ref.MLP_CAPTURE_MODULES, x, y, options)
+    net = models_torch.MLP(int(np.prod(SHAPE_CHW))).double()
+    total_t, aux_t = torch_penalty(net, models_torch.MLP_CAPTURE_MODULES, x, y, options)
     with jax.enable_x64(True):
-        params = jax.tree.map(jnp.asarray, mlp_params_to_flax(net, SHAPE_CHW))
+        params = jax.tree.map(jnp.asarray, mlp_params(net))
         xj, yj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)
         (total_j, aux_j), grads_j = jax.value_and_grad(
             lambda p: penalized_loss(p, MLP(), xj, yj, penalty_weight=WEIGHT, **options), has_aux=True
@@ -84,12 +97,12 @@ def test_mlp_penalty_matches_reference_with_forward_hooks(case, batch):
         normwise(total_j, total_t.item(), rtol, "total")
         for name, term in aux_t["penalty_terms"].items():
             normwise(aux_j["penalty_terms"][name], term.item(), RTOL, f"term {name}")
-        compare_trees(grads_j, mlp_params_to_flax(net, SHAPE_CHW, grads=True), rtol, "grad")
+        compare_trees(grads_j, mlp_params(net, grads=True), rtol, "grad")
 
 
 def randomize_running_stats(net, seed):
     gen = torch.Generator().manual_seed(seed)
-    for bn in resnet_bn_modules(net).values():
+    for bn in bn_modules(net).values():
         bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen, dtype=torch.float64))
         bn.running_var.copy_(torch.rand(bn.num_features, generator=gen, dtype=torch.float64) + 0.5)
 
@@ -97,10 +110,10 @@ def randomize_running_stats(net, seed):
 @pytest.fixture
 def resnet():
     torch.manual_seed(0)
-    net = torch_ref.ResNet(in_channels=SHAPE_CHW[0], width=4).double()
+    net = models_torch.ResNet(in_channels=SHAPE_CHW[0], width=4).double()
     with torch.no_grad():
         randomize_running_stats(net, 0)
-        for bn in resnet_bn_modules(net).values():  # non-trivial affine parameters
+        for bn in bn_modules(net).values():  # non-trivial affine parameters
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.uniform_(-0.5, 0.5)
     return net
@@ -118,9 +131,9 @@ def test_resnet_batchnorm_train_mode_matches_reference(case, resnet, batch):
     """Train mode: batch statistics; ``batch_stats`` is updated while perturbations are differentiated."""
     options = RESNET_CASES[case]
     x, y = batch
-    before = resnet_to_flax(resnet)
+    before = torch_ref.export_flax_variables(resnet)
     resnet.train()
-    total_t, aux_t = torch_penalty(resnet, torch_ref.RESNET_CAPTURE_MODULES, x, y, options)
+    total_t, aux_t = torch_penalty(resnet, models_torch.RESNET_CAPTURE_MODULES, x, y, options)
     with jax.enable_x64(True):
         variables = jax.tree.map(jnp.asarray, before)
         xj, yj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)
@@ -136,14 +149,14 @@ def test_resnet_batchnorm_train_mode_matches_reference(case, resnet, batch):
         normwise(total_j, total_t.item(), RTOL, "total")
         for name, term in aux_t["penalty_terms"].items():
             normwise(aux_j["penalty_terms"][name], term.item(), RTOL, f"term {name}")
-        compare_trees(grads_j, resnet_to_flax(resnet, grads=True), RTOL, "grad")
+        compare_trees(grads_j, torch_ref.export_flax_params(resnet, grads=True), RTOL, "grad")
 
         # Running statistics after one train-mode step. Flax: 0.9 old + 0.1 biased var; PyTorch
         # (momentum 0.1): 0.9 old + 0.1 unbiased var, unbiased = biased * n / (n - 1), n = B*H*W.
         n = BATCH * SHAPE_CHW[1] * SHAPE_CHW[2]
         new_stats = traverse_util.flatten_dict(aux_j["model_state"]["batch_stats"], sep="/")
         old_stats = traverse_util.flatten_dict(before["batch_stats"], sep="/")
-        for path, bn in resnet_bn_modules(resnet).items():
+        for path, bn in bn_modules(resnet).items():
             normwise(new_stats[f"{path}/mean"], bn.running_mean.numpy(), RTOL, f"{path} running mean")
             torch_new_var = bn.running_var.numpy()
             torch_batch_var_unbiased = (torch_new_var - 0.9 * old_stats[f"{path}/var"]) / 0.1
@@ -156,9 +169,9 @@ def test_resnet_batchnorm_train_mode_matches_reference(case, resnet, batch):
 def test_resnet_batchnorm_eval_mode_matches_reference(resnet, batch):
     x, y = batch
     resnet.eval()
-    total_t, _ = torch_penalty(resnet, torch_ref.RESNET_CAPTURE_MODULES, x, y, {})
+    total_t, _ = torch_penalty(resnet, models_torch.RESNET_CAPTURE_MODULES, x, y, {})
     with jax.enable_x64(True):
-        variables = jax.tree.map(jnp.asarray, resnet_to_flax(resnet))
+        variables = jax.tree.map(jnp.asarray, torch_ref.export_flax_variables(resnet))
         xj, yj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)
         (total_j, aux_j), grads_j = jax.value_and_grad(
             lambda p: penalized_loss(
@@ -169,7 +182,7 @@ def test_resnet_batchnorm_eval_mode_matches_reference(resnet, batch):
         )(variables["params"])
         assert "model_state" not in aux_j
         normwise(total_j, total_t.item(), RTOL, "total")
-        compare_trees(grads_j, resnet_to_flax(resnet, grads=True), RTOL, "grad")
+        compare_trees(grads_j, torch_ref.export_flax_params(resnet, grads=True), RTOL, "grad")
 
 
 def test_torch_finite_difference_leaves_batchnorm_running_stats_as_one_forward(resnet, batch):
@@ -182,6 +195,6 @@ def test_torch_finite_difference_leaves_batchnorm_running_stats_as_one_forward(r
         resnet(torch.tensor(x))
         stats_once = {k: v.clone() for k, v in resnet.state_dict().items()}
         resnet.load_state_dict(saved)
-    torch_penalty(resnet, torch_ref.RESNET_CAPTURE_MODULES, x, y, {"approx": "finite_difference"})
+    torch_penalty(resnet, models_torch.RESNET_CAPTURE_MODULES, x, y, {"approx": "finite_difference"})
     for key, value in resnet.state_dict().items():
         torch.testing.assert_close(value, stats_once[key], rtol=0, atol=0)

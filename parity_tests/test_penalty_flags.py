@@ -32,7 +32,7 @@ def test_flags_fill_the_config_and_defaults_are_the_seed_recipe():
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--penalty-every", "0"], "--penalty-every must be >= 1"),
+    (["--penalty-every", "0"], "--penalty-every must be a positive integer"),
     (["--penalty-fd-step", "0"], "--penalty-fd-step must be a finite number > 0"),
 ])
 def test_bad_penalty_flags_are_usage_errors(argv, message):

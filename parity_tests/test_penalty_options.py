@@ -123,23 +123,27 @@ def test_torch_finite_difference_without_hooks_names_the_fix(net_and_batch):
 
 def test_lazy_regularisation_trains_identically_for_four_steps():
     """Penalty every 2 steps with weight 2w, the plain loss in between: same SGD trajectory (MLP)."""
-    from jax_impl import MLP, lazy_value_and_grad
-    from parity_tests.zoo_convert import mlp_params_to_flax
+    from jax_impl import lazy_value_and_grad
+    from parity_tests import models_torch
+    from parity_tests.models_jax import MLP
 
     every, lr, steps, shape = 2, 0.1, 4, (1, 4, 4)
     torch.manual_seed(0)
-    tnet = torch_ref.MLP(16, hidden=(8, 8)).double()
+    tnet = models_torch.MLP(16, hidden=(8, 8)).double()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(BATCH, *shape))
     y = rng.integers(0, 10, BATCH)
     with jax.enable_x64(True):
-        params = jax.tree.map(jnp.asarray, mlp_params_to_flax(tnet, shape))
+        # The MLP flattens its input image; example_input shows the converter that (C, H, W) map
+        # (with C = 1 here both flatten orders coincide, but the call stays right for any C).
+        example = torch.zeros(1, *shape, dtype=torch.float64)
+        params = jax.tree.map(jnp.asarray, torch_ref.export_flax_params(tnet, example_input=example))
         xj, yj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)
         optimizer = torch.optim.SGD(tnet.parameters(), lr=lr)
         for step in range(steps):
             total_t, _ = torch_ref.lazy_penalized_loss(
                 tnet, torch.tensor(x), torch.tensor(y), WEIGHT, step=step, every=every,
-                capture_modules=torch_ref.MLP_CAPTURE_MODULES)
+                capture_modules=models_torch.MLP_CAPTURE_MODULES)
             optimizer.zero_grad()
             total_t.backward()
             optimizer.step()
@@ -147,7 +151,7 @@ def test_lazy_regularisation_trains_identically_for_four_steps():
                 params, MLP(hidden=(8, 8)), xj, yj, step=step, every=every, penalty_weight=WEIGHT)
             params = jax.tree.map(lambda p, g: p - lr * g, params, grads)
             normwise(total_j, total_t.item(), RTOL_EXACT, f"step {step} total")
-        expected = mlp_params_to_flax(tnet, shape)
+        expected = torch_ref.export_flax_params(tnet, example_input=example)
         for layer, tensors in expected.items():
             for pname, value in tensors.items():
                 normwise(params[layer][pname], value, RTOL_EXACT, f"final {layer}.{pname}")

@@ -10,7 +10,6 @@ folder, another config on resume) live in tests/test_train.py.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,73 +18,19 @@ import numpy as np
 import pytest
 
 import jax_impl.train as train
-from agp_common import TrainConfig, epoch_permutation
+from agp_common import epoch_permutation
 from agp_common.data import CIFAR_BINARY_FILES
-
-# 16x16x1 images, 10 classes, batches of 8: the shapes tests/test_train.py compiles (shared jit cache).
-N_TRAIN, N_TEST = 24, 4
-
-
-def good_arrays(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = np.arange(N_TRAIN) % 10  # every class present, so num_classes is 10
-    return {"x": rng.random((N_TRAIN, 16, 16, 1), dtype=np.float32), "y": y,
-            "x_test": rng.random((N_TEST, 16, 16, 1), dtype=np.float32), "y_test": np.arange(N_TEST)}
-
-
-def npz_config(path: Path, **changes) -> TrainConfig:
-    values = {"dataset": "npz", "data_dir": str(path), "batch_size": 8, "steps": 2, "checkpoint_every": 1,
-              "eval_every": 2, "quiet": True, **changes}
-    return TrainConfig(**values)
-
-
-def cli_args(config: TrainConfig, workdir: Path) -> list[str]:
-    return ["--dataset", config.dataset, "--data-dir", config.data_dir,
-            "--batch-size", str(config.batch_size), "--steps", str(config.steps),
-            "--checkpoint-every", str(config.checkpoint_every), "--eval-every", str(config.eval_every),
-            "--workdir", str(workdir), "--quiet"]
-
-
-def make_template(root: Path) -> tuple[Path, Path]:
-    """(data file, workdir of a finished 2-step run on it, a checkpoint at steps 1 and 2)."""
-    data = root / "data.npz"
-    np.savez(data, **good_arrays())
-    train.train_and_evaluate(npz_config(data), root / "run", plots=False)
-    return data, root / "run"
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template(tmp_path_factory.mktemp("template"))
-
-
-@pytest.fixture
-def existing_run(template, tmp_path):
-    _, run = template
-    shutil.copytree(run, tmp_path / "run")
-    return tmp_path / "run"
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    status = train.main(argv)
-    return status, capsys.readouterr().err
-
-
-def assert_one_line_error(status: int, err: str, message: str, expected_status: int = 2) -> None:
-    assert status == expected_status, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert message in lines[0], lines[0]
-    assert "Traceback" not in err
-
-
-def write_npz(path: Path, **arrays) -> Path:
-    np.savez(path, **arrays)
-    return path
+from tests.npz_runs import (
+    N_TEST,
+    N_TRAIN,
+    assert_one_line_error,
+    cli_args,
+    good_arrays,
+    npz_config,
+    run_cli,
+    snapshot,
+    write_npz,
+)
 
 
 def with_(**changes):
@@ -240,10 +185,13 @@ def test_a_poisoned_batch_stops_training_naming_the_step_and_keeps_the_last_chec
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     steps = [line for line in lines if '"split": "train"' in line]
     assert len(steps) == 1
-    # The checkpoint is good: with the poison removed the run resumes from it and finishes.
+    # The checkpoint is good: the same command up to step 1 restores it and evaluates it.
+    status, err = run_cli([*cli_args(npz_config(data, steps=1), workdir)], capsys)
+    assert status == 0, err
+    # Removing the poison makes other data: resuming on it is refused (train it in a new --workdir).
     clean = write_npz(tmp_path / "poisoned.npz", **good_arrays())
     status, err = run_cli([*cli_args(npz_config(clean, steps=3), workdir)], capsys)
-    assert status == 0, err
+    assert_one_line_error(status, err, "the run was trained on other data")
 
 
 def test_a_workdir_in_use_by_another_run_is_refused(existing_run, template, capsys):

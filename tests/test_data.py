@@ -3,8 +3,10 @@
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,6 +107,29 @@ def test_cifar10_incomplete_folder_lists_the_expected_files(tmp_path):
         load_cifar10(tmp_path)
 
 
+@pytest.mark.parametrize("release", ["binary", "python"])
+def test_missing_cifar10_says_where_to_download_it_and_unpacking_as_told_makes_it_load(tmp_path, release):
+    data_dir = tmp_path / "cifar"
+    with pytest.raises(UsageError) as error:
+        load_cifar10(data_dir)
+    message = str(error.value)
+    assert "\n" not in message
+    for part in ("https://www.cs.toronto.edu/~kriz/cifar.html", '"CIFAR-10 binary version"',
+                 '"CIFAR-10 python version"', f"tar xzf <archive> -C {data_dir}"):
+        assert part in message
+    # Do what the message says the archive gives, with stand-in records, and the folder loads.
+    folder = re.search(rf"the {release} one (?:gives )?(\S+)/data_batch_1", message).group(1)
+    os.makedirs(folder)
+    if release == "binary":
+        write_cifar_binary(Path(folder))
+    else:
+        assert f"{folder}/data_batch_1 ... data_batch_5, test_batch" in message
+        for name in CIFAR_PYTHON_FILES:
+            batch = {b"data": np.zeros((1, 3072), np.uint8), b"labels": [3]}
+            (Path(folder) / name).write_bytes(pickle.dumps(batch))
+    assert load_cifar10(data_dir).y_test.shape == ((3,) if release == "binary" else (1,))
+
+
 def test_cifar10_truncated_binary_file_is_refused(tmp_path):
     write_cifar_binary(tmp_path)
     with open(tmp_path / "test_batch.bin", "ab") as f:
@@ -186,6 +211,15 @@ def test_synthetic_data_is_seeded_and_has_the_requested_shape():
     np.testing.assert_array_equal(a.x_train, b.x_train)
     other = load_dataset(TrainConfig(dataset="synthetic", synthetic_shape=(10, 17, 19, 3), seed=6))
     assert not np.array_equal(a.x_train, other.x_train)
+
+
+def test_synthetic_labels_are_balanced_and_the_class_means_of_the_training_images_predict_the_test_ones():
+    ds = load_dataset(TrainConfig(dataset="synthetic", synthetic_shape=(200, 16, 16, 1)))
+    assert np.bincount(np.concatenate([ds.y_train, ds.y_test])).tolist() == [24] * 10  # chance is 1/10
+    # The labels are a function of the images: nearest class mean, no model, no training.
+    means = np.stack([ds.x_train[ds.y_train == k].mean(axis=0) for k in range(10)])  # (10, 16, 16, 1)
+    distances = ((ds.x_test[:, None] - means[None]) ** 2).sum(axis=(2, 3, 4))  # (40, 10)
+    assert np.mean(distances.argmin(axis=1) == ds.y_test) > 0.9
 
 
 def test_parser_defaults_and_frozen_config_round_trip():

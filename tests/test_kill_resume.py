@@ -4,9 +4,10 @@ A run is SIGKILLed between checkpoint writes and in the middle of one, stopped
 with SIGTERM and with Ctrl-C (SIGINT), and restarted each time with the same
 command; it must end with parameters bitwise identical to an uninterrupted
 run, a metrics.jsonl without duplicated or missing steps, and no half-written
-checkpoint. The kill points are made deterministic by the ``AGP_TEST_PAUSE``
-test hook (``agp_common.interrupts.pause_point``): the child prints
-``AGP_TEST_PAUSED <where> <step>`` and waits there until it is signalled.
+checkpoint. The kill points are made deterministic from outside the program:
+an interrupted child runs the trainer's ``main`` through ``tests/kill_driver.py``,
+which wraps the metrics write, orbax's finalize or the checkpoint file write in
+that process, prints ``PAUSED <where>`` there and waits until it is signalled.
 
 The JAX children share a persistent compilation cache (only the first one
 compiles), which keeps this test at a few seconds per process.
@@ -25,28 +26,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agp_common.interrupts import PAUSE_ENV
-
 TIMING_KEYS = ("step_time_s", "examples_per_s")
 # 20 examples in batches of 8 (3 steps per epoch, the last one partial), 8 steps, a checkpoint every 2.
 FLAGS = ["--dataset", "synthetic", "--synthetic-shape", "20,16,16,1", "--batch-size", "8", "--steps", "8",
          "--eval-every", "3", "--checkpoint-every", "2", "--keep-checkpoints", "10", "--quiet"]
 WAIT_S = 300  # generous: the first JAX child compiles, and other tests may share the 2 cores
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = Path(__file__).with_name("kill_driver.py")
 
 
 @pytest.fixture(scope="module")
 def child_env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("jax_cache")
-    env = {k: v for k, v in os.environ.items() if k != PAUSE_ENV}
+    env = dict(os.environ)
     env.update({"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
     return env
 
 
 def start(module: str, workdir: Path, env: dict, pause: str | None = None) -> subprocess.Popen:
-    env = dict(env) if pause is None else {**env, PAUSE_ENV: pause}
-    return subprocess.Popen([sys.executable, "-m", module, *FLAGS, "--workdir", str(workdir)], env=env,
+    """``python -m <module> FLAGS``, or with ``pause`` the same ``main`` run by ``kill_driver.py``."""
+    launch = ["-m", module] if pause is None else [str(DRIVER), module, pause]
+    return subprocess.Popen([sys.executable, *launch, *FLAGS, "--workdir", str(workdir)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -59,7 +62,7 @@ def wait_for_pause(proc: subprocess.Popen) -> str:
         if not line:
             break
         seen.append(line)
-        if line.startswith("AGP_TEST_PAUSED"):
+        if line.startswith("PAUSED "):
             return line.strip()
     proc.kill()
     proc.communicate()
@@ -69,7 +72,7 @@ def wait_for_pause(proc: subprocess.Popen) -> str:
 def interrupt(module: str, workdir: Path, env: dict, pause: str, sig: int) -> tuple[int, str]:
     """Run until ``pause``, send ``sig``, wait; returns (exit status, rest of stderr)."""
     proc = start(module, workdir, env, pause)
-    assert wait_for_pause(proc) == "AGP_TEST_PAUSED " + pause.replace(":", " ")
+    assert wait_for_pause(proc) == f"PAUSED {pause}"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=WAIT_S)
     return proc.returncode, err
@@ -118,10 +121,12 @@ def test_jax_run_survives_sigkill_between_and_during_checkpoints_and_sigterm_and
     reference, run = tmp_path / "reference", tmp_path / "run"
     finish(module, reference, child_env)
 
-    # SIGKILL after step 3's metrics are written, between the checkpoints of steps 2 and 4.
-    status, _ = interrupt(module, run, child_env, "before_save:3", signal.SIGKILL)
+    # SIGKILL after step 3's metrics (eval last) are written, between the checkpoints of steps 2 and 4:
+    # metrics.jsonl holds records past the newest checkpoint, which the restart must drop.
+    status, _ = interrupt(module, run, child_env, "record:eval:3", signal.SIGKILL)
     assert status == -signal.SIGKILL
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]
+    assert [(r["step"], r["split"]) for r in records(run)][-2:] == [(3, "train"), (3, "eval")]
 
     # SIGKILL in the middle of writing checkpoint 4: orbax's temporary folder is left behind ...
     status, _ = interrupt(module, run, child_env, "in_save:4", signal.SIGKILL)
@@ -131,14 +136,14 @@ def test_jax_run_survives_sigkill_between_and_during_checkpoints_and_sigterm_and
 
     # ... and the restart removes it, redoes steps 3-4, and stops cleanly on SIGTERM after step 5,
     # saving step 5 although it is not a checkpoint step.
-    status, err = interrupt(module, run, child_env, "after_step:5", signal.SIGTERM)
+    status, err = interrupt(module, run, child_env, "record:train:5", signal.SIGTERM)
     assert status == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1].startswith("stopped: stopped by SIGTERM after step 5")
     assert "Traceback" not in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4", "5"]
 
     # Ctrl-C (SIGINT) before step 6's checkpoint is written: step 6 is saved, exit 130.
-    status, err = interrupt(module, run, child_env, "before_save:6", signal.SIGINT)
+    status, err = interrupt(module, run, child_env, "record:eval:6", signal.SIGINT)
     assert status == 128 + signal.SIGINT, err
     assert "stopped by SIGINT after step 6" in err and "Traceback" not in err
 
@@ -167,7 +172,7 @@ def test_torch_run_survives_sigkill_during_a_checkpoint_write_and_sigterm(tmp_pa
     left = sorted(p.name for p in (run / "checkpoints").iterdir())  # "." sorts first
     assert len(left) == 2 and left[0].startswith(".step_00000004.pt.") and left[1] == "step_00000002.pt"
 
-    status, err = interrupt(module, run, child_env, "after_step:5", signal.SIGTERM)
+    status, err = interrupt(module, run, child_env, "record:train:5", signal.SIGTERM)
     assert status == 128 + signal.SIGTERM and "stopped by SIGTERM after step 5" in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step_00000002.pt", "step_00000004.pt", "step_00000005.pt"]  # the half-written file is gone

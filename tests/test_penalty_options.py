@@ -3,6 +3,7 @@
 Float64 throughout, tiny models, so that identities hold to rounding.
 """
 
+import functools
 import itertools
 
 import jax
@@ -12,9 +13,7 @@ import pytest
 from flax import traverse_util
 
 from jax_impl import (
-    MLP,
     Net,
-    ResNet,
     cross_entropy_loss,
     is_penalty_step,
     lazy_penalty_weight,
@@ -22,6 +21,7 @@ from jax_impl import (
     penalized_loss,
 )
 from jax_impl.penalty import per_example_cross_entropy, zero_perturbations
+from parity_tests.models_jax import MLP, ResNet
 
 # Same math in another summation order: float64 rounding only.
 RTOL = 1e-10
@@ -237,7 +237,7 @@ def test_lazy_gradient_is_plain_off_step_and_k_times_weighted_on_step(mlp_setup)
     ({"normalization": "mean"}, r"normalization must be one of \('batch_mean', 'per_example'\)"),
     ({"norm": "l1"}, r"norm must be one of \('squared_l2', 'l2'\)"),
     ({"approx": "hutchinson"}, r"approx must be one of \('exact', 'finite_difference'\)"),
-    ({"approx": "finite_difference", "fd_step": 0.0}, "fd_step must be a positive number"),
+    ({"approx": "finite_difference", "fd_step": 0.0}, "fd_step must be a finite number > 0"),
     ({"layer_weights": {"relu9": 1.0}}, r"layer_weights names \['relu9'\]"),
     ({"layers": ["relu3"]}, r"unknown penalty layer.*relu3.*\['relu1', 'relu2'\].*'input'"),
 ])
@@ -260,3 +260,22 @@ def test_seed_net_accepts_all_options_under_jit():
     f = jax.jit(lambda p: penalized_loss(p, Net(), x, y, penalty_weight=1.0, normalization="per_example",
                                          norm="l2", layers=["input", "relu1"], approx="finite_difference")[0])
     assert np.isfinite(float(f(params)))
+
+
+def test_an_apply_function_replaces_the_pass_through_keywords():
+    """``functools.partial(model.apply, train=True)`` as ``model`` == the older ``apply_kwargs`` spelling."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(3, 5, 5, 1)))
+    y = jnp.asarray(rng.integers(0, 10, 3))
+    model = ResNet(width=2)
+    variables = jax.tree.map(lambda v: v.astype(jnp.float64), model.init(jax.random.key(1), x))
+    state = {"batch_stats": variables["batch_stats"]}
+    common = {"penalty_weight": 2.0, "model_state": state, "mutable": ["batch_stats"]}
+    params = variables["params"]
+    old_total, old_aux = penalized_loss(params, model, x, y, apply_kwargs={"train": True}, **common)
+    new_total, new_aux = penalized_loss(params, functools.partial(model.apply, train=True), x, y, **common)
+    assert float(new_total) == float(old_total)
+    assert_trees_close(new_aux["model_state"], old_aux["model_state"], rtol=0, atol=0)
+    # In train mode the batch statistics move: the closure really reached the module.
+    assert not np.allclose(new_aux["model_state"]["batch_stats"]["stem_bn"]["mean"],
+                           state["batch_stats"]["stem_bn"]["mean"])

@@ -20,11 +20,10 @@ import pytest
 
 import jax_impl.train as train
 from agp_common import ModelInputError
-from tests.test_bad_input import (
+from tests.npz_runs import (
     assert_one_line_error,
     cli_args,
     good_arrays,
-    make_template,
     npz_config,
     run_cli,
     snapshot,
@@ -41,18 +40,6 @@ pytestmark = pytest.mark.filterwarnings(
 def collect_orbax_leftovers():
     yield
     gc.collect()
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template(tmp_path_factory.mktemp("template"))
-
-
-@pytest.fixture
-def run_copy(template, tmp_path):
-    data, run = template
-    shutil.copytree(run, tmp_path / "run")
-    return data, tmp_path / "run"
 
 
 def newest_state_files(run: Path) -> list[Path]:
@@ -80,8 +67,8 @@ def corrupt_config_item(run: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [corrupt, truncate, delete_state, corrupt_config_item])
-def test_a_damaged_checkpoint_is_a_one_line_error_naming_it(damage, run_copy, capsys):
-    data, run = run_copy
+def test_a_damaged_checkpoint_is_a_one_line_error_naming_it(damage, template, existing_run, capsys):
+    (data, _), run = template, existing_run
     damage(run)
     before = snapshot(run)
     status, err = run_cli(cli_args(npz_config(data, steps=4), run), capsys)
@@ -90,16 +77,16 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_it(damage, run_copy, ca
     assert snapshot(run) == before
 
 
-def test_moving_the_damaged_checkpoint_away_resumes_from_the_one_before(run_copy, capsys):
-    data, run = run_copy
+def test_moving_the_damaged_checkpoint_away_resumes_from_the_one_before(template, existing_run, capsys):
+    (data, _), run = template, existing_run
     corrupt(run)
     shutil.move(run / "checkpoints" / "2", run.parent / "bad_checkpoint")
     status, err = run_cli(cli_args(npz_config(data, steps=3), run), capsys)
     assert status == 0, err
 
 
-def test_data_of_another_shape_is_refused_as_another_model(run_copy, tmp_path, capsys):
-    _, run = run_copy
+def test_data_of_another_shape_is_refused_as_another_model(existing_run, tmp_path, capsys):
+    run = existing_run
     arrays = good_arrays()
     arrays["x"] = np.zeros((len(arrays["y"]), 20, 20, 1), np.float32)
     arrays["x_test"] = np.zeros((len(arrays["y_test"]), 20, 20, 1), np.float32)
@@ -110,8 +97,8 @@ def test_data_of_another_shape_is_refused_as_another_model(run_copy, tmp_path, c
     assert snapshot(run) == before
 
 
-def test_a_checkpoint_of_another_config_is_refused_even_without_config_json(run_copy, capsys):
-    data, run = run_copy
+def test_a_checkpoint_of_another_config_is_refused_even_without_config_json(template, existing_run, capsys):
+    (data, _), run = template, existing_run
     (run / "config.json").unlink()
     before = snapshot(run)
     status, err = run_cli([*cli_args(npz_config(data), run), "--optimizer", "adam"], capsys)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import torch_ref
+from parity_tests.models_torch import MLP
 from torch_ref.hooks import CaptureHooks, parse_capture_spec
 
 # float64 rounding only: the same operations in another order.
@@ -46,7 +47,7 @@ def test_per_example_penalty_is_batch_size_times_batch_mean(net_and_batch):
 
 
 def test_hooks_record_and_shift_named_outputs():
-    net = torch_ref.MLP(in_features=3, hidden=(4,))
+    net = MLP(in_features=3, hidden=(4,))
     x = torch.randn(2, 3)
     with CaptureHooks(net, {"h": "act1"}) as hooks:
         out = net(x)

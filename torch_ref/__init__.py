@@ -4,35 +4,49 @@ This package never imports JAX; ``torch_ref.convert`` moves weights to and
 from the Flax layout as plain NumPy arrays.
 """
 
-from torch_ref.convert import export_flax_params, load_flax_params
+from agp_common.attack_spec import Attack
+from agp_common.penalty_spec import PenaltyOptions
+from torch_ref.attacks import adversarial_correct, adversarial_examples, fgsm, input_gradient, pgd
+from torch_ref.convert import (
+    export_flax_params,
+    export_flax_variables,
+    load_flax_params,
+    load_flax_variables,
+)
 from torch_ref.hooks import NET_CAPTURE_MODULES, CaptureHooks, forward_with_captures
 from torch_ref.model import CAPTURE_NAMES, Net
-from torch_ref.models_zoo import MLP, MLP_CAPTURE_MODULES, RESNET_CAPTURE_MODULES, ResNet
 from torch_ref.penalty import (
     is_penalty_step,
     lazy_penalized_loss,
     lazy_penalty_weight,
     penalized_loss,
     question_step,
+    stored_captures,
     train_step,
 )
 
 __all__ = [
     "CAPTURE_NAMES",
-    "MLP",
-    "MLP_CAPTURE_MODULES",
     "NET_CAPTURE_MODULES",
-    "RESNET_CAPTURE_MODULES",
+    "Attack",
     "CaptureHooks",
     "Net",
-    "ResNet",
+    "PenaltyOptions",
+    "adversarial_correct",
+    "adversarial_examples",
     "export_flax_params",
+    "export_flax_variables",
+    "fgsm",
     "forward_with_captures",
+    "input_gradient",
     "is_penalty_step",
     "lazy_penalized_loss",
     "lazy_penalty_weight",
     "load_flax_params",
+    "load_flax_variables",
     "penalized_loss",
+    "pgd",
     "question_step",
+    "stored_captures",
     "train_step",
 ]

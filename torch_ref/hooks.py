@@ -11,6 +11,10 @@ k-th call of that module in one forward pass (for modules reused in
         logits = model(x)
     hooks.captured["relu1"]   # the output of model.act1, still in the graph
 
+A spec that is not a submodule path may name an attribute that ``forward``
+stores (``{"relu1": "relu1"}`` for the seed answer's ``Net``, which sets
+``self.relu1``); it is read after the forward pass.
+
 A hook can also add a tensor to the output (``shifts``), which the
 finite-difference approximation needs. The captured tensor is the module's
 output *after* the shift, exactly what the rest of the network consumes.
@@ -112,7 +116,29 @@ def forward_with_captures(
     capture_modules: Mapping[str, str],
     shifts: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``model(input)`` and ``{capture name: activation}`` by forward hooks."""
-    with CaptureHooks(model, capture_modules, shifts) as hooks:
+    """``model(input)`` and ``{capture name: activation}`` by forward hooks.
+
+    A spec that names no submodule (and has no ``:k``) is read instead as an
+    attribute that ``forward`` stores (``self.relu1 = ...``, as in the seed
+    answer's ``Net``), after the forward pass. Such a capture cannot be
+    shifted (``shifts``): the finite-difference approximation needs a module.
+    """
+    modules = dict(model.named_modules())
+    stored = {name: spec for name, spec in capture_modules.items() if ":" not in spec and spec not in modules}
+    hooked = {name: spec for name, spec in capture_modules.items() if name not in stored}
+    shifted_stored = sorted(set(shifts or {}) & set(stored))
+    if shifted_stored:
+        raise ValueError(f"capture point(s) {shifted_stored} are attributes stored by forward, which cannot "
+                         "be shifted; name the module whose output they are "
+                         "(capture_modules={name: 'module.path'})")
+    with CaptureHooks(model, hooked, shifts) as hooks:
         output = model(input)
-    return output, hooks.check_complete()
+    captured = hooks.check_complete()
+    for name, spec in stored.items():
+        value = getattr(model, spec, None)
+        if not isinstance(value, torch.Tensor):
+            known = [p for p in modules if p][:20]
+            raise ValueError(f"capture {name!r}: no submodule {spec!r} and forward stored no tensor "
+                             f"self.{spec}; submodules include {known}")
+        captured[name] = value
+    return output, {name: captured[name] for name in capture_modules}

@@ -39,7 +39,7 @@ class Net(nn.Module):
         side = conv_pool_output_size(conv_pool_output_size(image_size))
         if side < 1:
             raise ValueError(f"image_size must be at least 16 for two conv5x5+pool2 stages, got {image_size}")
-        #: Shape (C, H, W) of ``relu2``; the converter needs it for the flatten order.
+        #: Shape (C, H, W) of ``relu2``, for input validation (the converter infers it on its own).
         self.feature_shape = (64, side, side)
         self.linear = nn.Linear(64 * side * side, num_classes)
 

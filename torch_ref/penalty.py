@@ -24,12 +24,15 @@ from torch import nn
 
 from agp_common.penalty_spec import (
     INPUT,
-    check_penalty_options,
+    PenaltyOptions,
+    check_layer_weights,
+    resolve_options,
     select_layers,
     wants_input,
 )
 from torch_ref.hooks import forward_with_captures
-from torch_ref.validation import check_labels
+from torch_ref.model import CAPTURE_NAMES
+from torch_ref.validation import check_labels, check_loss_inputs
 
 
 def has_interacting_examples(model: nn.Module) -> bool:
@@ -37,16 +40,39 @@ def has_interacting_examples(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
 
 
-def _forward(model, input, capture_modules, shifts=None):
-    """``(output, {capture name: activation})`` via ``model.captures()`` or forward hooks."""
+def stored_captures(model: nn.Module, layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """The activations ``model.forward`` stored as attributes, by capture name (the seed answer's way).
+
+    ``model.captures()`` when the model has it (``torch_ref.Net``); otherwise
+    ``getattr(model, name)`` for each name in ``layers`` (default: the seed's
+    ``relu1``, ``relu2``; ``"input"`` is not an attribute and is skipped).
+    """
+    if callable(getattr(model, "captures", None)):
+        return model.captures()
+    names = [name for name in (CAPTURE_NAMES if layers is None else layers) if name != INPUT]
+    captured = {}
+    for name in names:
+        value = getattr(model, name, None)
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"capture point {name!r}: {type(model).__name__}.forward did not store a tensor "
+                f"self.{name}; store the activation as the seed answer does (self.{name} = ...), or pass "
+                f"capture_modules={{{name!r}: 'module.path'}} (forward hooks)"
+            )
+        captured[name] = value
+    return captured
+
+
+def _forward(model, input, capture_modules, layers, shifts=None):
+    """``(output, {capture name: activation})``: stored attributes, or hooks with ``capture_modules``."""
     if capture_modules is None:
         if shifts:
             raise ValueError(
                 "shifting activations (approx='finite_difference') needs capture_modules (forward hooks); "
-                "for torch_ref.Net pass capture_modules=torch_ref.NET_CAPTURE_MODULES"
+                "for torch_ref.Net or the seed's Net pass capture_modules=torch_ref.NET_CAPTURE_MODULES"
             )
         output = model(input)
-        return output, model.captures()
+        return output, stored_captures(model, layers)
     return forward_with_captures(model, input, capture_modules, shifts)
 
 
@@ -93,50 +119,46 @@ def penalized_loss(
     penalty_weight: float,
     layers: Sequence[str] | str | None = None,
     *,
-    normalization: str = "batch_mean",
-    norm: str = "squared_l2",
-    layer_weights: Mapping[str, float] | None = None,
-    approx: str = "exact",
-    fd_step: float = 1e-3,
+    options: PenaltyOptions | None = None,
     capture_modules: Mapping[str, str] | None = None,
     examples_interact: bool | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    **option_keywords: Any,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Forward pass and ``total = loss + w * sum_l ||d loss / d a_l||^2`` (seed answer).
 
-    ``model`` must store its capture points during ``forward`` and expose them
-    by name through ``model.captures()`` (``torch_ref.Net`` does), or any
-    ``nn.Module`` with ``capture_modules={name: "module.path[:k]"}`` (forward
-    hooks, ``torch_ref.hooks``). Returns ``(total, aux)`` with ``aux``
-    holding ``loss``, ``penalty``, ``penalty_terms``, ``activation_grads``
-    (NCHW, still in the graph) and ``logits``. ``total.backward()`` then puts
-    the training gradient into the parameters' ``.grad``.
+    Capture points, by name: without ``capture_modules``, the activations that
+    ``forward`` stores as attributes, as in the seed answer's ``Net``
+    (``self.relu1 = ...``; ``layers`` defaults to the seed's ``relu1``,
+    ``relu2``; a model with a ``captures()`` method, like ``torch_ref.Net``,
+    names its own); with ``capture_modules={name: "module.path[:k]"}``, the
+    outputs of those submodules (forward hooks, ``torch_ref.hooks``), for any
+    ``nn.Module``. Returns ``(total, aux)`` with ``aux`` holding ``loss``,
+    ``penalty``, ``penalty_terms``, ``activation_grads`` (NCHW, still in the
+    graph) and ``logits``. ``total.backward()`` then puts the training
+    gradient into the parameters' ``.grad``.
 
-    The keyword options mirror ``jax_impl.penalized_loss`` (same formulas):
-    ``normalization`` ("batch_mean" | "per_example"), ``norm`` ("squared_l2" |
-    "l2"), ``layer_weights``, ``"input"`` in ``layers``, ``approx``
-    ("exact" | "finite_difference") with ``fd_step``, ``loss_fn`` (per-example
-    loss, (B,)). ``examples_interact=None`` means: a BatchNorm module is in
-    train mode; then per-example gradients take one backward pass per example.
+    ``options`` (a ``PenaltyOptions``) or its fields as keywords mirror
+    ``jax_impl.penalized_loss`` (same formulas): ``normalization``, ``norm``,
+    ``layer_weights``, ``"input"`` in ``layers``, ``approx`` with ``fd_step``;
+    ``loss_fn`` is a per-example loss, (B,). ``examples_interact=None`` means:
+    a BatchNorm module is in train mode; then per-example gradients take one
+    backward pass per example.
     """
-    check_penalty_options(normalization=normalization, norm=norm, approx=approx, fd_step=fd_step)
-    check_labels(model, input, label, loss_fn)  # clear ValueError (torch_ref.validation)
-    seed_recipe = (approx, normalization, norm) == ("exact", "batch_mean", "squared_l2")
-    if seed_recipe and layer_weights is None and loss_fn is None and capture_modules is None \
-            and not wants_input(layers):
-        return _seed_penalized_loss(model, input, label, penalty_weight, layers)
-    return _penalized_loss_options(
-        model, input, label, penalty_weight, layers, normalization=normalization, norm=norm,
-        layer_weights=layer_weights, approx=approx, fd_step=fd_step, capture_modules=capture_modules,
-        examples_interact=examples_interact, loss_fn=loss_fn,
-    )
+    opts = resolve_options(options, layers, **option_keywords)
+    check_loss_inputs(input, penalty_weight)  # clear ValueError (torch_ref.validation)
+    check_labels(model, input, label, loss_fn)
+    if opts.is_seed_recipe and loss_fn is None and capture_modules is None and not wants_input(opts.layers):
+        return _seed_penalized_loss(model, input, label, penalty_weight, opts.layers)
+    return _penalized_loss_options(model, input, label, penalty_weight, opts, capture_modules=capture_modules,
+                                   examples_interact=examples_interact, loss_fn=loss_fn)
 
 
 def _seed_penalized_loss(model, input, label, penalty_weight, layers):
     """The seed answer's computation, unchanged (the defaults of ``penalized_loss``)."""
     output = model(input)
     loss = nn.CrossEntropyLoss()(output, label)
-    captures = model.captures()
+    captures = stored_captures(model, layers)
     names = select_layers(tuple(captures), layers)
     grads = torch.autograd.grad(loss, [captures[n] for n in names], create_graph=True)
     terms = {n: g.pow(2).sum() for n, g in zip(names, grads, strict=True)}
@@ -158,10 +180,9 @@ def _per_example_ce(output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(output, label, reduction="none")
 
 
-def _penalized_loss_options(
-    model, input, label, penalty_weight, layers, *, normalization, norm, layer_weights, approx, fd_step,
-    capture_modules, examples_interact, loss_fn,
-):
+def _penalized_loss_options(model, input, label, penalty_weight, opts: PenaltyOptions, *, capture_modules,
+                            examples_interact, loss_fn):
+    normalization, norm, approx = opts.normalization, opts.norm, opts.approx
     per_example = normalization == "per_example"
     if examples_interact is None:
         examples_interact = has_interacting_examples(model)
@@ -171,15 +192,12 @@ def _penalized_loss_options(
             "with interacting examples (BatchNorm in train mode) use approx='exact'"
         )
     loss_fn = _per_example_ce if loss_fn is None else loss_fn
-    x = input.detach().requires_grad_(True) if wants_input(layers) else input
-    output, captures = _forward(model, x, capture_modules)
-    names = select_layers(tuple(captures), layers)
+    x = input.detach().requires_grad_(True) if wants_input(opts.layers) else input
+    output, captures = _forward(model, x, capture_modules, opts.layers)
+    names = select_layers(tuple(captures), opts.layers)
     captures = {**captures, INPUT: x}
-    if layer_weights is not None:
-        unknown = [n for n in layer_weights if n not in names]
-        if unknown:
-            raise ValueError(f"layer_weights names {unknown} that are not penalised layers {list(names)}")
-    weights = {n: (1.0 if layer_weights is None else layer_weights.get(n, 1.0)) for n in names}
+    check_layer_weights(opts, names)
+    weights = {n: opts.weight_of(n) for n in names}
     acts = [captures[n] for n in names]
     losses = loss_fn(output, label)  # (B,)
     loss = losses.mean()
@@ -202,11 +220,11 @@ def _penalized_loss_options(
     if exact:
         grad_norm = 0
         for n, term in terms.items():
-            grad_norm += term if layer_weights is None else weights[n] * term
+            grad_norm += term if opts.layer_weights is None else weights[n] * term
     else:
         grad_norm = _finite_difference_penalty(
             model, input, label, x, capture_modules, loss_fn, grads, loss if not per_example else losses,
-            norm=norm, per_example=per_example, weights=weights, fd_step=fd_step,
+            norm=norm, per_example=per_example, weights=weights, fd_step=opts.fd_step,
         )
         terms = {n: t.detach() for n, t in terms.items()}
     total = loss + grad_norm * penalty_weight
@@ -249,7 +267,7 @@ def _finite_difference_penalty(
             shifts[n] = fd_step * lam[n] * scale * grads[n]
         shifted_input = x + shifts.pop(INPUT) if INPUT in shifts else input
         with _running_stats_frozen(model):
-            output, _ = _forward(model, shifted_input, capture_modules, shifts)
+            output, _ = _forward(model, shifted_input, capture_modules, tuple(grads), shifts)
         losses = loss_fn(output, label)
         shifted = losses if per_example else losses.mean()
         d = (shifted - base) / fd_step
@@ -282,19 +300,24 @@ def lazy_penalized_loss(
     layers: Sequence[str] | str | None = None,
     *,
     step: int,
-    every: int,
-    **options,
+    every: int | None = None,
+    options: PenaltyOptions | None = None,
+    **keywords: Any,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """``penalized_loss`` with weight ``every * w`` on penalty steps, the plain loss on the others.
 
-    On plain steps ``aux`` holds ``loss``, ``logits``, and zeros for ``penalty``
-    and every chosen layer's ``penalty_terms`` (no double backprop is done).
+    ``every=None`` takes ``options.every``. On plain steps ``aux`` holds
+    ``loss``, ``logits``, and zeros for ``penalty`` and every chosen layer's
+    ``penalty_terms`` (no double backprop is done). ``keywords`` are
+    ``penalized_loss``'s.
     """
+    opts = options if options is not None else PenaltyOptions()
+    every = opts.every if every is None else every
     if is_penalty_step(step, every):
-        return penalized_loss(model, input, label, penalty_weight * every, layers, **options)
-    capture_modules = options.get("capture_modules")
-    output, captures = _forward(model, input, capture_modules)
-    loss_fn = options.get("loss_fn")
+        return penalized_loss(model, input, label, penalty_weight * every, layers, options=opts, **keywords)
+    layers = resolve_options(opts, layers).layers
+    output, captures = _forward(model, input, keywords.get("capture_modules"), layers)
+    loss_fn = keywords.get("loss_fn")
     loss = nn.CrossEntropyLoss()(output, label) if loss_fn is None else loss_fn(output, label).mean()
     zero = torch.zeros((), dtype=loss.dtype)
     names = select_layers(tuple(captures), layers)
@@ -309,13 +332,47 @@ def train_step(
     label: torch.Tensor,
     penalty_weight: float,
     layers: Sequence[str] | str | None = None,
-) -> dict[str, Any]:
-    """One step of the seed answer's loop: penalised loss, ``zero_grad``, ``backward``, ``step``."""
-    total, aux = penalized_loss(model, input, label, penalty_weight, layers)
+    *,
+    options: PenaltyOptions | None = None,
+    step: int = 0,
+    capture_modules: Mapping[str, str] | None = None,
+) -> dict[str, float]:
+    """One step of the seed answer's loop: penalised loss, ``zero_grad``, ``backward``, ``step``.
+
+    ``options`` (default: the seed recipe; ``layers`` overrides ``options.layers``) and
+    ``capture_modules`` are ``penalized_loss``'s. With ``options.every`` = k the penalty
+    (weight k*w) applies only when the 0-based ``step`` is 0, k, 2k, ... and the other steps
+    use the plain loss (lazy regularisation, ``lazy_penalized_loss``); ``python -m
+    torch_ref.train`` runs this step.
+
+    Returns the step's metrics as floats, with the keys of ``jax_impl.train.train_step``'s:
+    ``total``, ``loss``, ``penalty``, ``penalty/<layer>``, ``act_grad_norm/<layer>`` (the
+    square root of the term; the term itself with ``norm="l2"``), ``accuracy``, and
+    ``grad_norm``, ``param_norm`` (global L2 norms, before the update).
+    """
+    opts = options if options is not None else PenaltyOptions()
+    total, aux = lazy_penalized_loss(model, input, label, penalty_weight, layers, step=step, options=opts,
+                                     capture_modules=capture_modules)
     optimizer.zero_grad()
     total.backward()
+    params = list(model.parameters())
+    with torch.no_grad():  # sqrt(sum of squares of every entry), as ``optax.tree.norm``
+        grad_norm = sum(float(p.grad.pow(2).sum()) for p in params) ** 0.5
+        param_norm = sum(float(p.pow(2).sum()) for p in params) ** 0.5
+    metrics = {
+        "total": total.detach().item(),
+        "loss": aux["loss"].detach().item(),
+        "penalty": aux["penalty"].detach().item(),
+        "accuracy": (aux["logits"].detach().argmax(dim=1) == label).double().mean().item(),
+        "grad_norm": grad_norm,
+        "param_norm": param_norm,
+    }
+    for name, term in aux["penalty_terms"].items():
+        value = term.detach().item()
+        metrics[f"penalty/{name}"] = value
+        metrics[f"act_grad_norm/{name}"] = value if opts.norm == "l2" else value ** 0.5  # l2: already a norm
     optimizer.step()
-    return {"total": total.detach(), **{k: aux[k] for k in ("loss", "penalty", "penalty_terms")}}
+    return metrics
 
 
 def question_step(

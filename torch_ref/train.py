@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import os
 import re
 import sys
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from agp_common.attack_spec import Attack
 from agp_common.batching import BatchOrder, eval_batches, take_batch
 from agp_common.config import MOMENTUM, TrainConfig, parse_config, total_steps, validate_config
 from agp_common.data import Dataset, load_dataset
@@ -37,10 +37,10 @@ from agp_common.errors import (
     REPORTED_ERRORS,
     NonFiniteError,
     UsageError,
+    WriteFailed,
     report_error,
 )
-from agp_common.interrupts import pause_point
-from agp_common.io import atomic_write, remove_stale_temporaries
+from agp_common.io import CHECKPOINT_OVERHEAD, atomic_write, ensure_free_space, remove_stale_temporaries
 from agp_common.loop import run_loop
 from agp_common.penalty_spec import INPUT
 from agp_common.plot import plot_run
@@ -53,10 +53,11 @@ from agp_common.runlog import (
     summary_line,
     write_config,
 )
+from torch_ref.attacks import adversarial_correct
 from torch_ref.convert import export_flax_params, load_flax_params
 from torch_ref.hooks import NET_CAPTURE_MODULES
 from torch_ref.model import CAPTURE_NAMES, Net
-from torch_ref.penalty import lazy_penalized_loss, penalized_loss
+from torch_ref.penalty import train_step
 
 FRAMEWORK = "torch"
 CHECKPOINT_DIR = "checkpoints"
@@ -86,47 +87,6 @@ def to_nchw(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
 
 
-def global_norm(tensors) -> float:
-    """sqrt(sum of squares of every entry), as ``optax.tree.norm``."""
-    return math.sqrt(sum(float(t.detach().pow(2).sum()) for t in tensors))
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               penalty_weight: float, layers: Sequence[str] | None, *, step: int = 0,
-               penalty_every: int = 1, **penalty_options) -> dict[str, float]:
-    """The seed answer's step (penalised loss, zero_grad, backward, step) with the metrics of
-    ``jax_impl.train.train_step``: total, loss, penalty, penalty/<layer>, act_grad_norm/<layer>,
-    accuracy, grad_norm and param_norm (before the update). ``penalty_options`` are
-    ``penalized_loss``'s keyword options; ``penalty_every`` = k penalises (weight k*w) only the
-    0-based steps 0, k, 2k, ... (lazy regularisation)."""
-    if penalty_every == 1 and not penalty_options:
-        total, aux = penalized_loss(model, x, y, penalty_weight, layers)
-    else:
-        if penalty_options.get("approx") == "finite_difference":
-            # Shifting activations during forward needs hooks; Net's one ReLU module is called twice.
-            penalty_options = {**penalty_options, "capture_modules": NET_CAPTURE_MODULES}
-        total, aux = lazy_penalized_loss(model, x, y, penalty_weight, layers, step=step, every=penalty_every,
-                                         **penalty_options)
-    optimizer.zero_grad()
-    total.backward()
-    params = list(model.parameters())
-    metrics = {
-        "total": total.detach().item(),
-        "loss": aux["loss"].detach().item(),
-        "penalty": aux["penalty"].detach().item(),
-        "accuracy": (aux["logits"].detach().argmax(dim=1) == y).double().mean().item(),
-        "grad_norm": global_norm(p.grad for p in params),
-        "param_norm": global_norm(params),
-    }
-    for name, term in aux["penalty_terms"].items():
-        metrics[f"penalty/{name}"] = term.detach().item()
-        is_norm = penalty_options.get("norm") == "l2"  # then the term already is a norm
-        value = term.detach().item()
-        metrics[f"act_grad_norm/{name}"] = value if is_norm else math.sqrt(value)
-    optimizer.step()
-    return metrics
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: Dataset, batch_size: int, dtype) -> dict[str, float]:
     """``eval_loss`` (mean cross-entropy) and ``eval_accuracy`` over the whole test split."""
@@ -139,6 +99,19 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int, dtype) -> dict[str,
         correct += (logits.argmax(dim=1) == labels).sum().item()
     n = len(ds.y_test)
     return {"eval_loss": loss_sum / n, "eval_accuracy": correct / n}
+
+
+def evaluate_attacks(model: nn.Module, ds: Dataset, batch_size: int, dtype,
+                     attacks: Sequence[Attack]) -> dict[str, float]:
+    """``{eval_accuracy/ATTACK@EPS: test accuracy}`` under each of ``attacks`` (``torch_ref.attacks``),
+    clipped to the data's valid range ``ds.input_range()``."""
+    counts, clip = dict.fromkeys((a.eval_key for a in attacks), 0), ds.input_range()
+    for idx in eval_batches(len(ds.y_test), batch_size):
+        xb, yb = take_batch(ds.x_test, ds.y_test, idx, dtype, ds.pixel_scale)
+        right = adversarial_correct(model, to_nchw(xb), torch.from_numpy(yb).long(), attacks, clip=clip)
+        for key, value in right.items():
+            counts[key] += value
+    return {key: value / len(ds.y_test) for key, value in counts.items()}
 
 
 def checkpoint_steps(folder: Path) -> list[int]:
@@ -163,18 +136,29 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
         raise NonFiniteError(f"step {step}: the parameters are NaN/Inf after the update; not saved (the "
                              f"newest checkpoint, step {steps[-1] if steps else None}, is intact); try a "
                              "smaller --lr or --penalty-weight")
-    folder.mkdir(parents=True, exist_ok=True)
     payload = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                "config": record}
+    arrays = sum(t.nbytes for t in itertools.chain(payload["model"].values(), _tensors(payload["optimizer"])))
+    try:
+        ensure_free_space(folder, arrays + CHECKPOINT_OVERHEAD)  # as jax_impl.train does before orbax
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(checkpoint_path(folder, step), lambda f: torch.save(payload, f), binary=True)
+        for old in checkpoint_steps(folder)[:-keep]:
+            checkpoint_path(folder, old).unlink(missing_ok=True)
+    except OSError as e:  # disk full, quota, I/O: atomic_write has removed its temporary file
+        raise WriteFailed("checkpoint", checkpoint_path(folder, step), e) from e
 
-    def write(f):
-        torch.save(payload, f)
-        f.flush()
-        pause_point("in_save", step)  # test hook: the temporary file is written, not yet renamed
 
-    atomic_write(checkpoint_path(folder, step), write, binary=True)
-    for old in checkpoint_steps(folder)[:-keep]:
-        checkpoint_path(folder, old).unlink(missing_ok=True)
+def _tensors(tree: Any):
+    """Every tensor in a nested state dict (the optimizer's)."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, Mapping):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, list | tuple):
+        for value in tree:
+            yield from _tensors(value)
 
 
 def restore_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -268,17 +252,23 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None = 
         write_config(workdir, record)
 
         steps_done = itertools.count(start)  # 0-based index of the step run_loop asks for next
-        defaults = TrainConfig().penalty_options()
-        options = {k: v for k, v in config.penalty_options().items() if v != defaults[k]}
+        options = config.penalty_options()
+        # Shifting activations during forward needs hooks; Net's one ReLU module is called twice.
+        hooks = NET_CAPTURE_MODULES if options.approx == "finite_difference" else None
 
         def run_step(indices):
             xb, yb = take_batch(ds.x_train, ds.y_train, indices, dtype, ds.pixel_scale)
             return train_step(model, optimizer, to_nchw(xb), torch.from_numpy(yb).long(),
-                              config.penalty_weight, config.penalty_layers, step=next(steps_done),
-                              penalty_every=config.penalty_every, **options)
+                              config.penalty_weight, options=options, step=next(steps_done),
+                              capture_modules=hooks)
+
+        attacks = config.attacks()
 
         def run_eval():
-            return evaluate(model, ds, config.batch_size, dtype)
+            result = evaluate(model, ds, config.batch_size, dtype)
+            if attacks:  # --eval-attacks: accuracy under attack beside the clean one
+                result.update(evaluate_attacks(model, ds, config.batch_size, dtype, attacks))
+            return result
 
         def save(step):
             save_checkpoint(folder, step, model, optimizer, record, config.keep_checkpoints)
@@ -286,11 +276,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None = 
         loop = run_loop(config, workdir, order, start, total, train_step=run_step, evaluate=run_eval,
                         save=save, handle_signals=handle_signals)
     final_eval = loop.last_eval if loop.steps_run else run_eval()
+    plot_paths = []
     if plots and (workdir / "metrics.jsonl").exists():
-        plot_run(workdir)
+        plot_paths = plot_run(workdir)
     wall = time.perf_counter() - t_start
     return TrainResult(total, export_flax_params(model), loop.last_train, final_eval, wall,
-                       summary_line(FRAMEWORK, total, wall, loop.last_train, final_eval, workdir))
+                       summary_line(FRAMEWORK, total, wall, loop.last_train, final_eval, workdir, plot_paths))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from agp_common.errors import ModelInputError
+from agp_common.penalty_spec import check_penalty_weight
 
-__all__ = ["ModelInputError", "check_labels", "check_net_input", "min_image_size"]
+__all__ = ["ModelInputError", "check_labels", "check_loss_inputs", "check_net_input", "min_image_size"]
 
 
 def min_image_size(side: int = 1) -> int:
@@ -55,6 +56,20 @@ def check_net_input(net: Any, x: torch.Tensor) -> None:
     if features != net.linear.in_features:
         raise ModelInputError(f"Net: expected images of shape {expected} (the image_size the model was built "
                               f"for), got shape {shape}")
+
+
+def check_loss_inputs(input: torch.Tensor, penalty_weight: Any) -> None:
+    """Raise ``ModelInputError`` for a batch of 0 examples, NaN/Inf in ``input``, or a ``penalty_weight``
+    that is not one finite number >= 0; the checks of ``jax_impl.validation`` (eager there, always here).
+    """
+    if input.dim() >= 1 and input.shape[0] == 0:
+        raise ModelInputError(f"penalized_loss: input holds no examples (shape {tuple(input.shape)}); "
+                              "expected a batch of at least one")
+    if input.is_floating_point() and not bool(torch.isfinite(input).all()):
+        raise ModelInputError("penalized_loss: input contains NaN or Inf; expected finite inputs")
+    if isinstance(penalty_weight, torch.Tensor):
+        penalty_weight = penalty_weight.detach().cpu().numpy()
+    check_penalty_weight(penalty_weight)
 
 
 def num_classes_of(model: Any) -> int | None:

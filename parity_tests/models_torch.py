@@ -1,9 +1,10 @@
-"""PyTorch twins of ``jax_impl.models_zoo``: an MLP and a small residual CNN with BatchNorm.
+"""Test models (not part of the ``torch_ref`` API): PyTorch twins of ``parity_tests.models_jax``.
 
-Plain ``nn.Module``s with no capture code at all: their capture points are
-given by name to ``torch_ref.penalized_loss(..., capture_modules=...)``
+An MLP and a small residual CNN with BatchNorm, used by the parity and hook
+tests. Plain ``nn.Module``s with no capture code at all: their capture points
+are given by name to ``torch_ref.penalized_loss(..., capture_modules=...)``
 (forward hooks, ``torch_ref.hooks``). Layer names match the Flax models.
-Inputs are NCHW.
+Inputs are NCHW. This module imports PyTorch only.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 
 #: ``{capture name: module path}`` of ``MLP()`` (two hidden layers).
 MLP_CAPTURE_MODULES = {"relu1": "act1", "relu2": "act2"}
-#: ``{capture name: module path}`` of ``ResNet()``; names match ``jax_impl.models_zoo``.
+#: ``{capture name: module path}`` of ``ResNet()``; names match ``parity_tests.models_jax``.
 RESNET_CAPTURE_MODULES = {"stem": "stem_act", "block1/relu": "block1.act_out"}
 
 

@@ -1,11 +1,14 @@
-"""More architectures with capture points: an MLP and a small residual CNN with BatchNorm.
+"""Test models (not part of the ``jax_impl`` API): an MLP and a small residual CNN with BatchNorm.
 
-They show the one line any Linen model adds to get the penalty::
+The parity and option tests use them to check the penalty on architectures
+other than the seed CNN. They show the one line any Linen model adds to get
+the penalty::
 
     x = capture(self, "relu1", x)   # jax_impl.layers.capture: perturb + sow
 
-and they mirror ``torch_ref.models_zoo`` layer for layer (same names, same
+and they mirror ``parity_tests.models_torch`` layer for layer (same names;
 PyTorch-style initialisation is *not* needed: parity tests copy weights).
+This module imports JAX only.
 """
 
 from __future__ import annotations
