@@ -6,6 +6,14 @@ when to evaluate and checkpoint, writes metrics.jsonl (and TensorBoard),
 shows progress, and stops at the first non-finite loss, penalty or gradient
 *before* that state can be checkpointed. With ``handle_signals``, SIGTERM and
 Ctrl-C end the current step, save a checkpoint and raise ``Interrupted``.
+
+A step's metrics may stay on the device (JAX): with ``fetch``, the loop
+fetches those of all pending steps in one call every ``fetch_every`` steps,
+after the first step, and before every evaluation, checkpoint and stop, so the
+host never waits for the device in between (the Flax examples' pattern). The
+trainer must then leave its state unchanged by a step whose checked
+quantities are not finite (``CHECKED_FINITE``), so that the fetch that finds
+it can still stop before anything is saved, naming that step.
 """
 
 from __future__ import annotations
@@ -69,8 +77,19 @@ def run_loop(
     save: Callable[[int], None],
     main_process: bool = True,
     handle_signals: bool = False,
+    fetch: Callable[[list[Any]], list[dict[str, Any]]] | None = None,
+    fetch_every: int = 1,
 ) -> LoopResult:
-    """Steps ``start_step + 1 .. total``; ``train_step(indices)`` returns the step's metrics as floats.
+    """Steps ``start_step + 1 .. total``; ``train_step(indices)`` returns the step's metrics.
+
+    The metrics are floats, or with ``fetch`` anything that ``fetch(list of
+    metrics) -> list of dicts of numbers`` turns into them (``jax.device_get``
+    of on-device arrays), called every ``fetch_every`` steps and whenever the
+    loop evaluates, saves or stops. Each record's ``step_time_s`` is the wall
+    time from the start of the first step of its fetch to the end of the
+    fetch, divided by the steps in it (one step per fetch without ``fetch``:
+    that step's time; the first step of a run is fetched alone, so its
+    compilation stays out of the others').
 
     ``handle_signals``: SIGTERM/SIGINT finish the current step, save its
     checkpoint and raise ``Interrupted`` (a second signal acts as usual).
@@ -83,17 +102,18 @@ def run_loop(
     last_train = last_eval = None
     last_saved = start_step or None
     t_start = time.perf_counter()
-    stop = GracefulStop(handle_signals).__enter__()  # left in the ``finally`` below
-    try:
-        for step0 in range(start_step, total):
-            step, epoch = step0 + 1, order.epoch_of(step0)
-            indices = order.indices(step0)
-            t0 = time.perf_counter()
-            values = train_step(indices)
-            elapsed = time.perf_counter() - t0
-            record = {"step": step, "epoch": epoch, "split": "train", **values, "lr": config.lr,
-                      "examples": len(indices), "step_time_s": elapsed,
-                      "examples_per_s": len(indices) / elapsed if elapsed > 0 else math.nan}
+    pending: list[tuple[int, int, int, Any]] = []  # (step, epoch, examples, metrics not fetched yet)
+    t_pending = t_start  # start of the first pending step
+
+    def write_pending() -> None:
+        nonlocal last_train
+        fetched = fetch([p[3] for p in pending]) if fetch is not None else [p[3] for p in pending]
+        per_step = (time.perf_counter() - t_pending) / len(pending)
+        for (step, epoch, examples, _), values in zip(pending, fetched, strict=True):
+            record = {"step": step, "epoch": epoch, "split": "train",
+                      **{k: float(v) for k, v in values.items()}, "lr": config.lr,
+                      "examples": examples, "step_time_s": per_step,
+                      "examples_per_s": examples / per_step if per_step > 0 else math.nan}
             if config.penalty_weight == 0:  # measured, not applied: marked so (runlog's docstring)
                 record[PENALTY_APPLIED] = False
             check_finite(step, record, last_saved)
@@ -102,18 +122,37 @@ def run_loop(
             if board is not None:
                 board.write(record)
             progress.update(step, epoch, record)
-            if is_due(step, config.eval_every, order.steps_per_epoch, total):
+        pending.clear()
+
+    stop = GracefulStop(handle_signals).__enter__()  # left in the ``finally`` below
+    try:
+        for step0 in range(start_step, total):
+            step, epoch = step0 + 1, order.epoch_of(step0)
+            indices = order.indices(step0)
+            if not pending:
+                t_pending = time.perf_counter()
+            pending.append((step, epoch, len(indices), train_step(indices)))
+            eval_due = is_due(step, config.eval_every, order.steps_per_epoch, total)
+            save_due = is_due(step, config.checkpoint_every, order.steps_per_epoch, total)
+            first = step == start_step + 1
+            if len(pending) >= fetch_every or first or eval_due or save_due or stop.requested:
+                write_pending()  # raises at a non-finite step before anything below runs
+            if eval_due:
                 last_eval = {"step": step, "epoch": epoch, "split": "eval", **evaluate()}
                 metrics.write(last_eval)
                 if board is not None:
                     board.write(last_eval)
                 progress.log(f"step {step}/{total} (epoch {epoch + 1}) {describe(last_eval)}")
-            if is_due(step, config.checkpoint_every, order.steps_per_epoch, total) or stop.requested:
+            if save_due or stop.requested:  # a signal may also arrive during the evaluation or the save
+                if pending:
+                    write_pending()
                 metrics.sync()
                 save(step)
                 last_saved = step
             if stop.requested:  # SIGTERM/Ctrl-C: this step's state is checkpointed, then stop
                 if last_saved != step:
+                    if pending:
+                        write_pending()
                     metrics.sync()
                     save(step)
                 raise Interrupted(stop.signum, step, str(workdir))

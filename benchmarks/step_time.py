@@ -5,8 +5,9 @@ Usage::
     python -m benchmarks.step_time                      # batch 1, 32, 128; table + JSON
     python -m benchmarks.step_time --batch-sizes 8 64 --out results.json
     python -m benchmarks.step_time --sweep --plot sweep.png   # batch 1..512, plot
+    python -m benchmarks.step_time --cli                # the two training CLIs, batch 32 and 128
 
-Four steps are timed for every batch size (float32, SGD, ``w = 10``):
+Six steps are timed for every batch size (float32, SGD, ``w = 10``):
 
 * ``jax/penalised``: exactly what a user of the public API writes::
 
@@ -16,7 +17,10 @@ Four steps are timed for every batch size (float32, SGD, ``w = 10``):
 
   under one ``jax.jit`` with the default ``Net()`` (its convolution is picked
   per backend by ``Conv2D(impl="auto")``);
-* ``jax/plain``: the same without the penalty (``cross_entropy_loss``);
+* ``jax+opts/penalised``: the same under ``jax.jit(step, **jit_options())``,
+  the XLA options that the project's own compiled steps use
+  (``jax_impl.xla_options``);
+* ``jax/plain``, ``jax+opts/plain``: the same without the penalty (``cross_entropy_loss``);
 * ``torch/penalised``: the seed answer's loop body with ``torch_ref.Net``
   (``autograd.grad(loss, [relu1, relu2], create_graph=True)``,
   ``zero_grad``, ``backward``, ``step``), eager mode;
@@ -31,6 +35,15 @@ other processes hits all of them alike. Every JAX step ends with
 ``torch.cuda.synchronize()``. Reported: median ms per step over rounds, the
 interquartile range, and the minimum. PyTorch keeps its default thread count
 (``torch.get_num_threads()``, recorded in the JSON); XLA uses all cores.
+
+``--cli`` instead runs the two training CLIs, ``python -m jax_impl.train`` and
+``python -m torch_ref.train``, as subprocesses on the same synthetic data
+(``--dataset synthetic``, 512 images of 32x32x3, SGD, ``w = 10``) for
+``--cli-steps`` steps at each batch size (default 32 and 128), alternating
+frameworks for ``--repeats`` rounds (default 1), and reports the median of the
+``step_time_s`` of their metrics.jsonl over the steps after ``--cli-warmup``:
+the whole training step as a user of the CLI gets it (batch preparation,
+transfer, logging included).
 
 FLOP count (analytic, multiply-accumulates x 2; elementwise ops, pooling and
 the softmax are not counted). Per example, forward:
@@ -67,7 +80,9 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -79,10 +94,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_impl import Net, cross_entropy_loss, penalized_loss
+from jax_impl import Net, cross_entropy_loss, jit_options, penalized_loss
 from jax_impl.layers import CONV_IMPLS
 
 DEFAULT_BATCH_SIZES = (1, 32, 128)
+CLI_BATCH_SIZES = (32, 128)
+#: The CLIs' data: ``--dataset synthetic``, N,H,W,C (plus N/5 test images).
+CLI_SYNTHETIC_SHAPE = "512,32,32,3"
+CLI_MODULES = {"jax": "jax_impl.train", "torch": "torch_ref.train"}
 SWEEP_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 IMAGE_SHAPE = (32, 32, 3)  # (H, W, C), the seed's CIFAR-like input
 NUM_CLASSES = 10
@@ -147,8 +166,10 @@ def make_batch(batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- JAX
 
 
-def make_jax_step(model: Net, tx: optax.GradientTransformation, penalised: bool, penalty_weight: float):
-    """The user's step: ``value_and_grad`` of ``penalized_loss`` (or plain CE) + optax update."""
+def make_jax_step(model: Net, tx: optax.GradientTransformation, penalised: bool, penalty_weight: float,
+                  options: bool = False):
+    """The user's step: ``value_and_grad`` of ``penalized_loss`` (or plain CE) + optax update, under
+    ``jax.jit`` (with ``**jit_options()`` when ``options``)."""
 
     def step(params, opt_state, x, y):
         if penalised:
@@ -160,7 +181,7 @@ def make_jax_step(model: Net, tx: optax.GradientTransformation, penalised: bool,
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, total
 
-    return jax.jit(step)
+    return jax.jit(step, **(jit_options() if options else {}))
 
 
 def xla_peak_bytes(compiled) -> int | None:
@@ -176,14 +197,15 @@ def xla_peak_bytes(compiled) -> int | None:
 
 
 def jax_runner(batch_size: int, penalised: bool, penalty_weight: float, lr: float, seed: int,
-               conv_impl: str | None = None) -> Runner:
-    """A JAX runner; ``conv_impl=None`` is the default ``Net()`` (what users get)."""
+               conv_impl: str | None = None, options: bool = False) -> Runner:
+    """A JAX runner; ``conv_impl=None`` is the default ``Net()`` (what users get); ``options``:
+    compiled with ``jit_options()`` (framework ``jax+opts``)."""
     model = Net() if conv_impl is None else Net(conv_impl=conv_impl)
     x_np, y_np = make_batch(batch_size, seed)
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
     params = model.init(jax.random.key(seed), x)["params"]
     tx = optax.sgd(lr)
-    step = make_jax_step(model, tx, penalised, penalty_weight)
+    step = make_jax_step(model, tx, penalised, penalty_weight, options)
     state = {"params": params, "opt_state": tx.init(params)}
 
     def run() -> None:
@@ -194,7 +216,7 @@ def jax_runner(batch_size: int, penalised: bool, penalty_weight: float, lr: floa
     def peak() -> int | None:
         return xla_peak_bytes(step.lower(state["params"], state["opt_state"], x, y).compile())
 
-    name = "jax" if conv_impl is None else f"jax[{conv_impl}]"
+    name = ("jax+opts" if options else "jax") + ("" if conv_impl is None else f"[{conv_impl}]")
     return Runner(name, "penalised" if penalised else "plain", batch_size, run, peak)
 
 
@@ -318,7 +340,11 @@ def measure(runners: Sequence[Runner], repeats: int, warmup: int, min_block_ms: 
 
 
 def summarise(results: Sequence[Result]) -> list[dict[str, Any]]:
-    """Per batch size: torch/jax time ratios and the penalty overhead (penalised / plain) of each."""
+    """Per batch size: torch/jax time ratios and the penalty overhead (penalised / plain) of each.
+
+    ``torch_over_jax_<step>`` is against the plain ``jax.jit`` rows,
+    ``torch_over_jax+opts_<step>`` against the ``jit_options()`` ones.
+    """
     by_key = {(r.batch_size, r.framework, r.step): r.median_ms for r in results}
     rows = []
     for b in sorted({r.batch_size for r in results}):
@@ -328,10 +354,11 @@ def summarise(results: Sequence[Result]) -> list[dict[str, Any]]:
             pen, plain = by_key.get((b, fw, "penalised")), by_key.get((b, fw, "plain"))
             if pen and plain:
                 row[f"{fw}_penalty_overhead"] = pen / plain
-        for step in ("penalised", "plain"):
-            t, j = by_key.get((b, "torch", step)), by_key.get((b, "jax", step))
-            if t and j:
-                row[f"torch_over_jax_{step}"] = t / j
+        for jax_fw in ("jax", "jax+opts"):
+            for step in ("penalised", "plain"):
+                t, j = by_key.get((b, "torch", step)), by_key.get((b, jax_fw, step))
+                if t and j:
+                    row[f"torch_over_{jax_fw}_{step}"] = t / j
         rows.append(row)
     return rows
 
@@ -351,8 +378,9 @@ def format_table(results: Sequence[Result], summary: Sequence[dict[str, Any]]) -
             f"| {r.batch_size} | {r.framework} | {r.step} | {r.median_ms:.2f} | "
             f"{r.p25_ms:.2f}-{r.p75_ms:.2f} | {r.min_ms:.2f} | {r.examples_per_s:,.0f} | "
             f"{r.gflops_per_s:.1f} | {peak} |")
-    lines += ["", "| batch | torch/jax penalised | torch/jax plain | jax overhead | torch overhead |",
-              "|---:|---:|---:|---:|---:|"]
+    lines += ["", "| batch | torch/jax penalised | torch/jax plain | torch/(jax+opts) penalised | "
+                  "torch/(jax+opts) plain | jax overhead | jax+opts overhead | torch overhead |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def cell(row, key):
         return f"{row[key]:.2f}" if key in row else "n/a"
@@ -360,8 +388,9 @@ def format_table(results: Sequence[Result], summary: Sequence[dict[str, Any]]) -
     for row in summary:
         lines.append(
             f"| {row['batch_size']} | {cell(row, 'torch_over_jax_penalised')} | "
-            f"{cell(row, 'torch_over_jax_plain')} | {cell(row, 'jax_penalty_overhead')} | "
-            f"{cell(row, 'torch_penalty_overhead')} |")
+            f"{cell(row, 'torch_over_jax_plain')} | {cell(row, 'torch_over_jax+opts_penalised')} | "
+            f"{cell(row, 'torch_over_jax+opts_plain')} | {cell(row, 'jax_penalty_overhead')} | "
+            f"{cell(row, 'jax+opts_penalty_overhead')} | {cell(row, 'torch_penalty_overhead')} |")
     return "\n".join(lines)
 
 
@@ -414,6 +443,69 @@ def plot_sweep(results: Sequence[Result], path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- training CLIs
+
+
+def cli_command(framework: str, batch_size: int, steps: int, workdir: Path, *, penalty_weight: float,
+                lr: float, seed: int) -> list[str]:
+    """``python -m <trainer>`` on the shared synthetic data with SGD, evaluated and checkpointed only at
+    the end, quiet."""
+    return [sys.executable, "-m", CLI_MODULES[framework], "--dataset", "synthetic",
+            "--synthetic-shape", CLI_SYNTHETIC_SHAPE, "--optimizer", "sgd", "--lr", repr(lr),
+            "--penalty-weight", repr(penalty_weight), "--batch-size", str(batch_size), "--steps", str(steps),
+            "--eval-every", str(steps), "--checkpoint-every", str(steps), "--seed", str(seed), "--quiet",
+            "--workdir", str(workdir)]
+
+
+def cli_step_times(workdir: Path, warmup: int) -> list[float]:
+    """``step_time_s`` of WORKDIR/metrics.jsonl's train records after step ``warmup``, in ms."""
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step_time_s"] * 1e3 for r in records if r["split"] == "train" and r["step"] > warmup]
+
+
+def run_clis(frameworks: Sequence[str], batch_sizes: Sequence[int], steps: int, warmup: int, rounds: int,
+             **flags: Any) -> list[dict[str, Any]]:
+    """Per batch size: each CLI's median ``step_time_s`` (ms) after ``warmup``, and torch/jax.
+
+    The frameworks alternate run by run (the order flips every round), each run in a fresh workdir.
+    """
+    rows = []
+    for b in batch_sizes:
+        samples: dict[str, list[float]] = {fw: [] for fw in frameworks}
+        for r in range(rounds):
+            for fw in (frameworks if r % 2 == 0 else frameworks[::-1]):
+                with tempfile.TemporaryDirectory() as tmp:
+                    command = cli_command(fw, b, steps, Path(tmp) / "run", **flags)
+                    proc = subprocess.run(command, capture_output=True, text=True)
+                    if proc.returncode:
+                        raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}: "
+                                           f"{proc.stderr[-2000:]}")
+                    samples[fw] += cli_step_times(Path(tmp) / "run", warmup)
+        row: dict[str, Any] = {"batch_size": b, "steps": steps, "warmup": warmup, "rounds": rounds}
+        for fw, ms in samples.items():
+            row[f"{fw}_ms"] = float(np.median(ms))
+            row[f"{fw}_examples_per_s"] = b / (row[f"{fw}_ms"] / 1e3)
+        if "jax_ms" in row and "torch_ms" in row:
+            row["torch_over_jax"] = row["torch_ms"] / row["jax_ms"]
+        rows.append(row)
+        print(f"  batch {b:4d} CLIs: " + ", ".join(f"{fw} {row[f'{fw}_ms']:.2f} ms" for fw in frameworks),
+              flush=True)
+    return rows
+
+
+def format_cli_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one row per batch size, the CLIs' median step times side by side."""
+    lines = ["| batch | jax CLI ms/step | torch CLI ms/step | torch/jax |", "|---:|---:|---:|---:|"]
+
+    def cell(row, key):
+        return f"{row[key]:.2f}" if key in row else "n/a"
+
+    for row in rows:
+        lines.append(f"| {row['batch_size']} | {cell(row, 'jax_ms')} | {cell(row, 'torch_ms')} | "
+                     f"{cell(row, 'torch_over_jax')} |")
+    return "\n".join(lines)
+
+
 # -------------------------------------------------------------------------- CLI
 
 
@@ -447,12 +539,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--torch-device", default=None,
                         help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--jax-conv-impls", nargs="*", default=[], choices=CONV_IMPLS,
-                        help="also time Net(conv_impl=...) for these impls (rows 'jax[impl]')")
+                        help="also time Net(conv_impl=...) for these impls (rows 'jax[impl]', "
+                             "'jax+opts[impl]')")
+    parser.add_argument("--cli", action="store_true",
+                        help="time the two training CLIs instead (default batch sizes "
+                             f"{list(CLI_BATCH_SIZES)}, --repeats 1)")
+    parser.add_argument("--cli-steps", type=positive_int, default=60,
+                        help="--cli: steps per run (default 60)")
+    parser.add_argument("--cli-warmup", type=int, default=20,
+                        help="--cli: steps left out of the median (default 20)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cli:
+        return cli_main(args)
     batch_sizes = args.batch_sizes or (SWEEP_BATCH_SIZES if args.sweep else DEFAULT_BATCH_SIZES)
     repeats = args.repeats or (5 if args.sweep else 15)
     torch = import_torch() if "torch" in args.frameworks else None
@@ -472,8 +574,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             common = dict(batch_size=b, penalised=penalised, penalty_weight=args.penalty_weight,
                           lr=args.lr, seed=args.seed)
             if "jax" in args.frameworks:
-                runners.append(jax_runner(**common))
-                runners += [jax_runner(**common, conv_impl=impl) for impl in args.jax_conv_impls]
+                for options in (False, True):
+                    runners.append(jax_runner(**common, options=options))
+                    runners += [jax_runner(**common, conv_impl=impl, options=options)
+                                for impl in args.jax_conv_impls]
             if torch is not None:
                 runners.append(torch_runner(torch, **common, device=torch_device))
         batch_results = measure(runners, repeats, args.warmup, args.min_block_ms)
@@ -499,6 +603,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sweep:
         plot_sweep(results, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """``--cli``: run both training CLIs, print their step times side by side, write JSON (``--out``)."""
+    frameworks = [fw for fw in ("jax", "torch") if fw in args.frameworks]
+    env = {"python": platform.python_version(), "jax": jax.__version__, "jax_backend": jax.default_backend(),
+           "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+           "loadavg_start": os.getloadavg(), "synthetic_shape": CLI_SYNTHETIC_SHAPE}
+    print(f"training CLIs {', '.join(frameworks)}; {env['cpu_count']} CPUs, "
+          f"load {env['loadavg_start'][0]:.2f}", flush=True)
+    rows = run_clis(frameworks, args.batch_sizes or CLI_BATCH_SIZES, args.cli_steps, args.cli_warmup,
+                    args.repeats or 1, penalty_weight=args.penalty_weight, lr=args.lr, seed=args.seed)
+    env["loadavg_end"] = os.getloadavg()
+    print()
+    print(format_cli_table(rows))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"environment": env, "cli": rows}, indent=2))
+        print(f"\nwrote {args.out}")
     return 0
 
 

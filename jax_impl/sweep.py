@@ -25,16 +25,17 @@ final weights it measures on the test split:
 It writes to ``OUT``: ``results.json`` (the sweep's settings, one row per run,
 and the summary over seeds), ``results.csv`` (one row per run), ``results.md``
 (mean +- standard deviation over seeds per grid point),
-``robustness_vs_weight.png`` (clean, attacked and noisy accuracy and the input
-gradient norm against w, one line per layer set, shaded from the lowest to the
-highest seed), ``grad_norm_vs_weight.png`` (per-layer gradient sizes), and
+``robustness_vs_weight.png`` (clean, attacked and noisy accuracy and the
+input-gradient RMS, mean and median against w, one line per layer set,
+shaded from the lowest to the highest seed), ``grad_norm_vs_weight.png`` (per-layer gradient sizes), and
 ``convention.json`` (the size of the seed's batch-mean penalty next to the
 loss, at initialisation and after unpenalised training). Each run's own
 folder (metrics, config) is ``OUT/runs/<layers>_<normalization>_w<weight>_s<seed>``.
 
 The default grid (3 seeds x (1 + 4 layer sets x 3 weights) = 39 runs of 6
-epochs) is sized to finish within about 15 minutes on a 2-core CPU; see
-docs/robustness.md for its result.
+epochs, about 25 s each) took 21.5 minutes on a 2-core CPU shared with other
+jobs (load 2.5-4.6); its step times at the quietest moments put it at about
+13-14 minutes on that machine alone. Its result: docs/robustness.md.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from agp_common.errors import NonFiniteError, UsageError, report_error
 from agp_common.penalty_spec import INPUT, NORMALIZATIONS
 from jax_impl.model import CAPTURE_NAMES, Net
 from jax_impl.penalty import penalized_loss
+from jax_impl.xla_options import jit_options
 
 #: Penalised layer sets: the input gradient, each capture point, and the answer's pair.
 DEFAULT_LAYER_SETS = ((INPUT,), ("relu1",), ("relu2",), ("relu1", "relu2"))
@@ -146,7 +148,6 @@ def train_config(sweep: SweepConfig, seed: int, layers: tuple[str, ...] | None, 
     )
 
 
-@functools.partial(jax.jit, static_argnames="num_classes")
 def _batch_measures(params, x, y, mask, noisy_x, *, num_classes: int):
     """Sums over the real rows of one batch: loss, correct (clean, noisy), per-layer ||G_i|| and ||G_i||^2."""
     model = Net(num_classes=num_classes)
@@ -168,6 +169,12 @@ def _batch_measures(params, x, y, mask, noisy_x, *, num_classes: int):
     return sums
 
 
+@functools.cache
+def _compiled_batch_measures():
+    """``_batch_measures`` under ``jax.jit`` with ``jit_options()`` (built on first use, not at import)."""
+    return jax.jit(_batch_measures, static_argnames="num_classes", **jit_options())
+
+
 def noise_draws(ds: Dataset, sigmas: Sequence[float]) -> np.ndarray:
     """Fixed Gaussian noise (S, N_test, H, W, C), float32, one standard normal draw scaled per sigma."""
     z = np.random.default_rng(NOISE_SEED).standard_normal(ds.x_test.shape).astype(np.float32)
@@ -183,8 +190,8 @@ def _split_sums(params, x, y, ds: Dataset, batch_size: int, noise: np.ndarray) -
         pad = ((0, batch_size - len(idx)), (0, 0), (0, 0), (0, 0))
         noisy = np.stack([batch["x"] + np.pad(n[idx], pad) for n in noise]) if len(noise) \
             else np.zeros((0, *batch["x"].shape), np.float32)
-        sums = jax.device_get(_batch_measures(params, batch["x"], batch["y"], batch["mask"], noisy,
-                                              num_classes=ds.num_classes))
+        sums = jax.device_get(_compiled_batch_measures()(params, batch["x"], batch["y"], batch["mask"], noisy,
+                                                         num_classes=ds.num_classes))
         norms.append(np.asarray(sums.pop(INPUT_NORMS), np.float64)[: len(idx)])  # real rows only
         for k, v in sums.items():
             totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
@@ -300,9 +307,12 @@ def run_sweep(sweep: SweepConfig, *, log=_log) -> list[dict[str, Any]]:
 
 GROUP_KEYS = ("layers", "normalization", "penalty_weight")
 #: Column titles of results.md (the attacked and noisy accuracies are titled by their label).
-COLUMN_NAMES = {"test_accuracy": "clean", "test_grad_norm/input": "mean ‖dCE/dx‖",
-                "test_grad_median/input": "median ‖dCE/dx‖", "train_loss": "train loss",
-                "wall_s": "wall s / run"}
+COLUMN_NAMES = {"test_accuracy": "clean", "test_grad_rms/input": "RMS ‖dCE/dx‖",
+                "test_grad_norm/input": "mean ‖dCE/dx‖", "test_grad_median/input": "median ‖dCE/dx‖",
+                "train_loss": "train loss", "wall_s": "wall s / run"}
+#: The test input-gradient sizes in the table and the figure: RMS (what the per-example penalty
+#: on ``input`` minimises, squared), mean and median of ``||d CE_i / d x_i||``.
+INPUT_GRADIENT_MEASURES = ("test_grad_rms/input", "test_grad_norm/input", "test_grad_median/input")
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -332,8 +342,7 @@ def _markdown_columns(summary: list[dict[str, Any]]) -> list[str]:
     ordered = ["test_accuracy"]
     ordered += [k for k in keys if k.startswith(ATTACKED_PREFIX)]
     ordered += [k for k in keys if k.startswith("noisy_accuracy@")]
-    ordered += [k for k in ("test_grad_norm/input", "test_grad_median/input", "train_loss", "wall_s")
-                if k in keys]
+    ordered += [k for k in (*INPUT_GRADIENT_MEASURES, "train_loss", "wall_s") if k in keys]
     return [k for k in ordered if k in keys]
 
 
@@ -410,6 +419,8 @@ def plot_results(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                             alpha=0.15, lw=0)
         ax.set_xscale("symlog", linthresh=positive[0])
         ax.set_xlim(0, positive[-1] * 1.5)
+        ax.set_xticks([0.0, *positive], [f"{w:g}" for w in (0.0, *positive)])
+        ax.minorticks_off()
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("penalty weight w (0 = no penalty)")
@@ -434,10 +445,9 @@ def plot_results(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     panels += [(k, f"accuracy under {k.removeprefix(ATTACKED_PREFIX).replace('@', ', eps = ')}", False)
                for k in attacked]
     panels += [(k, f"accuracy, Gaussian noise sigma = {k.split('@')[1]}", False) for k in noisy]
-    panels += [("test_grad_norm/input", "mean input-gradient norm ||dCE_i/dx_i|| (test)", True),
-               ("test_grad_median/input", "median input-gradient norm ||dCE_i/dx_i|| (test)", True)]
+    panels += [(k, f"{COLUMN_NAMES[k]} over test examples", True) for k in INPUT_GRADIENT_MEASURES]
     panels_used = [p for p in panels if p[0] in keys]
-    ncols = 3
+    ncols = 4
     nrows = max(1, math.ceil(len(panels_used) / ncols))
     fig, axs = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.5 * nrows), squeeze=False)
     axs = axs.ravel()

@@ -4,10 +4,18 @@
 workdir)``; everything else is small functions, importable and testable:
 
 * ``create_train_state``: ``TrainState(step, params, opt_state)``;
-* ``train_step(state, batch) -> (state, metrics)``: pure; compiled once by
-  ``make_train_step`` with the state donated, the batch sharded over a 1-D
-  ``"data"`` mesh of all devices and the state replicated;
+* ``train_step(state, batch, hparams) -> (state, metrics)``: pure; compiled
+  once by ``make_train_step`` (with ``jit_options()``) with the state donated,
+  the batch sharded over a 1-D ``"data"`` mesh of all devices and the state
+  replicated; the learning rate and the penalty weight are traced
+  (``Hyperparams``), so runs with other values (a sweep) reuse the compilation;
 * ``eval_step(params, batch) -> sums``, for the held-out split.
+
+The metrics stay on the device: the loop fetches them every
+``METRICS_EVERY`` steps (and before every evaluation and checkpoint), so the
+host does not wait for each step. A step whose loss, penalty or gradient is
+not finite leaves the state unchanged; the fetch that sees it stops the run
+naming that step, before anything is saved.
 
 Every batch has the same shape: the last partial batch of an epoch is
 zero-padded and carries a 0/1 ``mask``, and the loss is
@@ -74,10 +82,14 @@ from agp_common.runlog import (
 from jax_impl.attacks import adversarial_correct
 from jax_impl.model import CAPTURE_NAMES, Net
 from jax_impl.penalty import lazy_value_and_grad
+from jax_impl.xla_options import jit_options
 
 FRAMEWORK = "jax"
 DATA_AXIS = "data"
 CHECKPOINT_DIR = "checkpoints"
+#: Steps between two fetches of the metrics from the device (fewer host-device syncs; a NaN stops the
+#: run at the next fetch at the latest, with the state of the step before it).
+METRICS_EVERY = 20
 
 Params = Any
 
@@ -90,11 +102,24 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
-def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
+class Hyperparams(NamedTuple):
+    """The compiled step's traced scalars, () arrays of the run's dtype: new values never recompile."""
+
+    lr: jax.Array
+    penalty_weight: jax.Array
+
+
+def hyperparams(lr: float, penalty_weight: float, dtype) -> Hyperparams:
+    """``Hyperparams`` of the given values in ``dtype`` (what a Python float becomes in that step)."""
+    return Hyperparams(jnp.asarray(lr, dtype), jnp.asarray(penalty_weight, dtype))
+
+
+def make_optimizer(name: str, lr: float | jax.Array) -> optax.GradientTransformation:
     """``sgd`` (the seed's ``torch.optim.SGD``), ``momentum`` (SGD, momentum 0.9) or ``adam``.
 
     Same update rules as ``torch.optim.SGD(lr[, momentum])`` and
     ``torch.optim.Adam(lr)`` with their defaults (see torch_ref.train).
+    ``lr`` may be traced; the optimizer state does not depend on it.
     """
     if name == "sgd":
         return optax.sgd(lr)
@@ -125,17 +150,20 @@ def create_train_state(params: Params, tx: optax.GradientTransformation) -> Trai
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
+    hparams: Hyperparams,
     *,
     model: Net,
-    tx: optax.GradientTransformation,
-    penalty_weight: float,
+    optimizer: str,
     layers: tuple[str, ...] | None = None,
     options: PenaltyOptions | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update on ``batch`` = {x (B, H, W, C), y (B,), mask (B,)}; returns the new state and metrics.
 
     ``total = loss + w * sum_l ||d loss / d a_l||^2`` with ``loss`` the masked
-    mean cross-entropy; its gradient (double backprop) feeds the optimizer.
+    mean cross-entropy and ``w = hparams.penalty_weight``; its gradient (double
+    backprop) feeds ``make_optimizer(optimizer, hparams.lr)``. When ``total``,
+    ``loss``, ``penalty`` or ``grad_norm`` is not finite the step is not
+    applied (the state is returned unchanged) and its metrics show the NaN/Inf.
     Metrics: ``total``, ``loss``, ``penalty``, ``penalty/<layer>``,
     ``act_grad_norm/<layer>`` (= sqrt of that term), ``accuracy`` (masked),
     ``grad_norm`` and ``param_norm`` (global L2 norms, before the update).
@@ -148,9 +176,9 @@ def train_step(
     if layers is not None:
         options = options.replace(layers=layers)
     (total, aux), grads = lazy_value_and_grad(
-        state.params, model, batch["x"], batch["y"], step=state.step, penalty_weight=penalty_weight,
+        state.params, model, batch["x"], batch["y"], step=state.step, penalty_weight=hparams.penalty_weight,
         options=options, example_weights=batch["mask"])
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = make_optimizer(optimizer, hparams.lr).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     mask = batch["mask"]
     correct = (jnp.argmax(aux["logits"], axis=-1) == batch["y"]).astype(mask.dtype) * mask
@@ -166,7 +194,10 @@ def train_step(
         metrics[f"penalty/{name}"] = term
         is_norm = options.norm == "l2"  # then the term already is a norm
         metrics[f"act_grad_norm/{name}"] = term if is_norm else jnp.sqrt(term)
-    return TrainState(state.step + 1, params, opt_state), metrics
+    # The loop's CHECKED_FINITE: a bad step keeps the last good state, which the loop may still save.
+    finite = jnp.all(jnp.isfinite(jnp.stack([total, aux["loss"], aux["penalty"], metrics["grad_norm"]])))
+    new_state = TrainState(state.step + 1, params, opt_state)
+    return jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state), metrics
 
 
 def eval_step(params: Params, batch: dict[str, jax.Array], *, model: Net) -> dict[str, jax.Array]:
@@ -227,38 +258,39 @@ class CountingJit:
         return self.jitted(*args, **kwargs)
 
 
-def make_train_step(model: Net, tx: optax.GradientTransformation, penalty_weight: float,
-                    layers: tuple[str, ...] | None, mesh: Mesh, *,
+def make_train_step(model: Net, optimizer: str, layers: tuple[str, ...] | None, mesh: Mesh, *,
                     options: PenaltyOptions | None = None) -> CountingJit:
-    """``train_step`` compiled for ``mesh``: state replicated and donated, batch sharded.
+    """``train_step`` compiled for ``mesh``: state replicated and donated, batch sharded, ``Hyperparams``
+    replicated and traced; with ``jit_options()``.
 
     The loss and penalty are those of the global batch (XLA inserts the
     cross-device reductions), so results match one device up to rounding.
     The result's ``traces`` counts its compilations.
     """
-    step = functools.partial(train_step, model=model, tx=tx, penalty_weight=penalty_weight, layers=layers,
-                             options=options)
-    return CountingJit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)),
-                       out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+    step = functools.partial(train_step, model=model, optimizer=optimizer, layers=layers, options=options)
+    return CountingJit(step, in_shardings=(replicated(mesh), batch_sharded(mesh), replicated(mesh)),
+                       out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0, **jit_options())
 
 
 def make_eval_step(model: Net, mesh: Mesh):
-    """``eval_step`` compiled for ``mesh`` (params replicated, batch sharded)."""
+    """``eval_step`` compiled for ``mesh`` (params replicated, batch sharded), with ``jit_options()``."""
     return jax.jit(functools.partial(eval_step, model=model),
-                   in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh))
+                   in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh),
+                   **jit_options())
 
 
 @functools.lru_cache(maxsize=16)
-def compiled_steps(num_classes: int, optimizer: str, lr: float, penalty_weight: float,
-                   devices: tuple[jax.Device, ...], options: PenaltyOptions | None = None):
-    """``(model, tx, mesh, train_step_fn, eval_step_fn)`` for a run, built once per process and key.
+def compiled_steps(num_classes: int, optimizer: str, devices: tuple[jax.Device, ...],
+                   options: PenaltyOptions | None = None):
+    """``(model, mesh, train_step_fn, eval_step_fn)`` for a run, built once per process and key.
 
-    Runs in one process with the same model, optimizer and devices (tests, sweeps) share one jitted
-    step, so XLA compiles each (shape, dtype) only once.
+    Runs in one process with the same model, optimizer, penalty options and devices (tests, sweeps)
+    share one jitted step whatever their learning rate and penalty weight, so XLA compiles each
+    (shape, dtype) only once.
     """
-    model, tx, mesh = Net(num_classes=num_classes), make_optimizer(optimizer, lr), data_mesh(devices)
-    return (model, tx, mesh, make_train_step(model, tx, penalty_weight, None, mesh, options=options),
-            make_eval_step(model, mesh))
+    model, mesh = Net(num_classes=num_classes), data_mesh(devices)
+    step_fn = make_train_step(model, optimizer, None, mesh, options=options)
+    return model, mesh, step_fn, make_eval_step(model, mesh)
 
 
 @functools.lru_cache(maxsize=16)
@@ -268,7 +300,8 @@ def compiled_attack_eval(num_classes: int, attacks: tuple[Attack, ...], clip: tu
     per process and key (a sweep's runs share it)."""
     mesh = data_mesh(devices)
     step = functools.partial(attack_eval_step, model=Net(num_classes=num_classes), attacks=attacks, clip=clip)
-    return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh))
+    return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh),
+                   **jit_options())
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -414,7 +447,8 @@ class TrainResult:
     final_eval: dict[str, float] | None
     wall_s: float
     #: Compilations of the train step during this run: 1 for a fresh process, 0 when an earlier run in
-    #: the same process compiled the same shapes (never more: padded partial batches reuse the step).
+    #: the same process compiled the same shapes, whatever its learning rate and penalty weight (never
+    #: more: padded partial batches reuse the step).
     train_step_compilations: int
     summary: str
 
@@ -443,9 +477,10 @@ def _train_and_evaluate(config, workdir, params, devices, plots, handle_signals)
     dtype = np.dtype(config.dtype)
     main_process = jax.process_index() == 0
     ds = load_dataset(config)
-    model, tx, mesh, step_fn, eval_fn = compiled_steps(
-        ds.num_classes, config.optimizer, config.lr, config.penalty_weight,
-        tuple(jax.devices() if devices is None else devices), config.penalty_options())
+    model, mesh, step_fn, eval_fn = compiled_steps(
+        ds.num_classes, config.optimizer, tuple(jax.devices() if devices is None else devices),
+        config.penalty_options())
+    tx = make_optimizer(config.optimizer, config.lr)
     compiled_before = step_fn.traces
     attacks = config.attacks()
     attack_fn = (compiled_attack_eval(ds.num_classes, attacks, ds.input_range(), tuple(mesh.devices.flat))
@@ -463,6 +498,7 @@ def _train_and_evaluate(config, workdir, params, devices, plots, handle_signals)
     else:
         params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
     state = jax.device_put(create_train_state(params, tx), replicated(mesh))
+    hparams = jax.device_put(hyperparams(config.lr, config.penalty_weight, dtype), replicated(mesh))
 
     with hold_workdir(workdir, enabled=main_process), \
             checkpoint_manager(workdir, config.keep_checkpoints) as manager:
@@ -479,8 +515,8 @@ def _train_and_evaluate(config, workdir, params, devices, plots, handle_signals)
         def run_step(indices):
             nonlocal state
             batch = padded_batch(ds.x_train, ds.y_train, indices, config.batch_size, dtype, ds.pixel_scale)
-            state, metrics = step_fn(state, put_batch(batch, mesh))
-            return {k: float(v) for k, v in jax.device_get(metrics).items()}
+            state, metrics = step_fn(state, put_batch(batch, mesh), hparams)
+            return metrics  # on the device until the loop fetches it
 
         def run_eval():
             result = evaluate(eval_fn, state.params, ds, config.batch_size, dtype, mesh)
@@ -490,7 +526,7 @@ def _train_and_evaluate(config, workdir, params, devices, plots, handle_signals)
 
         loop = run_loop(config, workdir, order, start, total, train_step=run_step, evaluate=run_eval,
                         save=lambda step: save_checkpoint(manager, state, record), main_process=main_process,
-                        handle_signals=handle_signals)
+                        handle_signals=handle_signals, fetch=jax.device_get, fetch_every=METRICS_EVERY)
     final_eval = loop.last_eval if loop.steps_run else run_eval()
     plot_paths = []
     if plots and main_process and (workdir / "metrics.jsonl").exists():

@@ -29,7 +29,7 @@ import torch
 from flax import traverse_util
 
 import torch_ref
-from jax_impl import Net, penalized_loss
+from jax_impl import Net, jit_options, penalized_loss
 from parity_tests import seed_code
 from parity_tests.harness import (
     TOLERANCES,
@@ -58,14 +58,15 @@ Layers = tuple[str, ...] | None
 def _jax_value_and_grad(layers: Layers, conv_impl: str = "auto"):
     """``jit(value_and_grad(penalized_loss))`` for one layer choice, compiled once per shape/dtype.
 
-    The penalty weight is a traced argument, so weights 0 and 10 share a compilation.
+    The penalty weight is a traced argument, so weights 0 and 10 share a compilation. Compiled with
+    ``jit_options()``, as the CLI's steps are: the parity suite guards the kernels users get.
     """
     model = Net(conv_impl=conv_impl)
 
     def total(params, x, y, penalty_weight):
         return penalized_loss(params, model, x, y, penalty_weight=penalty_weight, layers=layers)
 
-    return jax.jit(jax.value_and_grad(total, has_aux=True))
+    return jax.jit(jax.value_and_grad(total, has_aux=True), **jit_options())
 
 
 def jax_quantities(params, x_nchw: np.ndarray, y: np.ndarray, penalty_weight: float,
@@ -215,7 +216,7 @@ def _jax_sgd_step(lr: float, penalty_weight: float):
         grads = jax.grad(lambda p: penalized_loss(p, model, x, y, penalty_weight=penalty_weight)[0])(params)
         return jax.tree.map(lambda p, g: p - lr * g, params, grads)
 
-    return jax.jit(step)
+    return jax.jit(step, **jit_options())  # the CLI's kernels (jax_impl.xla_options)
 
 
 #: How close (relative to the layer's largest |value|) a pre-activation must come to a kink for

@@ -5,7 +5,11 @@
 ``<module>`` is ``jax_impl.train`` or ``torch_ref.train``; ``<pause>`` is
 
 * ``record:<split>:<step>``: just after metrics.jsonl received the ``<split>``
-  (``train`` or ``eval``) record of ``<step>``, before that step's checkpoint;
+  (``train`` or ``eval``) record of ``<step>``, before that step's checkpoint
+  (JAX writes a train record when it fetches the metrics, which may be a few
+  steps later);
+* ``before_step:<step>``: when the loop asks for the batch of ``<step>``
+  (1-based), before that step runs;
 * ``in_save:<step>``: inside the write of checkpoint ``<step>``: JAX after orbax
   wrote its temporary folder and before the rename, PyTorch after the temporary
   file is written and before the rename.
@@ -24,6 +28,7 @@ import time
 from pathlib import Path
 
 import agp_common.loop
+from agp_common.batching import BatchOrder
 from agp_common.runlog import MetricsLog
 
 WAIT_S = 120.0
@@ -55,6 +60,17 @@ def pause_after_record(where: str, split: str, step: int) -> None:
             pause(where)
 
     MetricsLog.write = write_then_pause
+
+
+def pause_before_step(where: str, step: int) -> None:
+    indices = BatchOrder.indices
+
+    def pause_then_indices(self, step0):
+        if step0 + 1 == step:
+            pause(where)
+        return indices(self, step0)
+
+    BatchOrder.indices = pause_then_indices
 
 
 def pause_in_jax_save(where: str, step: int) -> None:
@@ -96,6 +112,8 @@ def main() -> int:
     kind, *args = where.split(":")
     if kind == "record":
         pause_after_record(where, args[0], int(args[1]))
+    elif kind == "before_step":
+        pause_before_step(where, int(args[0]))
     elif kind == "in_save" and module == "jax_impl.train":
         pause_in_jax_save(where, int(args[0]))
     elif kind == "in_save" and module == "torch_ref.train":

@@ -2,7 +2,8 @@
 
 import json
 
-from benchmarks.step_time import forward_flops, main, step_flops
+from agp_common.config import parse_config
+from benchmarks.step_time import cli_command, cli_step_times, forward_flops, main, step_flops
 
 
 def test_flop_count_matches_the_documented_forward_equivalents():
@@ -20,8 +21,29 @@ def test_benchmark_writes_a_table_row_per_config_and_a_summary(tmp_path, capsys)
                  "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     rows = {(r["framework"], r["step"]) for r in payload["results"]}
-    assert rows == {("jax", "penalised"), ("jax", "plain"), ("torch", "penalised"), ("torch", "plain")}
+    assert rows == {(fw, step) for fw in ("jax", "jax+opts", "torch") for step in ("penalised", "plain")}
     assert all(r["median_ms"] > 0 and r["peak_mib"] > 0 for r in payload["results"])
     summary = payload["summary"][0]
-    assert {"torch_over_jax_penalised", "jax_penalty_overhead", "torch_penalty_overhead"} <= set(summary)
-    assert "| 2 | jax | penalised |" in capsys.readouterr().out
+    assert {"torch_over_jax_penalised", "torch_over_jax+opts_penalised", "jax_penalty_overhead",
+            "torch_penalty_overhead"} <= set(summary)
+    out = capsys.readouterr().out
+    assert "| 2 | jax | penalised |" in out and "| 2 | jax+opts | penalised |" in out
+
+
+def test_cli_mode_runs_both_trainers_on_the_same_flags(tmp_path):
+    commands = {fw: cli_command(fw, 32, 60, tmp_path, penalty_weight=10.0, lr=1e-3, seed=0)
+                for fw in ("jax", "torch")}
+    assert commands["jax"][1:3] == ["-m", "jax_impl.train"]
+    assert commands["torch"][1:3] == ["-m", "torch_ref.train"]
+    assert commands["jax"][3:] == commands["torch"][3:]
+    config = parse_config(commands["jax"][3:], prog="bench", framework="jax")
+    assert (config.dataset, config.synthetic_shape) == ("synthetic", (512, 32, 32, 3))
+    assert config.optimizer == "sgd"
+    assert (config.batch_size, config.steps, config.penalty_weight, config.lr) == (32, 60, 10.0, 1e-3)
+
+
+def test_cli_step_times_are_the_train_records_after_the_warmup_in_ms(tmp_path):
+    lines = [{"step": s, "split": "train", "step_time_s": s / 1000} for s in (1, 2, 3)]
+    lines.append({"step": 3, "split": "eval", "eval_loss": 1.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert cli_step_times(tmp_path, warmup=1) == [2.0, 3.0]

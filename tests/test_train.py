@@ -1,5 +1,7 @@
 """jax_impl.train: compiled once, masked partial batches, exact resume, multi-device equality, the CLI."""
 
+import dataclasses
+import functools
 import json
 import os
 import re
@@ -36,14 +38,40 @@ def test_train_step_compiles_once_for_full_and_padded_partial_batches():
     ds = load_dataset(SMALL)
     model, tx = Net(num_classes=ds.num_classes), train.make_optimizer("sgd", 0.05)
     mesh = train.data_mesh()
-    step = train.make_train_step(model, tx, 10.0, None, mesh)
+    step = train.make_train_step(model, "sgd", None, mesh)
     state = train.create_train_state(train.init_params(model, ds.image_shape, 0, np.float32), tx)
     state = jax.device_put(state, train.replicated(mesh))  # as train_and_evaluate does
-    for indices in (np.arange(8), np.arange(8, 16), np.arange(16, 20)):  # the last one is partial
+    # The last batch is partial; the learning rate and penalty weight change every step.
+    for i, indices in enumerate((np.arange(8), np.arange(8, 16), np.arange(16, 20))):
         batch = padded_batch(ds.x_train, ds.y_train, indices, 8, np.float32)
-        state, _ = step(state, train.put_batch(batch, mesh))
+        hparams = train.hyperparams(0.05 / (i + 1), 10.0 * i, np.float32)
+        hparams = jax.device_put(hparams, train.replicated(mesh))
+        state, _ = step(state, train.put_batch(batch, mesh), hparams)
     assert int(state.step) == 3
     assert step.traces == 1  # a second trace would be a second compilation
+
+
+def test_a_sweep_over_penalty_weights_and_learning_rates_compiles_the_train_step_once(tmp_path):
+    config = dataclasses.replace(SMALL, steps=2, eval_every=2, checkpoint_every=2, penalty_layers=("relu1",))
+    runs = [train.train_and_evaluate(dataclasses.replace(config, penalty_weight=w, lr=lr), tmp_path / f"w{w}",
+                                     plots=False)
+            for w, lr in ((0.0, 0.01), (1.0, 0.01), (3.0, 0.05), (10.0, 0.1))]
+    # Another test in this process may have compiled these shapes already: then none compiles.
+    assert sum(r.train_step_compilations for r in runs) <= 1
+    assert [r.train_step_compilations for r in runs[1:]] == [0, 0, 0]
+    assert len({float(r.last_train["loss"]) for r in runs[1:]}) == 3  # the weights did reach the step
+
+
+def test_a_nan_step_leaves_the_state_unchanged_and_shows_in_its_metrics():
+    ds = load_dataset(SMALL)
+    model, tx = Net(num_classes=ds.num_classes), train.make_optimizer("sgd", 0.05)
+    state = train.create_train_state(train.init_params(model, ds.image_shape, 0, np.float32), tx)
+    batch = padded_batch(ds.x_train, ds.y_train, np.arange(8), 8, np.float32)
+    batch["x"][0] = np.nan
+    step = jax.jit(functools.partial(train.train_step, model=model, optimizer="sgd"))
+    after, metrics = step(state, batch, train.hyperparams(0.05, 10.0, np.float32))
+    assert not np.isfinite(metrics["loss"])
+    jax.tree.map(np.testing.assert_array_equal, after, state)  # step counter included
 
 
 def test_counting_jit_counts_one_trace_per_new_argument_shape():
