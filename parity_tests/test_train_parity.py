@@ -29,7 +29,9 @@ def relative_error(a, b):
     return np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b))
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+# Plain SGD (the seed's) by default; momentum and Adam share its code path and run with -m slow.
+@pytest.mark.parametrize("optimizer", ["sgd", pytest.param("momentum", marks=pytest.mark.slow),
+                                       pytest.param("adam", marks=pytest.mark.slow)])
 def test_jax_and_torch_training_follow_the_same_trajectory_float64(tmp_path, optimizer):
     config = TrainConfig(**{**CONFIG.__dict__, "optimizer": optimizer})
     ds = load_dataset(config)

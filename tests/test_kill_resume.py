@@ -163,6 +163,7 @@ def torch_final_state(workdir: Path) -> dict:
     return {k: v.numpy() for k, v in payload["model"].items()}
 
 
+@pytest.mark.slow  # ~22 s; the JAX run's kill test (same loop, same run folder code) runs by default
 def test_torch_run_survives_sigkill_during_a_checkpoint_write_and_sigterm(tmp_path, child_env):
     module = "torch_ref.train"
     reference, run = tmp_path / "reference", tmp_path / "run"

@@ -290,6 +290,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two JAX processes start and compile (~15 s); one-process sharding runs by default
 def test_two_processes_on_localhost_train_like_one(tmp_path, one_device_run):
     """Multi-host path: jax.distributed over Gloo CPU collectives, each process feeds half of a batch."""
     single, single_records = one_device_run
