@@ -250,6 +250,19 @@ def check_layer_weights(options: PenaltyOptions, layers: Sequence[str]) -> None:
         raise ValueError(f"layer_weights names {unknown} that are not penalised layers {list(layers)}")
 
 
+def check_examples_interact(options: PenaltyOptions, examples_interact: bool) -> None:
+    """Raise a ``ValueError`` for the finite difference per example when examples interact.
+
+    Each example is shifted along its own direction in one forward pass, which is exact only
+    when an example's loss does not depend on the others' activations (no train-mode BatchNorm).
+    """
+    if options.approx == "finite_difference" and options.normalization == "per_example" and examples_interact:
+        raise ValueError(
+            "approx='finite_difference' with normalization='per_example' needs independent examples; "
+            "with interacting examples (BatchNorm in train mode) use approx='exact'"
+        )
+
+
 def check_penalty_options(**options: Any) -> None:
     """Raise the one-line ``ValueError`` of ``PenaltyOptions`` for a bad option value (by keyword)."""
     PenaltyOptions(**options)

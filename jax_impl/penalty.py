@@ -63,6 +63,7 @@ from flax import traverse_util
 from agp_common.penalty_spec import (
     INPUT,
     PenaltyOptions,
+    check_examples_interact,
     check_layer_weights,
     resolve_options,
     select_layers,
@@ -223,14 +224,6 @@ def _apply_norm(squared: jax.Array, norm: str) -> jax.Array:
     return squared if norm == "squared_l2" else _safe_sqrt(squared)
 
 
-def _check_interaction(options: PenaltyOptions, examples_interact: bool) -> None:
-    if options.approx == "finite_difference" and options.normalization == "per_example" and examples_interact:
-        raise ValueError(
-            "approx='finite_difference' with normalization='per_example' needs independent examples; "
-            "with interacting examples (BatchNorm in train mode) use approx='exact'"
-        )
-
-
 def penalized_loss_from_forward(
     forward: Forward,
     zeros: Mapping[str, jax.Array],
@@ -256,7 +249,7 @@ def penalized_loss_from_forward(
     opts = resolve_options(options, layers, **option_keywords)
     layers = select_layers(tuple(zeros), opts.layers)
     check_layer_weights(opts, layers)
-    _check_interaction(opts, examples_interact)
+    check_examples_interact(opts, examples_interact)
     loss_fn = per_example_cross_entropy if loss_fn is None else loss_fn
     chosen = _chosen_zeros(zeros, x, layers)
     per_example = opts.normalization == "per_example"

@@ -112,3 +112,13 @@ def test_help_is_grouped_and_states_each_default_once(capsys):
     defaults = vars(build_parser("p", "jax").parse_args([]))
     assert text.count("(default:") == len([v for v in defaults.values() if v is not None and v is not False])
     assert "not set: every capture point" in text  # what an unset --penalty-layers means
+
+
+def test_finite_difference_per_example_is_refused_only_when_examples_interact():
+    from agp_common.penalty_spec import check_examples_interact
+
+    fd_per_example = PenaltyOptions(approx="finite_difference", normalization="per_example")
+    check_examples_interact(fd_per_example, examples_interact=False)
+    check_examples_interact(PenaltyOptions(normalization="per_example"), examples_interact=True)
+    with pytest.raises(ValueError, match=r"needs independent examples.*use approx='exact'"):
+        check_examples_interact(fd_per_example, examples_interact=True)

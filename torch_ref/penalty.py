@@ -25,6 +25,7 @@ from torch import nn
 from agp_common.penalty_spec import (
     INPUT,
     PenaltyOptions,
+    check_examples_interact,
     check_layer_weights,
     resolve_options,
     select_layers,
@@ -186,11 +187,7 @@ def _penalized_loss_options(model, input, label, penalty_weight, opts: PenaltyOp
     per_example = normalization == "per_example"
     if examples_interact is None:
         examples_interact = has_interacting_examples(model)
-    if approx == "finite_difference" and per_example and examples_interact:
-        raise ValueError(
-            "approx='finite_difference' with normalization='per_example' needs independent examples; "
-            "with interacting examples (BatchNorm in train mode) use approx='exact'"
-        )
+    check_examples_interact(opts, examples_interact)
     loss_fn = _per_example_ce if loss_fn is None else loss_fn
     x = input.detach().requires_grad_(True) if wants_input(opts.layers) else input
     output, captures = _forward(model, x, capture_modules, opts.layers)
