@@ -277,9 +277,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _layers(text: str) -> tuple[str, ...] | None:
-    if text.strip() == "all":
-        return None
-    return tuple(name.strip() for name in text.split(",") if name.strip())
+    return None if text.strip() == "all" else _names(text)
 
 
 def _layer_weights(text: str) -> tuple[tuple[str, float], ...]:
