@@ -30,6 +30,8 @@ from agp_common.penalty_spec import PenaltyOptionError, PenaltyOptions
 DATASETS = ("digits", "cifar10", "npz", "synthetic")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 DTYPES = ("float32", "float64")
+#: The JAX model's convolution algorithms (``jax_impl.layers.conv2d_valid``; ``--conv-impl``).
+CONV_IMPLS = ("auto", "xla", "canonical", "im2col", "onednn")
 #: Momentum coefficient of ``--optimizer momentum`` (optax.sgd / torch.optim.SGD).
 MOMENTUM = 0.9
 #: ``--lr`` when not given, per ``--optimizer``. SGD's is the seed recipe's tuned
@@ -45,7 +47,7 @@ PENALTY_PREFIX = "penalty_"
 #: report and evaluate. Every other field changes the trajectory, so a mismatch is refused.
 RESUMABLE_FIELDS = frozenset(
     {"data_dir", "epochs", "steps", "eval_every", "checkpoint_every", "keep_checkpoints",
-     "workdir", "quiet", "tensorboard", "debug",
+     "workdir", "quiet", "tensorboard", "debug", "cpu_devices", "conv_impl",
      "eval_attacks", "eval_eps", "eval_pgd_steps", "eval_pgd_step_ratio"}
 )
 #: The prefix of the ``TrainConfig`` field (and the flag) of each attack option.
@@ -65,8 +67,13 @@ class TrainConfig:
     means once per epoch (and always at the end). The ``penalty_*`` fields
     other than the weight are ``PenaltyOptions``' fields
     (``penalty_options()``); ``penalty_layers=None`` penalises every capture point.
-    ``eval_attacks`` (``None``: none) are evaluated at every ``eval_eps`` on the test
-    split next to the clean accuracy (``attacks()``, agp_common/attack_spec.py).
+    ``cpu_devices`` (JAX on CPU only; ``None``: chosen from the batch size and the
+    cores, ``jax_impl.train.choose_cpu_devices``) splits the CPU into that many
+    JAX devices for data parallelism; it changes speed, not the run, so a resume
+    may change it, as it may change ``conv_impl`` (JAX's convolution algorithm, which
+    moves only float rounding). ``eval_attacks`` (``None``: none) are evaluated at
+    every ``eval_eps`` on the test split next to the clean accuracy (``attacks()``,
+    agp_common/attack_spec.py).
     """
 
     dataset: str = "digits"
@@ -88,6 +95,8 @@ class TrainConfig:
     penalty_fd_step: float = _PENALTY_DEFAULTS.fd_step
     seed: int = 0
     dtype: str = "float32"
+    cpu_devices: int | None = None
+    conv_impl: str = "auto"
     workdir: str | None = None
     eval_every: int | None = None
     eval_attacks: tuple[str, ...] | None = None
@@ -156,6 +165,8 @@ def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
 
 #: Largest step count, seed or period a run accepts: the step counter is a 32-bit integer.
 MAX_INT = 2**31 - 1
+#: Most JAX CPU devices ``--cpu-devices`` asks for (far above any core count it is meant for).
+MAX_CPU_DEVICES = 1024
 #: Integer fields checked against ``MAX_INT`` (the ``None`` ones, when set).
 _BOUNDED_INTS = ("epochs", "steps", "eval_every", "checkpoint_every", "batch_size", "keep_checkpoints",
                  "seed", "penalty_every")
@@ -180,6 +191,8 @@ def validate_config(config: TrainConfig, capture_names: Sequence[str] | None = N
     _require(config.optimizer in OPTIMIZERS,
              f"--optimizer must be one of {list(OPTIMIZERS)}, got {config.optimizer!r}")
     _require(config.dtype in DTYPES, f"--dtype must be one of {list(DTYPES)}, got {config.dtype!r}")
+    _require(config.conv_impl in CONV_IMPLS,
+             f"--conv-impl must be one of {list(CONV_IMPLS)}, got {config.conv_impl!r}")
     _require(config.epochs is None or config.steps is None,
              f"give --epochs or --steps, not both (got --epochs {config.epochs} --steps {config.steps})")
     for name in ("epochs", "steps", "eval_every", "checkpoint_every"):
@@ -201,6 +214,8 @@ def validate_config(config: TrainConfig, capture_names: Sequence[str] | None = N
     for name in _BOUNDED_INTS:
         value = getattr(config, name)
         _require(value is None or value <= MAX_INT, f"{_flag(name)} must be at most {MAX_INT}, got {value}")
+    _require(config.cpu_devices is None or 1 <= config.cpu_devices <= MAX_CPU_DEVICES,
+             f"--cpu-devices must be 'auto' or between 1 and {MAX_CPU_DEVICES}, got {config.cpu_devices}")
     _require(config.num_classes is None or 2 <= config.num_classes <= MAX_CLASSES,
              f"--num-classes must be between 2 and {MAX_CLASSES}, got {config.num_classes}")
     _require(config.workdir is None or bool(str(config.workdir).strip()),
@@ -249,6 +264,10 @@ def _float(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _cpu_devices(text: str) -> int | None:
+    return None if text.strip() == "auto" else _int(text)
 
 
 def _shape(text: str) -> tuple[int, int, int, int]:
@@ -403,6 +422,16 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
         "JAX_PROCESS_ID); PyTorch uses the CPU")
     devices.add_argument("--dtype", choices=DTYPES, default=d.dtype,
                          help="floating-point type of data and weights" + _default(d.dtype))
+    devices.add_argument("--cpu-devices", type=_cpu_devices, default=None, metavar="N|auto",
+                         help="JAX on CPU: split the cores into N devices and the batch over them "
+                              "(faster for large batches: XLA's CPU convolutions use several cores "
+                              "poorly); not set or auto: one device per 64 examples, at most one per core, "
+                              "and one with --conv-impl onednn (unused by PyTorch and on GPU/TPU)")
+    devices.add_argument("--conv-impl", choices=CONV_IMPLS, default=d.conv_impl,
+                         help="JAX's convolution algorithm: auto (canonical on CPU, xla on GPU/TPU), "
+                              "canonical, xla, im2col, or onednn (opt-in, CPU, float32: oneDNN's kernels, "
+                              "the ones PyTorch uses; needs pip install '.[onednn]' and g++, else canonical "
+                              "with a warning; unused by PyTorch)" + _default(d.conv_impl))
     return p
 
 

@@ -6,6 +6,7 @@ Usage::
     python -m benchmarks.step_time --batch-sizes 8 64 --out results.json
     python -m benchmarks.step_time --sweep --plot sweep.png   # batch 1..512, plot
     python -m benchmarks.step_time --cli                # the two training CLIs, batch 32 and 128
+    python -m benchmarks.step_time --cli --cli-jax-flags='--conv-impl onednn'   # plus a JAX CLI variant
 
 Six steps are timed for every batch size (float32, SGD, ``w = 10``):
 
@@ -43,7 +44,9 @@ interquartile range, and the minimum. PyTorch keeps its default thread count
 frameworks for ``--repeats`` rounds (default 1), and reports the median of the
 ``step_time_s`` of their metrics.jsonl over the steps after ``--cli-warmup``:
 the whole training step as a user of the CLI gets it (batch preparation,
-transfer, logging included).
+transfer, logging included). Each ``--cli-jax-flags FLAGS`` adds a column
+``jax[FLAGS]``: the JAX CLI with those flags (e.g. ``--conv-impl onednn``,
+``--cpu-devices 1``), in the same alternation.
 
 FLOP count (analytic, multiply-accumulates x 2; elementwise ops, pooling and
 the softmax are not counted). Per example, forward:
@@ -87,7 +90,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -343,7 +346,9 @@ def summarise(results: Sequence[Result]) -> list[dict[str, Any]]:
     """Per batch size: torch/jax time ratios and the penalty overhead (penalised / plain) of each.
 
     ``torch_over_jax_<step>`` is against the plain ``jax.jit`` rows,
-    ``torch_over_jax+opts_<step>`` against the ``jit_options()`` ones.
+    ``torch_over_jax+opts_<step>`` against the ``jit_options()`` ones, and
+    ``torch_over_<fw>_<step>`` against any other JAX row (``jax+opts[onednn]``
+    from ``--jax-conv-impls onednn``).
     """
     by_key = {(r.batch_size, r.framework, r.step): r.median_ms for r in results}
     rows = []
@@ -354,7 +359,7 @@ def summarise(results: Sequence[Result]) -> list[dict[str, Any]]:
             pen, plain = by_key.get((b, fw, "penalised")), by_key.get((b, fw, "plain"))
             if pen and plain:
                 row[f"{fw}_penalty_overhead"] = pen / plain
-        for jax_fw in ("jax", "jax+opts"):
+        for jax_fw in (fw for fw in frameworks if fw.startswith("jax")):
             for step in ("penalised", "plain"):
                 t, j = by_key.get((b, "torch", step)), by_key.get((b, jax_fw, step))
                 if t and j:
@@ -391,6 +396,14 @@ def format_table(results: Sequence[Result], summary: Sequence[dict[str, Any]]) -
             f"{cell(row, 'torch_over_jax_plain')} | {cell(row, 'torch_over_jax+opts_penalised')} | "
             f"{cell(row, 'torch_over_jax+opts_plain')} | {cell(row, 'jax_penalty_overhead')} | "
             f"{cell(row, 'jax+opts_penalty_overhead')} | {cell(row, 'torch_penalty_overhead')} |")
+    impl_rows = sorted({r.framework for r in results if "[" in r.framework})  # --jax-conv-impls
+    columns = [(fw, step) for fw in impl_rows for step in ("penalised", "plain")]
+    if columns:
+        lines += ["", "| batch | " + " | ".join(f"torch/{fw} {step}" for fw, step in columns) + " |",
+                  "|---:|" + "---:|" * len(columns)]
+        for row in summary:
+            cells = [cell(row, f"torch_over_{fw}_{step}") for fw, step in columns]
+            lines.append(f"| {row['batch_size']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -447,10 +460,10 @@ def plot_sweep(results: Sequence[Result], path: Path) -> None:
 
 
 def cli_command(framework: str, batch_size: int, steps: int, workdir: Path, *, penalty_weight: float,
-                lr: float, seed: int) -> list[str]:
+                lr: float, seed: int, extra: Sequence[str] = ()) -> list[str]:
     """``python -m <trainer>`` on the shared synthetic data with SGD, evaluated and checkpointed only at
-    the end, quiet."""
-    return [sys.executable, "-m", CLI_MODULES[framework], "--dataset", "synthetic",
+    the end, quiet; ``extra`` flags last."""
+    return [sys.executable, "-m", CLI_MODULES[framework], *extra, "--dataset", "synthetic",
             "--synthetic-shape", CLI_SYNTHETIC_SHAPE, "--optimizer", "sgd", "--lr", repr(lr),
             "--penalty-weight", repr(penalty_weight), "--batch-size", str(batch_size), "--steps", str(steps),
             "--eval-every", str(steps), "--checkpoint-every", str(steps), "--seed", str(seed), "--quiet",
@@ -463,46 +476,68 @@ def cli_step_times(workdir: Path, warmup: int) -> list[float]:
     return [r["step_time_s"] * 1e3 for r in records if r["split"] == "train" and r["step"] > warmup]
 
 
-def run_clis(frameworks: Sequence[str], batch_sizes: Sequence[int], steps: int, warmup: int, rounds: int,
-             **flags: Any) -> list[dict[str, Any]]:
-    """Per batch size: each CLI's median ``step_time_s`` (ms) after ``warmup``, and torch/jax.
+class CliVariant(NamedTuple):
+    """One column of ``--cli``: a name, the CLI's framework and its extra flags."""
 
-    The frameworks alternate run by run (the order flips every round), each run in a fresh workdir.
+    name: str
+    framework: str
+    flags: tuple[str, ...] = ()
+
+
+def cli_variants(frameworks: Sequence[str], jax_flag_sets: Sequence[str]) -> list[CliVariant]:
+    """``jax`` (default flags), ``jax[FLAGS]`` per ``--cli-jax-flags``, then ``torch``."""
+    variants = [CliVariant(fw, fw) for fw in frameworks if fw == "jax"]
+    if "jax" in frameworks:
+        variants += [CliVariant(f"jax[{flags}]", "jax", tuple(flags.split())) for flags in jax_flag_sets]
+    return variants + [CliVariant(fw, fw) for fw in frameworks if fw == "torch"]
+
+
+def run_clis(variants: Sequence[CliVariant], batch_sizes: Sequence[int], steps: int, warmup: int,
+             rounds: int, **flags: Any) -> list[dict[str, Any]]:
+    """Per batch size: each CLI variant's median ``step_time_s`` (ms) after ``warmup``, and torch over
+    each JAX variant (``torch_over_jax``, ``torch_over_jax[FLAGS]``).
+
+    The variants alternate run by run (the order flips every round), each run in a fresh workdir.
     """
     rows = []
     for b in batch_sizes:
-        samples: dict[str, list[float]] = {fw: [] for fw in frameworks}
+        samples: dict[str, list[float]] = {v.name: [] for v in variants}
         for r in range(rounds):
-            for fw in (frameworks if r % 2 == 0 else frameworks[::-1]):
+            for v in (variants if r % 2 == 0 else variants[::-1]):
                 with tempfile.TemporaryDirectory() as tmp:
-                    command = cli_command(fw, b, steps, Path(tmp) / "run", **flags)
+                    command = cli_command(v.framework, b, steps, Path(tmp) / "run", extra=v.flags, **flags)
                     proc = subprocess.run(command, capture_output=True, text=True)
                     if proc.returncode:
                         raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}: "
                                            f"{proc.stderr[-2000:]}")
-                    samples[fw] += cli_step_times(Path(tmp) / "run", warmup)
+                    samples[v.name] += cli_step_times(Path(tmp) / "run", warmup)
         row: dict[str, Any] = {"batch_size": b, "steps": steps, "warmup": warmup, "rounds": rounds}
-        for fw, ms in samples.items():
-            row[f"{fw}_ms"] = float(np.median(ms))
-            row[f"{fw}_examples_per_s"] = b / (row[f"{fw}_ms"] / 1e3)
-        if "jax_ms" in row and "torch_ms" in row:
-            row["torch_over_jax"] = row["torch_ms"] / row["jax_ms"]
+        for name, ms in samples.items():
+            row[f"{name}_ms"] = float(np.median(ms))
+            row[f"{name}_examples_per_s"] = b / (row[f"{name}_ms"] / 1e3)
+        for v in variants:
+            if v.framework == "jax" and "torch_ms" in row:
+                row[f"torch_over_{v.name}"] = row["torch_ms"] / row[f"{v.name}_ms"]
         rows.append(row)
-        print(f"  batch {b:4d} CLIs: " + ", ".join(f"{fw} {row[f'{fw}_ms']:.2f} ms" for fw in frameworks),
-              flush=True)
+        times = ", ".join(f"{v.name} {row[f'{v.name}_ms']:.2f} ms" for v in variants)
+        print(f"  batch {b:4d} CLIs: {times}", flush=True)
     return rows
 
 
-def format_cli_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown: one row per batch size, the CLIs' median step times side by side."""
-    lines = ["| batch | jax CLI ms/step | torch CLI ms/step | torch/jax |", "|---:|---:|---:|---:|"]
+def format_cli_table(rows: Sequence[dict[str, Any]], variants: Sequence[CliVariant]) -> str:
+    """Markdown: one row per batch size, the CLI variants' median step times and torch/jax side by side."""
+    ratios = [v.name for v in variants if v.framework == "jax" and any(v2.framework == "torch"
+                                                                        for v2 in variants)]
+    header = ["batch", *(f"{v.name} CLI ms/step" for v in variants), *(f"torch/{n}" for n in ratios)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
 
     def cell(row, key):
         return f"{row[key]:.2f}" if key in row else "n/a"
 
     for row in rows:
-        lines.append(f"| {row['batch_size']} | {cell(row, 'jax_ms')} | {cell(row, 'torch_ms')} | "
-                     f"{cell(row, 'torch_over_jax')} |")
+        cells = [str(row["batch_size"]), *(cell(row, f"{v.name}_ms") for v in variants),
+                 *(cell(row, f"torch_over_{n}") for n in ratios)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -540,7 +575,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--jax-conv-impls", nargs="*", default=[], choices=CONV_IMPLS,
                         help="also time Net(conv_impl=...) for these impls (rows 'jax[impl]', "
-                             "'jax+opts[impl]')")
+                             "'jax+opts[impl]'); 'onednn' needs the [onednn] extra and g++")
     parser.add_argument("--cli", action="store_true",
                         help="time the two training CLIs instead (default batch sizes "
                              f"{list(CLI_BATCH_SIZES)}, --repeats 1)")
@@ -548,6 +583,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="--cli: steps per run (default 60)")
     parser.add_argument("--cli-warmup", type=int, default=20,
                         help="--cli: steps left out of the median (default 20)")
+    parser.add_argument("--cli-jax-flags", action="append", default=[], metavar="FLAGS",
+                        help="--cli: also run the JAX CLI with these extra flags, as column jax[FLAGS] "
+                             "(repeatable), e.g. --cli-jax-flags='--conv-impl onednn'")
     return parser.parse_args(argv)
 
 
@@ -555,6 +593,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.cli:
         return cli_main(args)
+    if "onednn" in args.jax_conv_impls:
+        from jax_impl import onednn_conv
+
+        if not onednn_conv.available():  # rows named [onednn] must not silently time "canonical"
+            print(f"--jax-conv-impls onednn: {onednn_conv.unavailable_reason()} "
+                  f"(fix: {onednn_conv.INSTALL_HINT})", file=sys.stderr)
+            return 2
     batch_sizes = args.batch_sizes or (SWEEP_BATCH_SIZES if args.sweep else DEFAULT_BATCH_SIZES)
     repeats = args.repeats or (5 if args.sweep else 15)
     torch = import_torch() if "torch" in args.frameworks else None
@@ -614,11 +659,12 @@ def cli_main(args: argparse.Namespace) -> int:
            "loadavg_start": os.getloadavg(), "synthetic_shape": CLI_SYNTHETIC_SHAPE}
     print(f"training CLIs {', '.join(frameworks)}; {env['cpu_count']} CPUs, "
           f"load {env['loadavg_start'][0]:.2f}", flush=True)
-    rows = run_clis(frameworks, args.batch_sizes or CLI_BATCH_SIZES, args.cli_steps, args.cli_warmup,
+    variants = cli_variants(frameworks, args.cli_jax_flags)
+    rows = run_clis(variants, args.batch_sizes or CLI_BATCH_SIZES, args.cli_steps, args.cli_warmup,
                     args.repeats or 1, penalty_weight=args.penalty_weight, lr=args.lr, seed=args.seed)
     env["loadavg_end"] = os.getloadavg()
     print()
-    print(format_cli_table(rows))
+    print(format_cli_table(rows, variants))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"environment": env, "cli": rows}, indent=2))

@@ -8,8 +8,9 @@ Three pieces live here:
   ``flax.linen.Conv`` (``kernel`` HWIO, ``bias``) and PyTorch's default
   initialisation, computed by XLA's native convolution, by the same
   convolution with derivative rules that keep every derivative order a
-  canonical (fast) convolution, or as patch extraction followed by one
-  matmul (``impl``; ``"auto"`` picks per backend).
+  canonical (fast) convolution, the same rules with oneDNN computing the
+  products (opt-in, CPU), or as patch extraction followed by one matmul
+  (``impl``; ``"auto"`` picks per backend).
 * ``max_pool_2x2``: 2x2/stride-2 max pooling whose gradient goes to the
   *first* maximum of each window in row-major order, as PyTorch's
   ``MaxPool2d`` does, and which stays differentiable twice.
@@ -19,12 +20,17 @@ Conventions: activations are NHWC; PyTorch is NCHW.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from agp_common.config import CONV_IMPLS
 
 #: Collection that ``capture`` sows activations into (read them back with
 #: ``model.apply(..., mutable=["intermediates"])``).
@@ -32,7 +38,6 @@ INTERMEDIATES = "intermediates"
 #: Collection that holds the zero perturbations whose gradient is d loss / d a.
 PERTURBATIONS = "perturbations"
 
-CONV_IMPLS = ("auto", "xla", "canonical", "im2col")
 
 
 def capture(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
@@ -64,7 +69,13 @@ def torch_default_uniform(fan_in: int):
 
 
 def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
-    """Map ``"auto"`` to the faster convolution for ``backend`` (default: JAX's default backend).
+    """The convolution ``impl`` runs as on ``backend`` (default: JAX's default backend).
+
+    ``"auto"`` maps to the faster built-in convolution for the backend.
+    ``"onednn"`` (opt-in, ``jax_impl.onednn_conv``) stays ``"onednn"`` on CPU
+    when oneDNN and a C++ compiler are there; otherwise it is ``"canonical"``:
+    silently off CPU, with one warning naming the reason and the fix on CPU.
+    Every other name maps to itself.
 
     Measured with ``python -m benchmarks.step_time`` (docs/performance.md):
     on CPU, XLA differentiates the input-gradient convolution into a
@@ -76,10 +87,27 @@ def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
+    backend = backend or jax.default_backend()
     if impl == "auto":
-        backend = backend or jax.default_backend()
         return "canonical" if backend == "cpu" else "xla"
+    if impl == "onednn":
+        if backend != "cpu":
+            return "canonical"  # oneDNN is a CPU library; the canonical products are its exact stand-in
+        from jax_impl import onednn_conv  # lazy: it imports this module, and may build its library
+
+        if not onednn_conv.available():
+            _warn_onednn_unavailable(onednn_conv.unavailable_reason())
+            return "canonical"
     return impl
+
+
+@functools.cache
+def _warn_onednn_unavailable(reason: str) -> None:
+    """One warning per process (and reason), however many layers ask for ``"onednn"``."""
+    from jax_impl.onednn_conv import INSTALL_HINT
+
+    warnings.warn(f"conv_impl='onednn' is unavailable ({reason}); using 'canonical' instead. "
+                  f"Fix: {INSTALL_HINT}.", RuntimeWarning, stacklevel=3)
 
 
 def extract_patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
@@ -143,54 +171,67 @@ def conv_kernel_grad(x: jax.Array, ct: jax.Array) -> jax.Array:
 # CPU runtime executes ~100x slower than the others (see benchmarks/).
 
 
-@jax.custom_vjp
-def canonical_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``conv_forward`` whose derivatives of every order are canonical convolutions (reverse mode only)."""
-    return conv_forward(x, kernel)
+class ConvProducts(NamedTuple):
+    """One implementation of the three convolution products above (same arguments, same values)."""
+
+    forward: Callable[[jax.Array, jax.Array], jax.Array]  # (x, kernel) -> y
+    input_grad: Callable[[jax.Array, jax.Array], jax.Array]  # (ct, kernel) -> dx
+    kernel_grad: Callable[[jax.Array, jax.Array], jax.Array]  # (x, ct) -> dkernel
 
 
-@jax.custom_vjp
-def canonical_input_grad(ct: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``conv_input_grad`` with canonical-convolution derivatives."""
-    return conv_input_grad(ct, kernel)
+def closed_under_vjp(products: ConvProducts, name: str) -> ConvProducts:
+    """Wrap the three products in ``custom_vjp`` so that their derivatives are the same three products.
+
+    ``products`` computes ``conv_forward``, ``conv_input_grad`` and
+    ``conv_kernel_grad`` (XLA's convolutions here, oneDNN's in
+    ``jax_impl.onednn_conv``). The returned functions compute the same
+    values, and their reverse-mode derivatives of every order are calls of
+    the returned functions again, by the table above; forward mode
+    (``jax.jvp``) is not defined. ``name`` prefixes their names in jaxprs
+    and profiles (``{name}_conv``, ``{name}_input_grad``, ``{name}_kernel_grad``).
+    """
+
+    def forward(x, kernel):
+        return products.forward(x, kernel)
+
+    def input_grad(ct, kernel):
+        return products.input_grad(ct, kernel)
+
+    def kernel_grad(x, ct):
+        return products.kernel_grad(x, ct)
+
+    for fn, suffix in ((forward, "conv"), (input_grad, "input_grad"), (kernel_grad, "kernel_grad")):
+        fn.__name__ = fn.__qualname__ = f"{name}_{suffix}"
+    # The rules below refer to these names, so they call the custom_vjp versions.
+    forward, input_grad, kernel_grad = map(jax.custom_vjp, (forward, input_grad, kernel_grad))
+
+    def forward_bwd(res, c):
+        x, kernel = res
+        return input_grad(c, kernel), kernel_grad(x, c)
+
+    def input_grad_bwd(res, c):
+        g, kernel = res
+        return forward(c, kernel), kernel_grad(c, g)
+
+    def kernel_grad_bwd(res, c):
+        x, g = res
+        return input_grad(g, c), forward(x, c)
+
+    # Each residual is the pair of inputs: the products are bilinear.
+    forward.defvjp(lambda x, kernel: (forward(x, kernel), (x, kernel)), forward_bwd)
+    input_grad.defvjp(lambda g, kernel: (input_grad(g, kernel), (g, kernel)), input_grad_bwd)
+    kernel_grad.defvjp(lambda x, g: (kernel_grad(x, g), (x, g)), kernel_grad_bwd)
+    return ConvProducts(forward, input_grad, kernel_grad)
 
 
-@jax.custom_vjp
-def canonical_kernel_grad(x: jax.Array, ct: jax.Array) -> jax.Array:
-    """``conv_kernel_grad`` with canonical-convolution derivatives."""
-    return conv_kernel_grad(x, ct)
-
-
-def _conv_fwd(x, kernel):
-    return canonical_conv(x, kernel), (x, kernel)
-
-
-def _conv_bwd(res, ct):
-    x, kernel = res
-    return canonical_input_grad(ct, kernel), canonical_kernel_grad(x, ct)
-
-
-def _input_grad_fwd(ct, kernel):
-    return canonical_input_grad(ct, kernel), (ct, kernel)
-
-
-def _input_grad_bwd(res, c):
-    ct, kernel = res
-    return canonical_conv(c, kernel), canonical_kernel_grad(c, ct)
-
-
-def _kernel_grad_fwd(x, ct):
-    return canonical_kernel_grad(x, ct), (x, ct)
-
-
-def _kernel_grad_bwd(res, c):
-    x, ct = res
-    return canonical_input_grad(ct, c), canonical_conv(x, c)
-
-
-canonical_conv.defvjp(_conv_fwd, _conv_bwd)
-canonical_input_grad.defvjp(_input_grad_fwd, _input_grad_bwd)
-canonical_kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
+#: XLA's convolutions whose derivatives of every order are canonical (fast) convolutions.
+CANONICAL = closed_under_vjp(ConvProducts(conv_forward, conv_input_grad, conv_kernel_grad), "canonical")
+#: ``conv_forward`` whose derivatives of every order are canonical convolutions (reverse mode only).
+canonical_conv = CANONICAL.forward
+#: ``conv_input_grad`` with canonical-convolution derivatives.
+canonical_input_grad = CANONICAL.input_grad
+#: ``conv_kernel_grad`` with canonical-convolution derivatives.
+canonical_kernel_grad = CANONICAL.kernel_grad
 
 
 def conv2d_valid(x: jax.Array, kernel: jax.Array, impl: str = "xla") -> jax.Array:
@@ -198,8 +239,10 @@ def conv2d_valid(x: jax.Array, kernel: jax.Array, impl: str = "xla") -> jax.Arra
 
     ``impl``: ``"xla"`` (``lax.conv_general_dilated``, XLA's own derivatives,
     forward and reverse mode), ``"canonical"`` (the same convolution with the
-    custom_vjp rules above: reverse mode to any order, no forward mode) or
-    ``"im2col"`` (patches + one matmul, plain autodiff).
+    custom_vjp rules above: reverse mode to any order, no forward mode),
+    ``"im2col"`` (patches + one matmul, plain autodiff) or ``"onednn"``
+    (``"canonical"``'s rules with oneDNN computing the float32 products on CPU,
+    ``jax_impl.onednn_conv``; pass it through ``resolve_conv_impl`` first).
     """
     kh, kw, ci, co = kernel.shape
     if impl == "im2col":
@@ -207,6 +250,10 @@ def conv2d_valid(x: jax.Array, kernel: jax.Array, impl: str = "xla") -> jax.Arra
         return patches @ kernel.reshape(kh * kw * ci, co)
     if impl == "canonical":
         return canonical_conv(x, kernel)
+    if impl == "onednn":
+        from jax_impl import onednn_conv  # lazy: it imports this module
+
+        return onednn_conv.onednn_conv(x, kernel)
     return conv_forward(x, kernel)
 
 
@@ -216,8 +263,10 @@ class Conv2D(nn.Module):
     Parameters are ``kernel`` (k, k, C_in, features) and ``bias`` (features,),
     the same tree as ``flax.linen.Conv``. ``impl`` is ``"auto"`` (the faster
     one for the backend: ``"canonical"`` on CPU, ``"xla"`` elsewhere),
-    ``"xla"``, ``"canonical"`` or ``"im2col"`` (see ``conv2d_valid``); all give
-    the same numbers up to float rounding. ``"canonical"`` supports reverse
+    ``"xla"``, ``"canonical"``, ``"im2col"`` or ``"onednn"`` (opt-in: oneDNN's
+    CPU kernels for float32, ``jax_impl.onednn_conv``; ``"canonical"`` where
+    it cannot run); see ``conv2d_valid``. All give the same numbers up to
+    float rounding. ``"canonical"`` supports reverse
     mode to any order (``grad`` of ``grad``) but not forward mode
     (``jax.jvp``, ``jax.hessian``): pass ``impl="xla"`` for those.
     """

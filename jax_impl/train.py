@@ -281,25 +281,26 @@ def make_eval_step(model: Net, mesh: Mesh):
 
 @functools.lru_cache(maxsize=16)
 def compiled_steps(num_classes: int, optimizer: str, devices: tuple[jax.Device, ...],
-                   options: PenaltyOptions | None = None):
+                   options: PenaltyOptions | None = None, conv_impl: str = "auto"):
     """``(model, mesh, train_step_fn, eval_step_fn)`` for a run, built once per process and key.
 
     Runs in one process with the same model, optimizer, penalty options and devices (tests, sweeps)
     share one jitted step whatever their learning rate and penalty weight, so XLA compiles each
-    (shape, dtype) only once.
+    (shape, dtype) only once. ``conv_impl``: ``Net``'s convolution algorithm (``--conv-impl``).
     """
-    model, mesh = Net(num_classes=num_classes), data_mesh(devices)
+    model, mesh = Net(num_classes=num_classes, conv_impl=conv_impl), data_mesh(devices)
     step_fn = make_train_step(model, optimizer, None, mesh, options=options)
     return model, mesh, step_fn, make_eval_step(model, mesh)
 
 
 @functools.lru_cache(maxsize=16)
 def compiled_attack_eval(num_classes: int, attacks: tuple[Attack, ...], clip: tuple[float, float],
-                         devices: tuple[jax.Device, ...]):
+                         devices: tuple[jax.Device, ...], conv_impl: str = "auto"):
     """``attack_eval_step`` compiled for the mesh of ``devices`` (params replicated, batch sharded), once
     per process and key (a sweep's runs share it)."""
     mesh = data_mesh(devices)
-    step = functools.partial(attack_eval_step, model=Net(num_classes=num_classes), attacks=attacks, clip=clip)
+    model = Net(num_classes=num_classes, conv_impl=conv_impl)
+    step = functools.partial(attack_eval_step, model=model, attacks=attacks, clip=clip)
     return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh),
                    **jit_options())
 
@@ -479,12 +480,12 @@ def _train_and_evaluate(config, workdir, params, devices, plots, handle_signals)
     ds = load_dataset(config)
     model, mesh, step_fn, eval_fn = compiled_steps(
         ds.num_classes, config.optimizer, tuple(jax.devices() if devices is None else devices),
-        config.penalty_options())
+        config.penalty_options(), config.conv_impl)
     tx = make_optimizer(config.optimizer, config.lr)
     compiled_before = step_fn.traces
     attacks = config.attacks()
-    attack_fn = (compiled_attack_eval(ds.num_classes, attacks, ds.input_range(), tuple(mesh.devices.flat))
-                 if attacks else None)
+    attack_fn = (compiled_attack_eval(ds.num_classes, attacks, ds.input_range(), tuple(mesh.devices.flat),
+                                      config.conv_impl) if attacks else None)
     check_batch_size(config.batch_size, mesh, len(ds.y_train))
     order = BatchOrder(config.seed, len(ds.y_train), config.batch_size)
     total = total_steps(config, order.steps_per_epoch)
@@ -543,25 +544,83 @@ def _train_and_evaluate(config, workdir, params, devices, plots, handle_signals)
     )
 
 
+def distributed_launch() -> bool:
+    """Whether the environment asks for a multi-process launch (see ``maybe_initialize_distributed``)."""
+    return bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or os.environ.get("AGP_DISTRIBUTED") == "1"
+
+
 def maybe_initialize_distributed() -> bool:
     """Call ``jax.distributed.initialize`` when a multi-process launch is configured; True if it did.
 
     ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0) plus ``JAX_NUM_PROCESSES`` and
     ``JAX_PROCESS_ID``; or ``AGP_DISTRIBUTED=1`` to let JAX detect SLURM, Open MPI or Cloud TPU.
     """
-    env = os.environ
+    if not distributed_launch():
+        return False
+    env, kwargs = os.environ, {}
     if env.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs = {}
+        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
         if env.get("JAX_NUM_PROCESSES"):
             kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
         if env.get("JAX_PROCESS_ID"):
             kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
-        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], **kwargs)
-        return True
-    if env.get("AGP_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
-        return True
-    return False
+    jax.distributed.initialize(**kwargs)  # without an address: JAX detects SLURM, Open MPI or Cloud TPU
+    return True
+
+
+#: ``--cpu-devices auto`` gives each JAX CPU device at least this many examples of the batch: at
+#: batch 128 two devices on two cores beat one (XLA's CPU convolutions use two cores poorly), at
+#: batch 32 one device is faster (docs/performance.md).
+EXAMPLES_PER_CPU_DEVICE = 64
+#: The XLA flag that also sets the number of CPU devices; when the user set it, auto leaves it alone.
+FORCE_DEVICE_COUNT_FLAG = "xla_force_host_platform_device_count"
+
+
+def choose_cpu_devices(batch_size: int, cores: int) -> int:
+    """``--cpu-devices auto``: the most CPU devices with >= ``EXAMPLES_PER_CPU_DEVICE`` examples each,
+    at most one per core, that divide ``batch_size`` evenly (1 for small batches)."""
+    most = max(1, min(cores, batch_size // EXAMPLES_PER_CPU_DEVICE))
+    return next(n for n in range(most, 0, -1) if batch_size % n == 0)
+
+
+def auto_cpu_devices(config: TrainConfig, cores: int, xla_flags: str, distributed: bool) -> int:
+    """``--cpu-devices auto``: ``choose_cpu_devices``, or 1 where splitting would not help or is not
+    ours to do: several processes train together, the user's ``xla_flags`` set the device count, or
+    the convolutions are oneDNN's (their custom calls have no sharding rule, so XLA would gather the
+    whole batch on every device; they thread over the batch themselves)."""
+    if distributed or config.conv_impl == "onednn" or FORCE_DEVICE_COUNT_FLAG in xla_flags:
+        return 1
+    return choose_cpu_devices(config.batch_size, cores)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def configure_cpu_devices(config: TrainConfig, distributed: bool) -> int | None:
+    """Set JAX's number of CPU devices for this process from ``config.cpu_devices``; the number set.
+
+    Takes effect only before JAX's backends start (the CLI calls it first). ``None`` (nothing set):
+    auto chose one device (``auto_cpu_devices``), or JAX already runs in this process (an earlier
+    ``main`` call) and auto keeps its devices. Only the CPU backend reads it: on a GPU or
+    TPU machine JAX's devices, and the run, are unchanged. ``UsageError`` if an explicit count cannot
+    be applied any more.
+    """
+    count = config.cpu_devices
+    if count is None:
+        count = auto_cpu_devices(config, usable_cores(), os.environ.get("XLA_FLAGS", ""), distributed)
+        if count == 1:
+            return None
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # JAX's backends already started in this process: its devices are fixed
+        have = len(jax.devices("cpu"))
+        if config.cpu_devices is not None and have != count:
+            raise UsageError(f"--cpu-devices {count}: JAX already runs with {have} CPU devices in this "
+                             f"process; pass the flag to a fresh process") from None
+        return None
+    return count
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -572,7 +631,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     config = parse_config(argv, prog="python -m jax_impl.train", framework=FRAMEWORK)
     try:
+        validate_config(config)  # before --cpu-devices is applied
+        cpu_devices = configure_cpu_devices(config, distributed=distributed_launch())
         maybe_initialize_distributed()
+        if cpu_devices and config.cpu_devices is None and jax.default_backend() == "cpu":
+            print(f"JAX on CPU: the batch of {config.batch_size} is split over {cpu_devices} devices, one "
+                  f"per core (--cpu-devices 1 turns this off)", flush=True)
         # One process: a signal stops it at a step boundary. Several: every process would have to
         # agree on the step, so a signal kills as usual and the run resumes from its last checkpoint.
         result = train_and_evaluate(config, handle_signals=jax.process_count() == 1)

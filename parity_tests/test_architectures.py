@@ -4,6 +4,13 @@ Cross-framework (imports JAX and PyTorch). The PyTorch models have no capture
 code: their capture points are named for forward hooks
 (``capture_modules``); the Flax models mark them with ``layers.capture``.
 Float64, identical weights (``torch_ref.export_flax_params`` / ``export_flax_variables``).
+
+The JAX side is computed once per module and model, every case of the model
+in one program compiled with ``harness.fast_jit`` (``mlp_jax_results``,
+``resnet_jax_results``): XLA shares the cases' forward passes, and at these
+sizes its optimisation effort only costs time (the ResNet's four cases: 15 s
+op by op, the earlier way, 28 s as four default compilations, 5 s as one fast
+one). Each case is still compared on its own, against its own PyTorch run.
 """
 
 import jax
@@ -16,6 +23,7 @@ from flax import traverse_util
 import torch_ref
 from jax_impl import penalized_loss
 from parity_tests import models_torch
+from parity_tests.harness import fast_jit
 from parity_tests.models_jax import MLP, ResNet
 
 # float64 rounding only (~1e-16 per op through double backprop, BatchNorm included): >1000x headroom.
@@ -79,25 +87,44 @@ MLP_CASES = {
 }
 
 
+def mlp():
+    torch.manual_seed(0)
+    return models_torch.MLP(int(np.prod(SHAPE_CHW))).double()
+
+
+def in_x64(fun, *args):
+    """``fun(*args)`` compiled (``fast_jit``) and run in 64-bit mode; the results as NumPy."""
+    with jax.enable_x64(True):
+        args = jax.tree.map(jnp.asarray, args)
+        return jax.tree.map(np.asarray, fast_jit(fun)(*args))
+
+
+@pytest.fixture(scope="module")
+def mlp_jax_results(batch):
+    """``case -> ((total, aux), grads)`` of every ``MLP_CASES`` case on ``mlp()``'s weights, one program."""
+    x, y = batch
+
+    def all_cases(params, xj, yj):
+        return {case: jax.value_and_grad(
+            lambda p, options=options: penalized_loss(p, MLP(), xj, yj, penalty_weight=WEIGHT, **options),
+            has_aux=True)(params) for case, options in MLP_CASES.items()}
+
+    return in_x64(all_cases, mlp_params(mlp()), x.transpose(0, 2, 3, 1), y)
+
+
 @pytest.mark.parametrize("case", list(MLP_CASES))
-def test_mlp_penalty_matches_reference_with_forward_hooks(case, batch):
+def test_mlp_penalty_matches_reference_with_forward_hooks(case, batch, mlp_jax_results):
     options = MLP_CASES[case]
     # The finite difference amplifies the loss's rounding differences by ~1/h = 100 (measured ~1e-13).
     rtol = 1e-10 if options.get("approx") == "finite_difference" else RTOL
     x, y = batch
-    torch.manual_seed(0)
-    net = models_torch.MLP(int(np.prod(SHAPE_CHW))).double()
+    net = mlp()
     total_t, aux_t = torch_penalty(net, models_torch.MLP_CAPTURE_MODULES, x, y, options)
-    with jax.enable_x64(True):
-        params = jax.tree.map(jnp.asarray, mlp_params(net))
-        xj, yj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)
-        (total_j, aux_j), grads_j = jax.value_and_grad(
-            lambda p: penalized_loss(p, MLP(), xj, yj, penalty_weight=WEIGHT, **options), has_aux=True
-        )(params)
-        normwise(total_j, total_t.item(), rtol, "total")
-        for name, term in aux_t["penalty_terms"].items():
-            normwise(aux_j["penalty_terms"][name], term.item(), RTOL, f"term {name}")
-        compare_trees(grads_j, mlp_params(net, grads=True), rtol, "grad")
+    (total_j, aux_j), grads_j = mlp_jax_results[case]
+    normwise(total_j, total_t.item(), rtol, "total")
+    for name, term in aux_t["penalty_terms"].items():
+        normwise(aux_j["penalty_terms"][name], term.item(), RTOL, f"term {name}")
+    compare_trees(grads_j, mlp_params(net, grads=True), rtol, "grad")
 
 
 def randomize_running_stats(net, seed):
@@ -107,8 +134,7 @@ def randomize_running_stats(net, seed):
         bn.running_var.copy_(torch.rand(bn.num_features, generator=gen, dtype=torch.float64) + 0.5)
 
 
-@pytest.fixture
-def resnet():
+def make_resnet():
     torch.manual_seed(0)
     net = models_torch.ResNet(in_channels=SHAPE_CHW[0], width=4).double()
     with torch.no_grad():
@@ -119,6 +145,11 @@ def resnet():
     return net
 
 
+@pytest.fixture
+def resnet():
+    return make_resnet()
+
+
 RESNET_CASES = {
     "batch_mean": {},
     "per_example_interacting": {"normalization": "per_example"},
@@ -126,63 +157,68 @@ RESNET_CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def resnet_jax_results(batch):
+    """``case -> ((total, aux), grads)`` on ``make_resnet()``'s variables, in one program.
+
+    The ``RESNET_CASES`` in train mode (``mutable=["batch_stats"]``), and
+    ``"eval"``: the plain penalty in eval mode (running statistics).
+    """
+    x, y = batch
+
+    def all_cases(variables, xj, yj):
+        def value_and_grad(train, options):
+            mutable = ["batch_stats"] if train else ()
+            return jax.value_and_grad(lambda p: penalized_loss(
+                p, ResNet(width=4), xj, yj, penalty_weight=WEIGHT,
+                model_state={"batch_stats": variables["batch_stats"]}, mutable=mutable,
+                apply_kwargs={"train": train}, **options,
+            ), has_aux=True)(variables["params"])
+
+        out = {case: value_and_grad(True, options) for case, options in RESNET_CASES.items()}
+        out["eval"] = value_and_grad(False, {})
+        return out
+
+    return in_x64(all_cases, torch_ref.export_flax_variables(make_resnet()), x.transpose(0, 2, 3, 1), y)
+
+
 @pytest.mark.parametrize("case", list(RESNET_CASES))
-def test_resnet_batchnorm_train_mode_matches_reference(case, resnet, batch):
+def test_resnet_batchnorm_train_mode_matches_reference(case, resnet, batch, resnet_jax_results):
     """Train mode: batch statistics; ``batch_stats`` is updated while perturbations are differentiated."""
     options = RESNET_CASES[case]
     x, y = batch
     before = torch_ref.export_flax_variables(resnet)
     resnet.train()
     total_t, aux_t = torch_penalty(resnet, models_torch.RESNET_CAPTURE_MODULES, x, y, options)
-    with jax.enable_x64(True):
-        variables = jax.tree.map(jnp.asarray, before)
-        xj, yj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)
+    (total_j, aux_j), grads_j = resnet_jax_results[case]
+    normwise(total_j, total_t.item(), RTOL, "total")
+    for name, term in aux_t["penalty_terms"].items():
+        normwise(aux_j["penalty_terms"][name], term.item(), RTOL, f"term {name}")
+    compare_trees(grads_j, torch_ref.export_flax_params(resnet, grads=True), RTOL, "grad")
 
-        def f(p):
-            return penalized_loss(
-                p, ResNet(width=4), xj, yj, penalty_weight=WEIGHT,
-                model_state={"batch_stats": variables["batch_stats"]}, mutable=["batch_stats"],
-                apply_kwargs={"train": True}, **options,
-            )
-
-        (total_j, aux_j), grads_j = jax.value_and_grad(f, has_aux=True)(variables["params"])
-        normwise(total_j, total_t.item(), RTOL, "total")
-        for name, term in aux_t["penalty_terms"].items():
-            normwise(aux_j["penalty_terms"][name], term.item(), RTOL, f"term {name}")
-        compare_trees(grads_j, torch_ref.export_flax_params(resnet, grads=True), RTOL, "grad")
-
-        # Running statistics after one train-mode step. Flax: 0.9 old + 0.1 biased var; PyTorch
-        # (momentum 0.1): 0.9 old + 0.1 unbiased var, unbiased = biased * n / (n - 1), n = B*H*W.
-        n = BATCH * SHAPE_CHW[1] * SHAPE_CHW[2]
-        new_stats = traverse_util.flatten_dict(aux_j["model_state"]["batch_stats"], sep="/")
-        old_stats = traverse_util.flatten_dict(before["batch_stats"], sep="/")
-        for path, bn in bn_modules(resnet).items():
-            normwise(new_stats[f"{path}/mean"], bn.running_mean.numpy(), RTOL, f"{path} running mean")
-            torch_new_var = bn.running_var.numpy()
-            torch_batch_var_unbiased = (torch_new_var - 0.9 * old_stats[f"{path}/var"]) / 0.1
-            flax_new_var = np.asarray(new_stats[f"{path}/var"])
-            flax_batch_var_biased = (flax_new_var - 0.9 * old_stats[f"{path}/var"]) / 0.1
-            # The /0.1 un-mixing loses ~1 digit; still float64 rounding.
-            normwise(flax_batch_var_biased * n / (n - 1), torch_batch_var_unbiased, 1e-9, f"{path} batch var")
+    # Running statistics after one train-mode step. Flax: 0.9 old + 0.1 biased var; PyTorch
+    # (momentum 0.1): 0.9 old + 0.1 unbiased var, unbiased = biased * n / (n - 1), n = B*H*W.
+    n = BATCH * SHAPE_CHW[1] * SHAPE_CHW[2]
+    new_stats = traverse_util.flatten_dict(aux_j["model_state"]["batch_stats"], sep="/")
+    old_stats = traverse_util.flatten_dict(before["batch_stats"], sep="/")
+    for path, bn in bn_modules(resnet).items():
+        normwise(new_stats[f"{path}/mean"], bn.running_mean.numpy(), RTOL, f"{path} running mean")
+        torch_new_var = bn.running_var.numpy()
+        torch_batch_var_unbiased = (torch_new_var - 0.9 * old_stats[f"{path}/var"]) / 0.1
+        flax_new_var = np.asarray(new_stats[f"{path}/var"])
+        flax_batch_var_biased = (flax_new_var - 0.9 * old_stats[f"{path}/var"]) / 0.1
+        # The /0.1 un-mixing loses ~1 digit; still float64 rounding.
+        normwise(flax_batch_var_biased * n / (n - 1), torch_batch_var_unbiased, 1e-9, f"{path} batch var")
 
 
-def test_resnet_batchnorm_eval_mode_matches_reference(resnet, batch):
+def test_resnet_batchnorm_eval_mode_matches_reference(resnet, batch, resnet_jax_results):
     x, y = batch
     resnet.eval()
     total_t, _ = torch_penalty(resnet, models_torch.RESNET_CAPTURE_MODULES, x, y, {})
-    with jax.enable_x64(True):
-        variables = jax.tree.map(jnp.asarray, torch_ref.export_flax_variables(resnet))
-        xj, yj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)
-        (total_j, aux_j), grads_j = jax.value_and_grad(
-            lambda p: penalized_loss(
-                p, ResNet(width=4), xj, yj, penalty_weight=WEIGHT,
-                model_state={"batch_stats": variables["batch_stats"]}, apply_kwargs={"train": False},
-            ),
-            has_aux=True,
-        )(variables["params"])
-        assert "model_state" not in aux_j
-        normwise(total_j, total_t.item(), RTOL, "total")
-        compare_trees(grads_j, torch_ref.export_flax_params(resnet, grads=True), RTOL, "grad")
+    (total_j, aux_j), grads_j = resnet_jax_results["eval"]
+    assert "model_state" not in aux_j
+    normwise(total_j, total_t.item(), RTOL, "total")
+    compare_trees(grads_j, torch_ref.export_flax_params(resnet, grads=True), RTOL, "grad")
 
 
 def test_torch_finite_difference_leaves_batchnorm_running_stats_as_one_forward(resnet, batch):

@@ -6,11 +6,18 @@ namespace (so no block can lean on an earlier one's imports or variables),
 and must not leave JAX's 64-bit mode or PyTorch's default dtype changed for
 the blocks after it. Shell examples are ```bash blocks and are not run; a
 fence without a language is an error, so nothing runnable hides unmarked.
+
+The blocks run with XLA's cheapest compilation (``cheap_compilation``): a
+block is mostly compilation (``jit(Net().init)`` alone is 9 s of LLVM work on
+a loaded 2-core machine, 1.5 s this way), and what a block shows (that it
+runs, its float64 assertions) does not depend on how hard XLA optimised it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -19,7 +26,7 @@ import pytest
 import torch
 
 from jax_impl import Net, penalized_loss
-from parity_tests.harness import assert_all_pass, compare, identical_weights, jax_inputs, make_batch
+from parity_tests.harness import assert_all_pass, compare, fast_jit, identical_weights, jax_inputs, make_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -45,11 +52,43 @@ def python_blocks() -> list:
     ]
 
 
+@contextlib.contextmanager
+def cheap_compilation() -> Iterator[None]:
+    """Compile with ``jax_disable_most_optimizations`` inside the block.
+
+    The flag sets XLA's backend optimisation level to 0 and skips LLVM's
+    expensive passes (``harness.FAST_COMPILE_CPU``, process-wide); it changes
+    no arithmetic rule (no fast-math either way).
+    """
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(scope="module")
+def _drop_cheaply_compiled_executables():
+    """After the blocks, ``jax.clear_caches()``: keep what was compiled under ``cheap_compilation`` to them.
+
+    The flag is not part of JAX's compilation cache keys, so without this the
+    executables compiled in the blocks (module-level jits such as
+    ``jax.random.uniform``'s, op-by-op primitives) could serve later tests.
+    Cleared once, not after each block: the blocks share op-by-op
+    compilations (the MLP examples' initialisers, for one), as they did before.
+    """
+    yield
+    jax.clear_caches()
+
+
+@pytest.mark.usefixtures("_drop_cheaply_compiled_executables")
 @pytest.mark.parametrize(("path", "line", "code"), python_blocks())
 def test_python_block_runs_on_its_own(path: Path, line: int, code: str):
     x64, default_dtype = jax.config.jax_enable_x64, torch.get_default_dtype()
     # Padding with the lines above the block makes tracebacks point at the line in the document.
-    exec(compile("\n" * line + code, str(path), "exec"), {"__name__": "__docs__"})
+    with cheap_compilation():
+        exec(compile("\n" * line + code, str(path), "exec"), {"__name__": "__docs__"})
     assert jax.config.jax_enable_x64 == x64, "the block left JAX's 64-bit mode changed; use jax.enable_x64()"
     assert torch.get_default_dtype() == default_dtype, "the block left PyTorch's default dtype changed"
 
@@ -104,10 +143,11 @@ def test_batch_mean_penalty_is_one_over_b_squared_times_the_per_example_sum(x64)
     _, params = identical_weights(0, "float64")
     x, y = make_batch(41, batch, "float64")
     xj, yj = jax_inputs(x, y)
-    aux = jax.jit(lambda p, x, y: penalized_loss(p, Net(), x, y, penalty_weight=1.0)[1])
+    # harness.fast_jit: XLA's optimisation effort moves the result by rounding only, 1e4x below rtol.
+    aux = fast_jit(lambda p, x, y: penalized_loss(p, Net(), x, y, penalty_weight=1.0)[1])
     batch_aux = aux(params, xj, yj)
     # A batch of one example has loss CE_i, so its penalty is ||dCE_i / da_i||^2.
-    singles = [aux(params, xj[i : i + 1], yj[i : i + 1]) for i in range(batch)]
+    singles = [aux(params, *jax_inputs(x[i : i + 1], y[i : i + 1])) for i in range(batch)]
     # float64 rounding of two different summation orders: 1e-12 is ~1e4 ulps.
     per_example_sum = sum(s["penalty"] for s in singles)
     np.testing.assert_allclose(batch_aux["penalty"], per_example_sum / batch**2, rtol=1e-12)

@@ -1,8 +1,14 @@
 """Each side's derivatives, up to the second order of the penalised loss, match finite differences.
 
-JAX: ``jax.test_util.check_grads(order=2, modes=("rev",))`` on the total of
-``penalized_loss`` (itself a first derivative), i.e. the training gradient and
-its own derivative. PyTorch: ``torch.autograd.gradcheck`` and
+JAX: what ``jax.test_util.check_grads(order=2, modes=("rev",))`` checks, on the
+total of ``penalized_loss`` (itself a first derivative), i.e. the training
+gradient and its own derivative (``check_vjp_compiled`` says how it is run).
+The training gradient is checked in the default suite; its own derivative,
+a third-order graph through the net whose compilation and trace are most of
+this file's time, runs with ``-m slow``: its custom pieces (the canonical
+convolution to third order, the max-pool to second) are held to XLA's own
+derivatives by ``tests/test_layers.py`` in the default suite.
+PyTorch: ``torch.autograd.gradcheck`` and
 ``gradgradcheck`` on ``torch_ref.penalized_loss``. Both in float64 on one
 image; both probe random directions, so every parameter takes part.
 
@@ -21,11 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from jax.test_util import check_grads
+from jax.test_util import check_vjp
 
 import torch_ref
 from jax_impl import Net, penalized_loss
-from parity_tests.harness import jax_inputs, make_batch, torch_inputs, torch_net
+from parity_tests.harness import fast_jit, jax_inputs, make_batch, torch_inputs, torch_net
 
 FD_SEED = 26
 KINK_MARGIN = 5e-5
@@ -59,15 +65,68 @@ def test_the_batch_is_far_from_every_relu_and_maxpool_kink(net_and_batch):
     assert kink_distance(net, x) > KINK_MARGIN
 
 
-def test_jax_penalized_loss_derivatives_to_second_order_match_finite_differences(net_and_batch, x64):
+def check_vjp_compiled(fun, vjp_fun, params) -> None:
+    """``jax.test_util.check_vjp`` of ``fun`` at ``params``, with ``vjp_fun(p, ct)`` its VJP.
+
+    ``check_vjp`` compares the VJP against a central finite difference along a
+    random direction (``np.random.RandomState(0)``, as ``check_grads`` draws).
+    ``fun`` and ``vjp_fun`` are compiled by the caller (``harness.fast_jit``:
+    the check compares JAX with JAX, so XLA's optimisation effort, rounding
+    only, does not matter to it, and the third-order graph compiles 2x faster).
+    Parameters and results cross as NumPy, so the check's own arithmetic
+    (``p +- eps * t``, inner products) runs in NumPy instead of as one small
+    JAX compilation per parameter shape, the same float64 operations.
+    """
+
+    def as_numpy(tree):
+        return jax.tree.map(np.asarray, tree)
+
+    def f(p):
+        return as_numpy(fun(p))
+
+    check_vjp(f, lambda p: (f(p), lambda ct: as_numpy(vjp_fun(p, ct))), (as_numpy(params),), eps=EPS,
+              atol=FD_ATOL, rtol=FD_RTOL)
+
+
+@pytest.fixture(scope="module")
+def jax_total(net_and_batch):
+    """``(params, total, total compiled, its VJP compiled)``: the penalised total (w = 10) of the batch."""
     net, (x, y) = net_and_batch
-    params = jax.tree.map(jnp.asarray, torch_ref.export_flax_params(net))
-    xj, yj = jax_inputs(x, y)
+    with jax.enable_x64(True):
+        params = jax.tree.map(jnp.asarray, torch_ref.export_flax_params(net))
+        xj, yj = jax_inputs(x, y)
 
     def total(p):
         return penalized_loss(p, Net(), xj, yj, penalty_weight=10.0)[0]
 
-    check_grads(jax.jit(total), (params,), order=2, modes=("rev",), eps=EPS, atol=FD_ATOL, rtol=FD_RTOL)
+    return params, total, fast_jit(total), fast_jit(lambda p, ct: jax.vjp(total, p)[1](ct))
+
+
+def test_jax_training_gradient_matches_finite_differences(jax_total, x64):
+    """The first of ``check_grads(total, order=2, modes=("rev",))``'s two checks: the VJP of ``total``."""
+    params, _, total_compiled, total_vjp = jax_total
+    check_vjp_compiled(total_compiled, total_vjp, params)
+
+
+@pytest.mark.slow
+def test_jax_derivative_of_the_training_gradient_matches_finite_differences(jax_total, x64):
+    """The second of ``check_grads(total, order=2, modes=("rev",))``'s checks (see the module docstring).
+
+    The VJP of ``g(p) = vjp(total, p)(total(p))``, the gradient's own
+    derivative. Written out (not ``check_grads``) so that each function is
+    compiled once with ``fast_jit`` (``compiler_options`` may only be given to
+    the outermost jit, and ``check_grads`` takes VJPs of the function it is
+    given); ``g`` itself is evaluated with the two compiled functions of the
+    first check.
+    """
+    params, total, total_compiled, total_vjp = jax_total
+
+    def g(p):
+        value, pullback = jax.vjp(total, p)
+        return pullback(value)[0]
+
+    check_vjp_compiled(lambda p: total_vjp(p, total_compiled(p))[0],
+                       fast_jit(lambda p, ct: jax.vjp(g, p)[1](ct)), params)
 
 
 class BoundNet:

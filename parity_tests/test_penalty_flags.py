@@ -1,6 +1,13 @@
 """The training CLIs' penalty-option flags: parsed, validated, and used by both frameworks alike.
 
 Cross-framework (imports JAX and PyTorch): lives in parity_tests.
+
+The default suite trains once with every penalty flag set (``ALL_FLAGS``): each
+flag's value must reach both frameworks' loss for the two runs to agree, and
+the finite difference, the l2 norm, per-example normalisation and an input
+capture point combine (``test_penalty_options.py`` checks that combination's
+formula). Each run costs XLA compilations of the CLI's steps (5-10 s); the
+two runs with half of the flags each run with ``-m slow``.
 """
 
 import json
@@ -52,9 +59,16 @@ def train_records(workdir):
     return [r for r in map(json.loads, lines) if r["split"] == "train"]
 
 
+EXACT_FLAGS = {"penalty_normalization": "per_example", "penalty_norm": "l2",
+               "penalty_layers": ("input", "relu2")}
+LAZY_FD_FLAGS = {"penalty_every": 2, "penalty_approx": "finite_difference", "penalty_fd_step": 0.01}
+ALL_FLAGS = {**EXACT_FLAGS, **LAZY_FD_FLAGS}
+
+
 @pytest.mark.parametrize("options", [
-    {"penalty_normalization": "per_example", "penalty_norm": "l2", "penalty_layers": ("input", "relu2")},
-    {"penalty_every": 2, "penalty_approx": "finite_difference", "penalty_fd_step": 0.01},
+    pytest.param(ALL_FLAGS, id="all"),
+    pytest.param(EXACT_FLAGS, id="exact", marks=pytest.mark.slow),
+    pytest.param(LAZY_FD_FLAGS, id="lazy_fd", marks=pytest.mark.slow),
 ])
 def test_jax_and_torch_training_agree_with_penalty_options_float64(tmp_path, options):
     # 12 examples in batches of 8: steps alternate full and partial (padded + masked in JAX) batches.

@@ -3,7 +3,16 @@
 Cross-framework (imports JAX and PyTorch). The seed CNN is run at 16x16x1
 (relu1 (B, 6, 6, 32), relu2 (B, 1, 1, 64)) to keep the suite fast; the
 computation is the same as at 32x32.
+
+The JAX side of the cases is computed once per module, all cases of the
+default suite in one program compiled with ``harness.fast_jit`` (``jax_results``):
+XLA shares their forward passes, and at this size its optimisation effort only
+costs time. One compilation of the six cases took 5 s where op by op (the
+earlier way) took ~25 s and six separate compilations ~10 s. Each case is still
+compared on its own, against its own PyTorch run.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +22,7 @@ import torch
 
 import torch_ref
 from jax_impl import Net, penalized_loss
+from parity_tests.harness import fast_jit
 
 # float64 rounding only (~1e-16 per op, through double backprop): 1e-10 leaves >1000x headroom.
 RTOL_EXACT = 1e-10
@@ -71,8 +81,8 @@ def run_torch(tnet, x, y, options):
     return total, aux, torch_ref.export_flax_params(tnet, grads=True)
 
 
-def run_jax(params, x, y, options):
-    xj, yj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)
+def run_jax(params, xj, yj, options):
+    """``(total, aux), grads`` of ``penalized_loss`` with ``options`` (NHWC ``xj``)."""
 
     def f(p):
         return penalized_loss(p, Net(), xj, yj, penalty_weight=WEIGHT, **options)
@@ -82,37 +92,60 @@ def run_jax(params, x, y, options):
 
 # Cases whose formulas another default case already exercises run with -m slow only (suite time).
 SLOW_CASES = {"l2", "input_only", "per_example_jacobian", "fd_squared_weighted"}
+#: The options of ``test_input_gradient_matches_reference_in_nchw`` (``layers`` as a bare string).
+INPUT_GRADIENT_OPTIONS = {"layers": "input"}
+
+
+@pytest.fixture(scope="module")
+def jax_results(net_and_batch):
+    """``case -> ((total, aux), grads)`` of ``run_jax``, one compiled program per group of cases.
+
+    The groups are the default suite's cases (plus the input-gradient test's
+    options, key ``"input_gradient"``) and ``SLOW_CASES``; a group is
+    computed the first time one of its cases is asked for, in float64.
+    """
+    tnet, x, y = net_and_batch
+    with jax.enable_x64(True):
+        params = jax.tree.map(jnp.asarray, torch_ref.export_flax_params(tnet))
+        xj, yj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)
+
+    @functools.cache
+    def group(slow: bool) -> dict:
+        options = {c: o for c, o in CASES.items() if (c in SLOW_CASES) == slow}
+        if not slow:
+            options["input_gradient"] = INPUT_GRADIENT_OPTIONS
+        with jax.enable_x64(True):
+            compiled = fast_jit(lambda p, xj, yj: {c: run_jax(p, xj, yj, o) for c, o in options.items()})
+            return jax.tree.map(np.asarray, compiled(params, xj, yj))
+
+    return lambda case: group(case in SLOW_CASES)[case]
 
 
 @pytest.mark.parametrize(
     "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES]
 )
-def test_option_matches_reference_float64(case, net_and_batch):
+def test_option_matches_reference_float64(case, net_and_batch, jax_results):
     options = CASES[case]
     rtol = RTOL_FD if options.get("approx") == "finite_difference" else RTOL_EXACT
     tnet, x, y = net_and_batch
     total_t, aux_t, grads_t = run_torch(tnet, x, y, options)
-    with jax.enable_x64(True):
-        params = jax.tree.map(jnp.asarray, torch_ref.export_flax_params(tnet))
-        (total_j, aux_j), grads_j = run_jax(params, x, y, options)
-        normwise(total_j, total_t.item(), rtol, "total")
-        normwise(aux_j["penalty"], aux_t["penalty"].item(), rtol, "penalty")
-        assert set(aux_j["penalty_terms"]) == set(aux_t["penalty_terms"])
-        for name, term in aux_t["penalty_terms"].items():
-            normwise(aux_j["penalty_terms"][name], term.item(), RTOL_EXACT, f"term {name}")
-        for layer, tensors in grads_t.items():
-            for pname, g in tensors.items():
-                normwise(grads_j[layer][pname], g, rtol, f"grad {layer}.{pname}")
+    (total_j, aux_j), grads_j = jax_results(case)
+    normwise(total_j, total_t.item(), rtol, "total")
+    normwise(aux_j["penalty"], aux_t["penalty"].item(), rtol, "penalty")
+    assert set(aux_j["penalty_terms"]) == set(aux_t["penalty_terms"])
+    for name, term in aux_t["penalty_terms"].items():
+        normwise(aux_j["penalty_terms"][name], term.item(), RTOL_EXACT, f"term {name}")
+    for layer, tensors in grads_t.items():
+        for pname, g in tensors.items():
+            normwise(grads_j[layer][pname], g, rtol, f"grad {layer}.{pname}")
 
 
-def test_input_gradient_matches_reference_in_nchw(net_and_batch):
+def test_input_gradient_matches_reference_in_nchw(net_and_batch, jax_results):
     tnet, x, y = net_and_batch
-    _, aux_t, _ = run_torch(tnet, x, y, {"layers": "input"})
-    with jax.enable_x64(True):
-        params = jax.tree.map(jnp.asarray, torch_ref.export_flax_params(tnet))
-        (_, aux_j), _ = run_jax(params, x, y, {"layers": "input"})
-        g_j = np.asarray(aux_j["activation_grads"]["input"]).transpose(0, 3, 1, 2)  # NHWC -> NCHW
-        normwise(g_j, aux_t["activation_grads"]["input"].detach().numpy(), RTOL_EXACT, "d loss / d x")
+    _, aux_t, _ = run_torch(tnet, x, y, INPUT_GRADIENT_OPTIONS)
+    (_, aux_j), _ = jax_results("input_gradient")
+    g_j = np.asarray(aux_j["activation_grads"]["input"]).transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    normwise(g_j, aux_t["activation_grads"]["input"].detach().numpy(), RTOL_EXACT, "d loss / d x")
 
 
 def test_torch_finite_difference_without_hooks_names_the_fix(net_and_batch):
@@ -139,6 +172,10 @@ def test_lazy_regularisation_trains_identically_for_four_steps():
         example = torch.zeros(1, *shape, dtype=torch.float64)
         params = jax.tree.map(jnp.asarray, torch_ref.export_flax_params(tnet, example_input=example))
         xj, yj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)
+        # Compiled once with the step traced, as a training loop runs it: op by op, each call's
+        # lax.cond (penalty step or plain step) was a new program to compile (~3 s a step).
+        lazy_step = jax.jit(lambda p, step: lazy_value_and_grad(
+            p, MLP(hidden=(8, 8)), xj, yj, step=step, every=every, penalty_weight=WEIGHT))
         optimizer = torch.optim.SGD(tnet.parameters(), lr=lr)
         for step in range(steps):
             total_t, _ = torch_ref.lazy_penalized_loss(
@@ -147,8 +184,7 @@ def test_lazy_regularisation_trains_identically_for_four_steps():
             optimizer.zero_grad()
             total_t.backward()
             optimizer.step()
-            (total_j, _), grads = lazy_value_and_grad(
-                params, MLP(hidden=(8, 8)), xj, yj, step=step, every=every, penalty_weight=WEIGHT)
+            (total_j, _), grads = lazy_step(params, step)
             params = jax.tree.map(lambda p, g: p - lr * g, params, grads)
             normwise(total_j, total_t.item(), RTOL_EXACT, f"step {step} total")
         expected = torch_ref.export_flax_params(tnet, example_input=example)

@@ -61,20 +61,14 @@ class TorchLeNet(nn.Module):
 
 
 class FlaxLeNet(linen.Module):
-    activation: str = "tanh"  # "relu": the deliberately wrong twin of the CLI test
-
     @linen.compact
     def __call__(self, x):
-        act = jnp.tanh if self.activation == "tanh" else linen.relu
-        x = capture(self, "tanh1", act(linen.Conv(3, (3, 3), padding=1, name="conv1")(x)))  # (B, 12, 12, 3)
+        # (B, 12, 12, 3)
+        x = capture(self, "tanh1", jnp.tanh(linen.Conv(3, (3, 3), padding=1, name="conv1")(x)))
         x = linen.avg_pool(x, (2, 2), strides=(2, 2))  # (B, 6, 6, 3)
-        x = capture(self, "tanh2", act(linen.Conv(4, (3, 3), padding="VALID", name="conv2")(x)))
+        x = capture(self, "tanh2", jnp.tanh(linen.Conv(4, (3, 3), padding="VALID", name="conv2")(x)))
         x = linen.avg_pool(x, (2, 2), strides=(2, 2)).reshape(x.shape[0], -1)  # (B, 16), (h, w, c)
         return linen.Dense(CLASSES, name="fc2")(jnp.tanh(linen.Dense(8, name="fc1")(x)))
-
-
-class WrongActivationLeNet(FlaxLeNet):
-    activation: str = "relu"
 
 
 LENET_CAPTURES = {"tanh1": "tanh:0", "tanh2": "tanh:1"}
@@ -149,7 +143,7 @@ class FlaxBlock(linen.Module):
 
 
 class FlaxBNNet(linen.Module):
-    flatten_channels_first: bool = False  # True: the deliberately wrong twin
+    flatten_channels_first: bool = False  # True: the deliberately wrong twin (API and CLI tests)
 
     @linen.compact
     def __call__(self, x, train: bool = False):
@@ -286,8 +280,15 @@ def test_cli_passes_the_example_pair(capsys):
 
 
 def test_cli_exits_1_on_a_wrong_twin(capsys):
-    code = main([f"{__name__}:TorchLeNet", f"{__name__}:WrongActivationLeNet", "--input-shape", "4,1,12,12",
-                 "--num-classes", str(CLASSES), "--captures", "tanh1=tanh:0,tanh2=tanh:1", "--steps", "1"])
+    """The wrong flatten order of ``test_flatten_in_the_wrong_order_...``, through the CLI.
+
+    Same Flax module, options and shapes as that test, so the two share one
+    compilation of the verifier's step.
+    """
+    code = main([f"{__name__}:TorchBNNet", f"{__name__}:FlaxBNNet", "--flax-kwargs",
+                 '{"flatten_channels_first": true}', "--flax-apply-kwargs", '{"train": false}',
+                 "--input-shape", ",".join(map(str, BN_SHAPE)), "--num-classes", str(CLASSES),
+                 "--captures", ",".join(f"{k}={v}" for k, v in BN_CAPTURES.items()), "--steps", "1"])
     out = capsys.readouterr().out
     assert code == 1
     assert "logits" in out.split("FAIL:")[-1]

@@ -66,6 +66,7 @@ from parity_tests.harness import (
     Comparison,
     Tolerance,
     compare,
+    fast_compile_options,
     jax_dtype,
     nchw_to_nhwc,
     single_threaded_torch,
@@ -488,13 +489,6 @@ def _torch_total_and_backward(model, x_t, y_t, penalty_weight, capture_modules):
     return total, aux
 
 
-#: Compile for speed of compilation: the verifier compiles each pair once and runs it a few times, so
-#: XLA's CPU optimisation passes cost seconds and save microseconds (loaded 2-core machine, test LeNet:
-#: the penalised SGD step 6.9 s -> 3.2 s, ``init`` 8.2 s -> 1.7 s). They do not change the arithmetic
-#: (no fast-math either way; the total moved by 1 ulp).
-_FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
 @functools.cache
 def _compiled_sgd_step():
     """``_sgd_step`` compiled once per model, capture names and options (static), dtype and shapes."""
@@ -503,7 +497,15 @@ def _compiled_sgd_step():
 
 
 def _compiler_options() -> dict[str, Any] | None:
-    return _FAST_CPU_COMPILE if jax.default_backend() == "cpu" else None
+    """Compile for speed of compilation (``harness.FAST_COMPILE_CPU`` on CPU).
+
+    The verifier compiles each pair once and runs it a few times, so XLA's
+    CPU optimisation passes cost seconds and save microseconds (loaded 2-core
+    machine, test LeNet: the penalised SGD step 6.9 s -> 3.2 s, ``init``
+    8.2 s -> 1.7 s). They do not change the arithmetic (no fast-math either
+    way; the total moved by 1 ulp).
+    """
+    return fast_compile_options()
 
 
 def _sgd_step(params, opt_state, model_state, x, y, penalty_weight, lr, *,

@@ -29,6 +29,9 @@ import torch_ref.attacks as tattacks
 import torch_ref.train as ttrain
 from agp_common import Dataset, TrainConfig, parse_config
 from agp_common.attack_spec import Attack
+from tests._cli_fixtures import one_torch_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 B, SIDE = 6, 4  # images (B, 4, 4, 1): one channel, so NHWC and NCHW flatten alike
 D = SIDE * SIDE
@@ -102,6 +105,8 @@ def test_masked_rows_of_a_padded_batch_are_not_counted():
     def apply_fn(v, images):
         return images.reshape(images.shape[0], -1) @ v["W"].T + v["b"]
 
+    # Jitted as the training loop's attack evaluation is (one compilation instead of dozens of op-by-op ones).
+    correct = jax.jit(jattacks.adversarial_correct, static_argnums=(0, 4), static_argnames=("clip",))
     variables = {"W": jnp.asarray(w, jnp.float32), "b": jnp.asarray(b, jnp.float32)}
     xj, yj = jnp.asarray(x.reshape(B, SIDE, SIDE, 1), jnp.float32), jnp.asarray(y)
     attacks = (Attack("fgsm", 0.1),)
@@ -109,9 +114,9 @@ def test_masked_rows_of_a_padded_batch_are_not_counted():
     mask = jnp.asarray([1, 1, 1, 0, 0, 0], jnp.float32)
     # eps tiny: the attack changes no decision, so the count is the clean count of the real rows.
     tiny = (Attack("fgsm", 1e-9),)
-    got = jattacks.adversarial_correct(apply_fn, variables, xj, yj, tiny, clip=(0.0, 1.0), mask=mask)
+    got = correct(apply_fn, variables, xj, yj, tiny, clip=(0.0, 1.0), mask=mask)
     assert float(got[tiny[0].eval_key]) == clean_right[:3].sum()
-    full = jattacks.adversarial_correct(apply_fn, variables, xj, yj, attacks, clip=(0.0, 1.0))
+    full = correct(apply_fn, variables, xj, yj, attacks, clip=(0.0, 1.0))
     assert set(full) == {"eval_accuracy/fgsm@0.1"}
 
 
@@ -180,10 +185,11 @@ def attacked_records(workdir):
     return [r for r in map(json.loads, lines) if r["split"] == "eval"]
 
 
-#: 40 Adam steps on 160 small synthetic images: test accuracy ~1 on its 32 test images, so an
-#: attack has something to break, in a few seconds.
+#: 60 Adam steps in batches of 8 on 160 small synthetic images: test accuracy ~1 on its 32 test images,
+#: so an attack has something to break, in a few seconds. Batches of 8 on 16x16x1: the train step of the
+#: Adam runs in tests/test_train.py, and the attack evaluation of the resume test below, compile once.
 CLI_ARGS = ["--dataset", "synthetic", "--synthetic-shape", "160,16,16,1", "--optimizer", "adam",
-            "--lr", "0.003", "--steps", "40", "--eval-every", "20", "--quiet",
+            "--lr", "0.003", "--batch-size", "8", "--steps", "60", "--eval-every", "30", "--quiet",
             "--eval-attacks", "fgsm,pgd", "--eval-eps", "0.05,0.1"]
 KEYS = tuple(f"eval_accuracy/{a}@{e}" for a in ("fgsm", "pgd") for e in ("0.05", "0.1"))
 
@@ -192,7 +198,7 @@ KEYS = tuple(f"eval_accuracy/{a}@{e}" for a in ("fgsm", "pgd") for e in ("0.05",
 def test_cli_writes_accuracy_under_attack_next_to_the_clean_one(main, tmp_path, capsys):
     assert main([*CLI_ARGS, "--workdir", str(tmp_path)]) == 0
     evals = attacked_records(tmp_path)
-    assert [r["step"] for r in evals] == [20, 40]
+    assert [r["step"] for r in evals] == [30, 60]
     last = evals[-1]
     assert all(0.0 <= last[k] <= 1.0 for k in KEYS)
     assert last["eval_accuracy"] > 0.8
@@ -205,6 +211,11 @@ def test_cli_writes_accuracy_under_attack_next_to_the_clean_one(main, tmp_path, 
 def test_attacks_can_be_added_when_a_run_is_resumed(tmp_path):
     base = ["--dataset", "synthetic", "--synthetic-shape", "20,16,16,1", "--batch-size", "8", "--quiet",
             "--workdir", str(tmp_path)]
-    assert jtrain.main([*base, "--steps", "2"]) == 0
-    assert jtrain.main([*base, "--steps", "3", "--eval-attacks", "fgsm", "--eval-eps", "0.2"]) == 0
-    assert "eval_accuracy/fgsm@0.2" in attacked_records(tmp_path)[-1]
+
+    def train(*flags):  # as the CLI does, without its plots (the test above has them)
+        jtrain.train_and_evaluate(parse_config([*base, *flags], prog="t", framework="jax"), plots=False)
+
+    train("--steps", "2")
+    # The attacks of CLI_ARGS: the same compiled attack evaluation (same batch shape, eps and valid range).
+    train("--steps", "3", "--eval-attacks", "fgsm,pgd", "--eval-eps", "0.05,0.1")
+    assert set(KEYS) <= set(attacked_records(tmp_path)[-1])

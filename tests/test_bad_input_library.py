@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import torch
 
 from agp_common import ModelInputError
 from jax_impl import Net, penalized_loss
+from tests._model_fixtures import params_like
 from torch_ref import Net as TorchNet
 from torch_ref import penalized_loss as torch_penalized_loss
 
 MODEL = Net()
-PARAMS = MODEL.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+# Float32 parameters of the seed's Net; init's values are not needed (params_like: no init run).
+PARAMS = params_like(MODEL, jnp.zeros((1, 32, 32, 3)), dtype=np.float32)
 X = jnp.zeros((2, 32, 32, 3))
 Y = jnp.array([1, 2])
 

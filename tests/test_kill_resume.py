@@ -10,11 +10,19 @@ which wraps the metrics write, orbax's finalize or the checkpoint file write in
 that process, prints ``PAUSED <where>`` there and waits until it is signalled.
 
 The JAX children share a persistent compilation cache (only the first one
-compiles), which keeps this test at a few seconds per process.
+compiles), which keeps these tests at a few seconds per process. In the JAX
+tests the uninterrupted reference (and, in the default one, the final restart)
+is the same CLI ``main`` called in the test process, where its steps are
+already compiled: the interrupted runs, whose exit status and signals are the
+point, are processes of their own. The default suite runs a SIGKILL in a
+checkpoint write and a SIGTERM; ``-m slow`` adds a SIGKILL between checkpoints,
+Ctrl-C, SIGKILLs at random moments and the PyTorch trainer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -37,9 +45,12 @@ DRIVER = Path(__file__).with_name("kill_driver.py")
 
 @pytest.fixture(scope="module")
 def child_env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")
     env = dict(os.environ)
-    env.update({"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
+    # The test session's persistent compilation cache when it has one (then the first child may also
+    # reuse what this process compiled), else one of this module's own.
+    if not env.get("JAX_COMPILATION_CACHE_DIR"):
+        env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    env.update({"JAX_PLATFORMS": "cpu",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
@@ -116,10 +127,65 @@ def jax_final_state(workdir: Path):
     return jax.tree.leaves(restored["state"])
 
 
-def test_jax_run_survives_sigkill_between_and_during_checkpoints_and_sigterm_and_ctrl_c(tmp_path, child_env):
+def finish_jax_in_process(workdir: Path) -> None:
+    """The JAX CLI's ``main`` with FLAGS, in this process (the command a child runs, without its start-up)."""
+    import jax_impl.train
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert jax_impl.train.main([*FLAGS, "--workdir", str(workdir)]) == 0
+
+
+def jax_reference(workdir: Path) -> None:
+    """The uninterrupted run of FLAGS, trained in this process as ``main`` trains it, without the plots."""
+    import jax_impl.train
+    from agp_common import parse_config
+
+    config = parse_config([*FLAGS, "--workdir", str(workdir)], prog="test", framework="jax")
+    with contextlib.redirect_stdout(io.StringIO()):
+        jax_impl.train.train_and_evaluate(config, plots=False)
+
+
+def assert_jax_run_is_the_uninterrupted_one(run: Path, reference: Path) -> None:
+    for got, want in zip(jax_final_state(run), jax_final_state(reference), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert_metrics_are_those_of_the_uninterrupted_run(run, reference)
+    assert_no_temporary_files(run)
+
+
+def test_jax_run_survives_sigkill_during_a_checkpoint_and_sigterm(tmp_path, child_env):
     module = "jax_impl.train"
     reference, run = tmp_path / "reference", tmp_path / "run"
-    finish(module, reference, child_env)
+    jax_reference(reference)  # first: what it compiles is in the cache before a child looks for it
+
+    # SIGKILL in the middle of writing checkpoint 4: orbax's temporary folder is left behind, and
+    # metrics.jsonl holds the records of steps 3 and 4, past the newest checkpoint (2) ...
+    status, _ = interrupt(module, run, child_env, "in_save:4", signal.SIGKILL)
+    assert status == -signal.SIGKILL
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names[0] == "2" and names[1].startswith("4.orbax-checkpoint-tmp") and len(names) == 2
+    assert [(r["step"], r["split"]) for r in records(run)][-3:] == [(3, "train"), (3, "eval"), (4, "train")]
+
+    # ... and the restart removes it, drops those records, redoes steps 3-4, and stops cleanly on SIGTERM
+    # during step 5, saving step 5 although it is not a checkpoint step. (Its train record is written only
+    # when the metrics are fetched, here at step 6: the signal comes as step 5 starts.)
+    status, err = interrupt(module, run, child_env, "before_step:5", signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1].startswith("stopped: stopped by SIGTERM after step 5")
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4", "5"]
+
+    finish_jax_in_process(run)
+    assert_jax_run_is_the_uninterrupted_one(run, reference)
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [2, 4, 5, 6, 8]
+
+
+# Slow: two more process starts (~10 s) for the same restart code as the test above (which also finds
+# records past its newest checkpoint) and the same GracefulStop as its SIGTERM, reached by another signal.
+@pytest.mark.slow
+def test_jax_run_survives_sigkill_between_checkpoints_and_ctrl_c(tmp_path, child_env):
+    module = "jax_impl.train"
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    jax_reference(reference)
 
     # SIGKILL after step 3's metrics (eval last) are written, between the checkpoints of steps 2 and 4:
     # metrics.jsonl holds records past the newest checkpoint, which the restart must drop.
@@ -128,32 +194,15 @@ def test_jax_run_survives_sigkill_between_and_during_checkpoints_and_sigterm_and
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]
     assert [(r["step"], r["split"]) for r in records(run)][-2:] == [(3, "train"), (3, "eval")]
 
-    # SIGKILL in the middle of writing checkpoint 4: orbax's temporary folder is left behind ...
-    status, _ = interrupt(module, run, child_env, "in_save:4", signal.SIGKILL)
-    assert status == -signal.SIGKILL
-    names = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert names[0] == "2" and names[1].startswith("4.orbax-checkpoint-tmp") and len(names) == 2
-
-    # ... and the restart removes it, redoes steps 3-4, and stops cleanly on SIGTERM during step 5,
-    # saving step 5 although it is not a checkpoint step. (Its train record is written only when the
-    # metrics are fetched, here at step 6: the signal comes as step 5 starts.)
-    status, err = interrupt(module, run, child_env, "before_step:5", signal.SIGTERM)
-    assert status == 128 + signal.SIGTERM, err
-    assert err.strip().splitlines()[-1].startswith("stopped: stopped by SIGTERM after step 5")
-    assert "Traceback" not in err
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4", "5"]
-
     # Ctrl-C (SIGINT) before step 6's checkpoint is written: step 6 is saved, exit 130.
     status, err = interrupt(module, run, child_env, "record:eval:6", signal.SIGINT)
     assert status == 128 + signal.SIGINT, err
     assert "stopped by SIGINT after step 6" in err and "Traceback" not in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4", "6"]
 
-    finish(module, run, child_env)
-    for got, want in zip(jax_final_state(run), jax_final_state(reference), strict=True):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    assert_metrics_are_those_of_the_uninterrupted_run(run, reference)
-    assert_no_temporary_files(run)
-    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [2, 4, 5, 6, 8]
+    finish(module, run, child_env)  # the real entry point, in a process of its own
+    assert_jax_run_is_the_uninterrupted_one(run, reference)
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [2, 4, 6, 8]
 
 
 def torch_final_state(workdir: Path) -> dict:
@@ -193,6 +242,8 @@ def test_torch_run_survives_sigkill_during_a_checkpoint_write_and_sigterm(tmp_pa
 def test_jax_run_survives_sigkill_at_random_times(tmp_path, child_env, seed):
     """Heavier variant: SIGKILL at random moments (not at pause points), restart, until the run ends."""
     module = "jax_impl.train"
+    # A compilation cache of its own: a SIGKILL may land in the middle of a cache write.
+    child_env = {**child_env, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}
     reference, run = tmp_path / "reference", tmp_path / "run"
     finish(module, reference, child_env)
     rng = np.random.default_rng(seed)

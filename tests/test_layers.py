@@ -7,6 +7,8 @@ first-maximum tie rule: values, first derivatives and the second derivatives
 that double backprop uses.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,7 @@ from jax_impl.layers import (
     conv_kernel_grad,
     resolve_conv_impl,
 )
+from tests._model_fixtures import fast_jit, normal, params_like
 
 # float64 throughout: the implementations differ only in summation order, so
 # ~1e-13 relative differences are rounding; 1e-10 is the project's parity bar.
@@ -41,12 +44,10 @@ def close(actual, expected):
 def conv_operands(kernel_shape=(5, 5, 3, 4), image=(9, 8)):
     """A non-square image and kernel, so transposed axes cannot go unnoticed."""
     kh, kw, ci, co = kernel_shape
-    keys = jax.random.split(jax.random.key(0), 4)
-    x = jax.random.normal(keys[0], (2, *image, ci), jnp.float64)
-    kernel = jax.random.normal(keys[1], kernel_shape, jnp.float64)
-    out = (2, image[0] - kh + 1, image[1] - kw + 1, co)
-    ct = jax.random.normal(keys[2], out, jnp.float64)
-    c = jax.random.normal(keys[3], x.shape, jnp.float64)
+    x = normal((2, *image, ci), 0)
+    kernel = normal(kernel_shape, 1)
+    ct = normal((2, image[0] - kh + 1, image[1] - kw + 1, co), 2)
+    c = normal(x.shape, 3)
     return x, kernel, ct, c
 
 
@@ -61,22 +62,40 @@ def double_backprop_objective(impl):
     return objective
 
 
+@functools.cache
+def value_and_first_derivatives(impl):
+    """``(conv(x, k), d <conv(x, k), ct> / d (x, k))`` with ``impl``, compiled once per impl (and
+    shape): the XLA reference is shared by the cases that compare against it."""
+
+    def f(x, kernel, ct):
+        y, vjp = jax.vjp(lambda x, k: conv2d_valid(x, k, impl), x, kernel)
+        return y, vjp(ct)
+
+    return fast_jit(f)
+
+
+@functools.cache
+def second_derivatives(impl):
+    """``d objective / d (x, k, ct)`` of ``double_backprop_objective(impl)``, compiled once per impl."""
+    return fast_jit(jax.grad(double_backprop_objective(impl), argnums=(0, 1, 2)))
+
+
 @pytest.mark.parametrize("impl", FAST_CONV_IMPLS)
 @pytest.mark.parametrize("kernel_shape", [(5, 5, 3, 4), (3, 5, 2, 3)])
 def test_conv_impl_matches_xla_in_value_and_first_derivatives(impl, kernel_shape):
     x, kernel, ct, _ = conv_operands(kernel_shape)
-    y, vjp = jax.vjp(lambda x, k: conv2d_valid(x, k, impl), x, kernel)
-    y_ref, vjp_ref = jax.vjp(lambda x, k: conv2d_valid(x, k, "xla"), x, kernel)
+    y, grads = value_and_first_derivatives(impl)(x, kernel, ct)
+    y_ref, grads_ref = value_and_first_derivatives("xla")(x, kernel, ct)
     close(y, y_ref)
-    for got, want in zip(vjp(ct), vjp_ref(ct), strict=True):
+    for got, want in zip(grads, grads_ref, strict=True):
         close(got, want)
 
 
 @pytest.mark.parametrize("impl", FAST_CONV_IMPLS)
 def test_conv_impl_matches_xla_in_second_derivatives(impl):
     x, kernel, ct, _ = conv_operands()
-    grads = jax.grad(double_backprop_objective(impl), argnums=(0, 1, 2))(x, kernel, ct)
-    grads_ref = jax.grad(double_backprop_objective("xla"), argnums=(0, 1, 2))(x, kernel, ct)
+    grads = second_derivatives(impl)(x, kernel, ct)
+    grads_ref = second_derivatives("xla")(x, kernel, ct)
     for got, want in zip(grads, grads_ref, strict=True):
         close(got, want)
 
@@ -86,7 +105,7 @@ def test_canonical_conv_third_derivative_matches_xla():
 
     def third(impl):
         second = jax.grad(double_backprop_objective(impl), argnums=1)
-        return jax.grad(lambda k: jnp.sum(second(x, k, ct) ** 2))(kernel)
+        return fast_jit(jax.grad(lambda k: jnp.sum(second(x, k, ct) ** 2)))(kernel)
 
     close(third("canonical"), third("xla"))
 
@@ -112,22 +131,37 @@ def test_auto_conv_impl_is_canonical_on_cpu_and_xla_on_accelerators():
     assert resolve_conv_impl("im2col", "gpu") == "im2col"
     with pytest.raises(ValueError, match=r"conv impl must be one of .*'canonical'.*got 'fft'"):
         resolve_conv_impl("fft")
-    assert set(CONV_IMPLS) == {"auto", "xla", "canonical", "im2col"}
+    assert set(CONV_IMPLS) == {"auto", "xla", "canonical", "im2col", "onednn"}
 
 
-@pytest.mark.parametrize("impl", FAST_CONV_IMPLS)
-def test_net_penalised_gradient_is_the_same_for_every_conv_impl(impl):
-    x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3), jnp.float64)
-    y = jnp.array([0, 3, 9])
-    params = Net().init(jax.random.key(2), x)["params"]
+@functools.cache
+def net_penalised_value_and_grad(conv_impl):
+    """``value_and_grad`` of the penalised loss (w = 10) of ``Net(conv_impl=...)``, compiled once."""
+    return fast_jit(jax.value_and_grad(
+        lambda p, x, y: penalized_loss(p, Net(conv_impl=conv_impl), x, y, penalty_weight=10.0)[0]))
 
-    def grads(conv_impl):
-        def loss(p):
-            return penalized_loss(p, Net(conv_impl=conv_impl), x, y, penalty_weight=10.0)[0]
 
-        return jax.value_and_grad(loss)(params)
+@pytest.fixture(scope="module")
+def net_case():
+    """Float64 parameters and batch of the real Net at its smallest input (16x16; two channels, so
+    conv1 mixes channels; batch 2), and its penalised loss and gradient with XLA's convolution, once.
+    The property is about the layers inside Net, not about its size."""
+    with jax.enable_x64(True):
+        x, y = normal((2, 16, 16, 2), 4), jnp.array([0, 9])
+        params = params_like(Net(), x)
+        return params, x, y, net_penalised_value_and_grad("xla")(params, x, y)
 
-    (total, g), (total_ref, g_ref) = grads(impl), grads("xla")
+
+@pytest.mark.parametrize("impl", [
+    "canonical",
+    # -m slow: im2col's derivatives to second order are checked above on the function itself, and
+    # the plumbing of conv_impl through Net by "canonical"; on Net it adds one more compile (~2.5 s:
+    # 25 patch slices differentiated twice) for the same code path.
+    pytest.param("im2col", marks=pytest.mark.slow),
+])
+def test_net_penalised_gradient_is_the_same_for_every_conv_impl(impl, net_case):
+    params, x, y, (total_ref, g_ref) = net_case
+    total, g = net_penalised_value_and_grad(impl)(params, x, y)
     close(total, total_ref)
     jax.tree.map(close, g, g_ref)
 
@@ -151,42 +185,55 @@ def reference_max_pool(x):
 
 def pool_input(shape=(2, 7, 6, 3), ties=True):
     """Random values, optionally rounded to a coarse grid so that many windows hold ties."""
-    x = jax.random.normal(jax.random.key(3), shape, jnp.float64)
+    x = normal(shape, 5)
     return jnp.round(x) if ties else x
+
+
+@functools.cache
+def pool_value_and_vjp(pool):
+    """``(pool(x), d <pool(x), ct> / d x)``, compiled once per pool function."""
+
+    def f(x, ct):
+        y, vjp = jax.vjp(pool, x)
+        return y, vjp(ct)[0]
+
+    return fast_jit(f)
+
+
+#: d sum(max_pool_2x2(x)) / d x: one 1 per window, at the entry the gradient goes to.
+window_choice = fast_jit(jax.grad(lambda x: max_pool_2x2(x).sum()))
 
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_max_pool_matches_reference_in_value_and_gradient(ties):
     x = pool_input(ties=ties)
     assert x.shape[1] % 2 == 1  # floor mode: the last row is dropped
-    ct = jax.random.normal(jax.random.key(4), (2, 3, 3, 3), jnp.float64)
-    y, vjp = jax.vjp(max_pool_2x2, x)
-    y_ref, vjp_ref = jax.vjp(reference_max_pool, x)
+    ct = normal((2, 3, 3, 3), 6)
+    y, dx = pool_value_and_vjp(max_pool_2x2)(x, ct)
+    y_ref, dx_ref = pool_value_and_vjp(reference_max_pool)(x, ct)
     close(y, y_ref)
-    close(vjp(ct)[0], vjp_ref(ct)[0])
+    close(dx, dx_ref)
 
 
 def test_max_pool_gradient_goes_to_the_first_maximum_of_a_tied_window():
     x = jnp.ones((1, 2, 2, 1), jnp.float64)  # all four tied
-    grad = jax.grad(lambda x: max_pool_2x2(x).sum())(x)
-    np.testing.assert_array_equal(grad[0, :, :, 0], [[1.0, 0.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(window_choice(x)[0, :, :, 0], [[1.0, 0.0], [0.0, 0.0]])
     x = jnp.array([[1.0, 3.0], [3.0, 2.0]]).reshape(1, 2, 2, 1)  # tie between entries 1 and 2
-    grad = jax.grad(lambda x: max_pool_2x2(x).sum())(x)
-    np.testing.assert_array_equal(grad[0, :, :, 0], [[0.0, 1.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(window_choice(x)[0, :, :, 0], [[0.0, 1.0], [0.0, 0.0]])
 
 
 def test_max_pool_second_derivatives_match_reference():
     x = pool_input(ties=True)
-    ct = jax.random.normal(jax.random.key(5), (2, 3, 3, 3), jnp.float64)
+    ct = normal((2, 3, 3, 3), 7)
 
     def objective(pool):
         def f(x, ct):
             g = jax.vjp(pool, x)[1](ct)[0]
             return jnp.sum(jnp.sin(g) * x) + jnp.sum(pool(x) ** 3)
-        return f
+        return fast_jit(jax.grad(f, argnums=(0, 1)))
 
-    got = jax.grad(objective(max_pool_2x2), argnums=(0, 1))(x, ct)
-    want = jax.grad(objective(reference_max_pool), argnums=(0, 1))(x, ct)
+    got = objective(max_pool_2x2)(x, ct)
+    want = objective(reference_max_pool)(x, ct)
     for g, w in zip(got, want, strict=True):
         close(g, w)
 
@@ -194,9 +241,12 @@ def test_max_pool_second_derivatives_match_reference():
 def test_max_pool_forward_mode_matches_reference():
     # max_pool_2x2 has a custom_jvp, so forward mode (jax.jvp, jax.hessian) must agree too.
     x = pool_input(ties=True)
-    dx = jax.random.normal(jax.random.key(6), x.shape, jnp.float64)
-    y, dy = jax.jvp(max_pool_2x2, (x,), (dx,))
-    y_ref, dy_ref = jax.jvp(reference_max_pool, (x,), (dx,))
+    dx = normal(x.shape, 8)
+
+    def jvp(pool):
+        return fast_jit(lambda x, dx: jax.jvp(pool, (x,), (dx,)))(x, dx)
+
+    (y, dy), (y_ref, dy_ref) = jvp(max_pool_2x2), jvp(reference_max_pool)
     close(y, y_ref)
     close(dy, dy_ref)
 
@@ -204,8 +254,7 @@ def test_max_pool_forward_mode_matches_reference():
 def test_max_pool_gradient_ignores_infinities_outside_the_chosen_entry():
     # The backward pass selects with where, not mask * ct: 0 * inf would give NaN.
     x = jnp.array([[jnp.inf, jnp.inf], [1.0, -jnp.inf]]).reshape(1, 2, 2, 1)
-    grad = jax.grad(lambda x: max_pool_2x2(x).sum())(x)
-    np.testing.assert_array_equal(grad[0, :, :, 0], [[1.0, 0.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(window_choice(x)[0, :, :, 0], [[1.0, 0.0], [0.0, 0.0]])
 
 
 def test_max_pool_propagates_nan_like_pytorch():

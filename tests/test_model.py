@@ -7,6 +7,7 @@ import pytest
 from flax import traverse_util
 
 from jax_impl import CAPTURE_NAMES, Net, penalized_loss
+from tests._model_fixtures import fast_jit, params_like
 
 # conv1 5*5*3*32+32, conv2 5*5*32*64+64, linear 1600*10+10: the seed's model.
 NET_PARAMS = 2_432 + 51_264 + 16_010
@@ -14,11 +15,14 @@ NET_PARAMS = 2_432 + 51_264 + 16_010
 
 @pytest.fixture(scope="module")
 def params():
-    return Net().init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)))["params"]
+    """Float32 parameters of the seed's Net (32x32x3) at PyTorch's scale (``params_like``: no init run)."""
+    return params_like(Net(), jnp.zeros((2, 32, 32, 3)), dtype=np.float32)
 
 
-def test_parameter_tree_mirrors_reference_names_and_count(params):
-    shapes = {k: v.shape for k, v in traverse_util.flatten_dict(params, sep=".").items()}
+def test_parameter_tree_mirrors_reference_names_and_count():
+    # The tree init builds (traced only: the shapes are the contract, not the random values).
+    tree = jax.eval_shape(Net().init, jax.random.key(0), jnp.zeros((2, 32, 32, 3)))["params"]
+    shapes = {k: v.shape for k, v in traverse_util.flatten_dict(tree, sep=".").items()}
     assert shapes == {
         "conv1.kernel": (5, 5, 3, 32), "conv1.bias": (32,),
         "conv2.kernel": (5, 5, 32, 64), "conv2.bias": (64,),
@@ -29,7 +33,8 @@ def test_parameter_tree_mirrors_reference_names_and_count(params):
 
 def test_capture_points_are_sown_with_their_shapes(params):
     x = jnp.ones((3, 32, 32, 3))
-    logits, state = Net().apply({"params": params}, x, mutable=["intermediates"])
+    # Shapes only: traced, not computed.
+    logits, state = jax.eval_shape(lambda p: Net().apply({"params": p}, x, mutable=["intermediates"]), params)
     assert logits.shape == (3, 10)
     sown = {k: v[0].shape for k, v in state["intermediates"].items()}
     assert sown == {"relu1": (3, 14, 14, 32), "relu2": (3, 5, 5, 64)}
@@ -40,7 +45,7 @@ def test_penalized_loss_works_at_a_batch_size_other_than_init_under_jit(params):
     x = jax.random.uniform(jax.random.key(1), (5, 32, 32, 3))
     y = jnp.arange(5) % 10
 
-    @jax.jit
+    @fast_jit
     def step(p):
         return jax.value_and_grad(
             lambda p: penalized_loss(p, Net(), x, y, penalty_weight=10.0), has_aux=True)(p)

@@ -10,6 +10,7 @@ from flax import nnx
 
 from jax_impl import Net, penalized_loss
 from jax_impl import nnx as jnnx
+from tests._model_fixtures import fast_jit, nnx_like, params_like
 
 # Same function, same weights; XLA convolution (NNX) vs the Linen Net's backend choice: float64 rounding.
 RTOL = 1e-10
@@ -24,16 +25,16 @@ def float64():
 
 @pytest.fixture(scope="module")
 def twins():
-    """A Linen ``Net`` params tree and an NNX ``Net`` holding the same float64 weights, at 16x16x1."""
+    """A Linen ``Net`` params tree (float64) and a batch, at Net's smallest input, 16x16x1."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(3, 16, 16, 1)))
     y = jnp.asarray(rng.integers(0, 10, 3))
-    params = jax.tree.map(lambda p: p.astype(jnp.float64), Net().init(jax.random.key(0), x)["params"])
-    return params, x, y
+    return params_like(Net(), x), x, y
 
 
 def nnx_twin(params):
-    model = jnnx.Net(in_channels=1, image_size=16, rngs=nnx.Rngs(1))
+    """An NNX ``Net`` holding the same weights (its own initialisers never run: all are replaced)."""
+    model = nnx_like(lambda rngs: jnnx.Net(in_channels=1, image_size=16, rngs=rngs))
     for layer in LAYERS:
         getattr(model, layer).kernel.set_value(params[layer]["kernel"])
         getattr(model, layer).bias.set_value(params[layer]["bias"])
@@ -47,10 +48,17 @@ def nnx_twin(params):
 def test_nnx_net_gives_linen_numbers_and_gradients(twins, options):
     params, x, y = twins
     model = nnx_twin(params)
-    (total_l, aux_l), grads_l = jax.value_and_grad(
-        lambda p: penalized_loss(p, Net(), x, y, penalty_weight=10.0, **options), has_aux=True)(params)
-    (total_n, aux_n), grads_n = nnx.value_and_grad(
-        lambda m: jnnx.penalized_loss(m, x, y, penalty_weight=10.0, **options), has_aux=True)(model)
+    (total_l, aux_l), grads_l = fast_jit(jax.value_and_grad(
+        lambda p: penalized_loss(p, Net(), x, y, penalty_weight=10.0, **options), has_aux=True))(params)
+    graphdef, state = nnx.split(model)
+
+    @fast_jit
+    def nnx_value_and_grad(state):  # nnx.jit, but with fast_jit's compile options
+        return nnx.value_and_grad(
+            lambda m: jnnx.penalized_loss(m, x, y, penalty_weight=10.0, **options), has_aux=True,
+        )(nnx.merge(graphdef, state))
+
+    (total_n, aux_n), grads_n = nnx_value_and_grad(state)
     np.testing.assert_allclose(total_n, total_l, rtol=RTOL)
     for name, term in aux_l["penalty_terms"].items():
         np.testing.assert_allclose(aux_n["penalty_terms"][name], term, rtol=RTOL)
@@ -68,7 +76,7 @@ def test_nnx_capture_is_a_no_op_outside_nnx_capture(twins):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # perturb/sow outside nnx.capture would warn (deprecated)
         logits = model(x)
-    np.testing.assert_allclose(logits, Net().apply({"params": params}, x), rtol=RTOL)
+    np.testing.assert_allclose(logits, fast_jit(Net().apply)({"params": params}, x), rtol=RTOL)
     assert not hasattr(model, "relu1")  # no perturbation variable created on the module
 
 
@@ -95,11 +103,15 @@ class BNNet(nnx.Module):
 def test_nnx_batchnorm_stats_are_updated_and_per_example_uses_the_jacobian():
     x = jnp.asarray(np.random.default_rng(3).normal(size=(5, 4)), jnp.float32)
     y = jnp.array([0, 1, 2, 0, 1])
-    model = BNNet(rngs=nnx.Rngs(0))
+    model = nnx_like(lambda rngs: BNNet(rngs=rngs))
     before = np.asarray(model.bn.mean.get_value())
-    _, aux = jnnx.penalized_loss(model, x, y, penalty_weight=1.0, normalization="per_example")
+    # nnx.jit carries the model's state in and out: the write-back below is penalized_loss's own.
+    per_example = nnx.jit(
+        lambda m, **interact: jnnx.penalized_loss(m, x, y, penalty_weight=1.0, normalization="per_example",
+                                                  **interact),
+        static_argnames="examples_interact")
+    _, aux = per_example(model)
     after = np.asarray(model.bn.mean.get_value())
     assert not np.allclose(before, after)  # the batch statistics were written back into the model
-    _, ignored = jnnx.penalized_loss(model, x, y, penalty_weight=1.0, normalization="per_example",
-                                     examples_interact=False)
+    _, ignored = per_example(model, examples_interact=False)
     assert not np.allclose(aux["penalty"], ignored["penalty"], rtol=1e-3)

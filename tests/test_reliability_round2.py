@@ -27,6 +27,7 @@ import jax_impl.train as jax_train
 import torch_ref.train as torch_train
 from agp_common import TrainConfig, UsageError, load_dataset
 from agp_common.data import MAX_CLASSES
+from tests._cli_fixtures import one_torch_thread  # noqa: F401
 from tests.npz_runs import (
     N_TEST,
     N_TRAIN,
@@ -39,6 +40,7 @@ from tests.npz_runs import (
 )
 
 MAINS = {"jax": jax_train.main, "torch": torch_train.main}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(params=list(MAINS))
@@ -133,6 +135,10 @@ def test_num_classes_out_of_range_is_a_one_line_error(cli, value, template, tmp_
     assert not (tmp_path / "run").exists()
 
 
+# JAX: slow, as it compiles a 12-class model (~7 s) for what is the same code in both CLIs: the flag,
+# its record in config.json and the resume check are agp_common's; the model is built from
+# ``Dataset.num_classes`` as for every other count.
+@pytest.mark.parametrize("cli", [pytest.param("jax", marks=pytest.mark.slow), "torch"])
 def test_num_classes_sets_the_model_output_and_is_recorded(cli, template, tmp_path, capsys):
     data, _ = template
     run = tmp_path / "run"
@@ -322,14 +328,23 @@ def test_an_empty_workdir_is_refused_instead_of_writing_into_the_current_folder(
 
 # 6. The Python API: the same checks on both sides ------------------------------------------------
 
-def jax_call(x, w):
+def zero_params(model, image_shape):
+    """Parameters of ``model`` for images of ``image_shape``, all 0: shapes without running ``init``
+    (its op-by-op execution takes seconds; these tests check inputs, not values)."""
     import jax
+    import jax.numpy as jnp
+
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))["params"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def jax_call(x, w):
     import jax.numpy as jnp
 
     from jax_impl import Net, penalized_loss
 
     model = Net(num_classes=10)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))["params"]
+    params = zero_params(model, (16, 16, 1))
     return penalized_loss(params, model, jnp.asarray(x), jnp.zeros(len(x), jnp.int32), penalty_weight=w)
 
 
@@ -367,7 +382,7 @@ def test_a_traced_penalty_weight_is_not_checked_under_jit():
     from jax_impl import Net, penalized_loss
 
     model = Net(num_classes=10)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))["params"]
+    params = zero_params(model, (16, 16, 1))
     traces = []
 
     @jax.jit

@@ -11,8 +11,10 @@ import pytest
 
 from agp_common.io import atomic_write_text, new_file_mode
 from agp_common.runlog import describe, summary_line
+from tests._cli_fixtures import one_torch_thread  # noqa: F401
 
 PLOTS = ("loss.png", "grad_norms.png", "accuracy.png")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @contextlib.contextmanager

@@ -99,18 +99,17 @@ def test_one_epoch_sweep_on_digits_end_to_end(tmp_path):
 
 
 def test_measure_reports_accuracies_and_per_layer_gradient_norms():
-    import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from agp_common.data import Dataset
     from jax_impl import Net
+    from tests._model_fixtures import params_like
 
     rng = np.random.default_rng(0)
     x = rng.random((10, 16, 16, 1), np.float32)
     y = rng.integers(0, 3, 10).astype(np.int32)
     ds = Dataset("tiny", x[:6], y[:6], x[6:], y[6:], num_classes=3)
-    params = Net(num_classes=3).init(jax.random.key(0), jnp.asarray(x[:1]))["params"]
+    params = params_like(Net(num_classes=3), x[:1], dtype=np.float32)  # Net's shapes, no init run
     noise = sweep.noise_draws(ds, (0.0, 0.5))
     out = sweep.measure(params, ds, 4, (0.0, 0.5), noise)
     assert out["noisy_accuracy@0"] == out["test_accuracy"]  # sigma 0 is the clean test set

@@ -3,9 +3,11 @@ change rounding."""
 
 import jax
 import numpy as np
+import pytest
 
 from jax_impl import Net, jit_options, penalized_loss
 from jax_impl.xla_options import CPU_COMPILER_OPTIONS
+from tests._model_fixtures import fast_jit, params_like
 
 
 def test_cpu_gets_the_eigen_convolution_options_and_other_backends_none():
@@ -15,38 +17,45 @@ def test_cpu_gets_the_eigen_convolution_options_and_other_backends_none():
     assert "extra" not in CPU_COMPILER_OPTIONS
 
 
-def test_the_penalised_gradient_with_the_options_matches_the_default_up_to_float32_rounding():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((4, 32, 32, 3), dtype=np.float32)
-    y = np.arange(4, dtype=np.int32)
-    params = Net().init(jax.random.key(0), x)["params"]
+def penalty_terms_and_grads(params, x, y):
+    """The seed's penalised step on ``Net()``: the penalty terms and the parameter gradient."""
+    (_, aux), grads = jax.value_and_grad(
+        lambda p: penalized_loss(p, Net(), x, y, penalty_weight=10.0), has_aux=True)(params)
+    return aux["penalty_terms"], grads
 
-    def grads(p):
-        return jax.grad(lambda q: penalized_loss(q, Net(), x, y, penalty_weight=10.0)[0])(p)
 
-    got = jax.jit(grads, **jit_options("cpu"))(params)
-    want = jax.jit(grads)(params)
+@pytest.fixture(scope="module")
+def seed_step():
+    """The seed's Net and batch shape (32x32x3, 4 images in [0, 1)), float32 parameters, and the step
+    compiled with the options and, for reference, with JAX's defaults in float32 (gradients) and
+    float64 (terms): each compiled once for both tests."""
+    rng = np.random.default_rng(3)
+    x64 = rng.random((4, 32, 32, 3))
+    y = rng.integers(0, 10, 4).astype(np.int32)
+    with jax.enable_x64(True):
+        params64 = params_like(Net(), x64)
+        # The float64 reference: how it is compiled changes only its float64 rounding (~1e-15).
+        terms64 = fast_jit(lambda p, x: penalty_terms_and_grads(p, x, y)[0])(params64, x64)
+    params32 = jax.tree.map(lambda a: np.asarray(a, np.float32), params64)
+    x32 = x64.astype(np.float32)
+    with_options = jax.jit(penalty_terms_and_grads, **jit_options("cpu"))(params32, x32, y)
+    default = jax.jit(penalty_terms_and_grads)(params32, x32, y)
+    return with_options, default, terms64
+
+
+def test_the_penalised_gradient_with_the_options_matches_the_default_up_to_float32_rounding(seed_step):
+    (_, got), (_, want), _ = seed_step
     # Same products summed in another order by other kernels: float32 rounding (~1e-6 relative) only.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want)
 
 
-def test_with_the_options_float32_penalty_terms_stay_within_1e_4_of_float64():
+def test_with_the_options_float32_penalty_terms_stay_within_1e_4_of_float64(seed_step):
     """The Eigen kernels' float32 rounding, bounded against the float64 value of the same function.
 
     Measured 8.6e-6 (relu1) and 2e-8 (relu2) relative error with the options, 8e-8 with JAX's
-    default kernels: 1e-4 leaves ~10x headroom and still catches a wrong kernel (errors of O(1)).
+    default kernels (7 images): 1e-4 leaves ~10x headroom and still catches a wrong kernel
+    (errors of O(1)).
     """
-    rng = np.random.default_rng(3)
-    x = rng.random((7, 32, 32, 3))
-    y = rng.integers(0, 10, 7).astype(np.int32)
-
-    def terms(p, inputs):
-        return penalized_loss(p, Net(), inputs, y, penalty_weight=10.0)[1]["penalty_terms"]
-
-    with jax.enable_x64(True):
-        params64 = jax.tree.map(lambda a: a.astype(np.float64), Net().init(jax.random.key(0), x)["params"])
-        want = jax.jit(terms)(params64, x)
-    params32 = jax.tree.map(lambda a: np.asarray(a, np.float32), params64)
-    got = jax.jit(terms, **jit_options("cpu"))(params32, x.astype(np.float32))
+    (got, _), _, want = seed_step
     for name in ("relu1", "relu2"):
         np.testing.assert_allclose(float(got[name]), float(want[name]), rtol=1e-4)
