@@ -18,11 +18,7 @@ def one_torch_thread():
     with 2 threads and 3 s with 1 on a loaded 2-core machine. Every test compares runs made under the
     same setting, or within tolerances that either setting meets.
     """
-    import torch
+    from parity_tests.harness import single_threaded_torch  # imported here: it loads JAX and PyTorch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_threaded_torch():
         yield
-    finally:
-        torch.set_num_threads(before)

@@ -279,44 +279,30 @@ def test_four_cpu_devices_give_the_losses_and_parameters_of_one(four_device_chil
     assert "--batch-size 6 must be a multiple of the number of devices (4)" in four["error"]
 
 
-def test_cli_writes_tensorboard_and_a_summary_and_resumes_at_the_end(tmp_path, capsys):
+# The digits case is slow: the default data set at its 32x32 size compiles a model of its own (~10 s)
+# for the same CLI path as the synthetic case; digits themselves are loaded by default in
+# tests/test_data.py and by the PyTorch CLI's digits run in tests/test_train_torch.py.
+@pytest.mark.parametrize(("data_flags", "dataset"), [
+    pytest.param(["--dataset", "synthetic", "--synthetic-shape", "20,16,16,1", "--batch-size", "8"],
+                 {"name": "synthetic", "train_examples": 20, "test_examples": 4, "image_shape": [16, 16, 1],
+                  "num_classes": 10}, id="synthetic"),
+    pytest.param(["--batch-size", "16"],
+                 {"name": "digits", "train_examples": 1438, "test_examples": 359, "image_shape": [32, 32, 1],
+                  "num_classes": 10}, id="digits", marks=pytest.mark.slow),
+])
+def test_cli_writes_tensorboard_and_a_summary_and_resumes_at_the_end(tmp_path, capsys, data_flags, dataset):
     workdir = tmp_path / "run"
-    argv = ["--dataset", "synthetic", "--synthetic-shape", "20,16,16,1", "--batch-size", "8", "--steps", "2",
-            "--workdir", str(workdir), "--quiet", "--tensorboard"]
+    argv = [*data_flags, "--steps", "2", "--workdir", str(workdir), "--quiet", "--tensorboard"]
     assert train.main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("done (jax): 2 steps") and "test accuracy" in out[-1]
     assert any(line.startswith("step 2/2") for line in out)
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     saved = json.loads((workdir / "config.json").read_text())
-    assert saved["config"]["dataset"] == "synthetic"
+    assert saved["config"]["dataset"] == dataset["name"]
     fingerprint = saved["dataset"].pop("fingerprint")  # the data's content hash, checked on resume
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", fingerprint)
-    assert saved["dataset"] == {"name": "synthetic", "train_examples": 20, "test_examples": 4,
-                                "image_shape": [16, 16, 1], "num_classes": 10}
-    # Running the same command again resumes at the end: nothing to train, same summary.
-    assert train.main(argv) == 0
-    assert capsys.readouterr().out.strip().startswith("resuming from the checkpoint at step 2")
-
-
-# Slow: the default data set at its 32x32 size compiles a model of its own (~10 s) for the same CLI path
-# as the test above; digits themselves are loaded by default in tests/test_data.py and by the PyTorch
-# CLI's digits run in tests/test_train_torch.py.
-@pytest.mark.slow
-def test_cli_trains_on_digits_and_writes_tensorboard_and_a_summary(tmp_path, capsys):
-    workdir = tmp_path / "run"
-    argv = ["--steps", "2", "--batch-size", "16", "--workdir", str(workdir), "--quiet", "--tensorboard"]
-    assert train.main(argv) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out[-1].startswith("done (jax): 2 steps") and "test accuracy" in out[-1]
-    assert any(line.startswith("step 2/2") for line in out)
-    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
-    saved = json.loads((workdir / "config.json").read_text())
-    assert saved["config"]["dataset"] == "digits"
-    fingerprint = saved["dataset"].pop("fingerprint")  # the data's content hash, checked on resume
-    assert re.fullmatch(r"sha256:[0-9a-f]{64}", fingerprint)
-    assert saved["dataset"] == {"name": "digits", "train_examples": 1438, "test_examples": 359,
-                                "image_shape": [32, 32, 1], "num_classes": 10}
+    assert saved["dataset"] == dataset
     # Running the same command again resumes at the end: nothing to train, same summary.
     assert train.main(argv) == 0
     assert capsys.readouterr().out.strip().startswith("resuming from the checkpoint at step 2")
