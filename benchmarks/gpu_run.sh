@@ -1,53 +1,47 @@
 #!/usr/bin/env bash
-# One-shot device check (about 6 minutes): versions, the step-time benchmark on the GPU
-# (JSON + sweep plot), the layer tests on the GPU, and CPU runs pinned to 2 cores as a quiet
-# reference (default, and with XLA's YNNPACK convolutions switched off). Everything it writes goes to $OUT.
+# One-shot GPU check (about 6-9 minutes on an H100/H200 host): versions; float32 precision per
+# framework setting against float64 (parity_tests.gpu_precision); the step-time benchmark on the GPU
+# with PyTorch eager and its whole step replayed from a CUDA graph; the JAX training CLI end to end
+# on digits; the parity report with JAX on the GPU; torch.compile of the penalised step. Everything
+# it writes goes to $OUT (at most a few files, so that a remote runner can bring them all back).
 #
 #     OUT=/tmp/gpu_out bash benchmarks/gpu_run.sh
 #
-# Each stage has its own timeout so that a slow stage does not lose the others' results.
+# Each stage has its own timeout so that a slow stage does not lose the others' results; the
+# stages run most important first. PYTHON picks the interpreter (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_out}"
+PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
-log() { echo "== $(date -u +%H:%M:%S) $*"; }
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LOG="$OUT/gpu_run.log"
+log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
+run() { "$@" 2>&1 | grep -v "^USDT" | tee -a "$LOG"; }
 
-log versions
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/nvidia_smi.txt"
-python -c "import sys; print(sys.version)"
-pip list 2>/dev/null | grep -iE "^(jax|jaxlib|jax-cuda|flax|optax|torch|numpy|nvidia-cudnn|matplotlib|pytest)" \
-    | tee "$OUT/pip_list.txt"
-python -c "import flax, optax" 2>/dev/null || {
-    log "flax/optax missing: trying pip from local wheels only"
-    timeout 90 pip install -q --no-index flax optax 2>&1 | tail -2
-}
-python -c "import jax_impl" 2>/dev/null || timeout 60 pip install -q -e . --no-deps 2>&1 | tail -2
-if ! python -c "import torch" 2>/dev/null; then
-    log "torch missing: trying pip from local wheels only"
-    timeout 60 pip install -q --no-index torch 2>&1 | tail -2
-fi
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tail -1
-python -c "import jax; print('jax', jax.__version__, jax.devices())"
+log "versions"
+run nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+run "$PY" -c "import sys; print(sys.version)"
+"$PY" -m pip list 2>/dev/null | grep -iE "^(jax|jaxlib|jax-cuda\S*|flax|optax|orbax\S*|torch|numpy|nvidia-cudnn\S*|triton) " \
+    | tee -a "$LOG"
+run "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.backends.cudnn.version())"
+run "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
 
-log "GPU benchmark (default Net() = auto, plus conv_impl=canonical)"
-timeout 120 python -m benchmarks.step_time --batch-sizes 1 32 128 512 --repeats 10 \
-    --jax-conv-impls canonical --out "$OUT/gpu_step_time.json" 2>&1 | grep -v "^USDT" \
-    | tee "$OUT/gpu_step_time.txt" | tail -24
+log "float32 precision settings on the GPU (parity_tests.gpu_precision)"
+run timeout 120 "$PY" -m parity_tests.gpu_precision --batch 32
 
-log "GPU sweep"
-timeout 100 python -m benchmarks.step_time --sweep --repeats 3 --min-block-ms 20 \
-    --out "$OUT/gpu_sweep.json" --plot "$OUT/gpu_sweep.png" 2>&1 | grep -v "^USDT" | tail -14
+log "GPU step time: JAX default and jit_options(), PyTorch eager and CUDA graph"
+run timeout 170 "$PY" -m benchmarks.step_time --batch-sizes 1 32 128 512 --repeats 10 --min-block-ms 20 \
+    --torch-variants eager cuda-graph --out "$OUT/gpu_step_time.json"
 
-log "layer tests on GPU"
-timeout 100 python -m pytest -q -x -p no:cacheprovider tests/test_layers.py 2>&1 | tail -3
+log "JAX training CLI on digits, end to end (the README's main job)"
+run timeout 150 "$PY" -m jax_impl.train --workdir /tmp/gpu_run_digits
+cp /tmp/gpu_run_digits/metrics.jsonl "$OUT/gpu_train_digits_metrics.jsonl" 2>/dev/null
 
-log "CPU reference pinned to 2 cores (JAX_PLATFORMS=cpu, taskset -c 0,1)"
-JAX_PLATFORMS=cpu timeout 100 taskset -c 0,1 python -m benchmarks.step_time --torch-device cpu \
-    --repeats 7 --jax-conv-impls im2col --out "$OUT/cpu2_step_time.json" 2>&1 | grep -v "^USDT" \
-    | tail -19 | tee "$OUT/cpu2_step_time.txt"
+log "parity report, JAX on the GPU at full float32 (JAX_DEFAULT_MATMUL_PRECISION=highest), PyTorch on CPU"
+JAX_DEFAULT_MATMUL_PRECISION=highest run timeout 150 "$PY" -m parity_tests.report
 
-log "same, XLA's YNNPACK convolutions off (opt-in flag)"
-XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION JAX_PLATFORMS=cpu \
-    timeout 80 taskset -c 0,1 python -m benchmarks.step_time --torch-device cpu --repeats 7 \
-    --out "$OUT/cpu2_eigen_step_time.json" 2>&1 | grep -v "^USDT" | tail -13 | tee "$OUT/cpu2_eigen_step_time.txt"
+log "torch.compile of the penalised step (batch 32)"
+run timeout 100 "$PY" -m benchmarks.step_time --batch-sizes 32 --repeats 5 --min-block-ms 20 \
+    --frameworks torch --torch-variants eager compile --out "$OUT/gpu_torch_compile.json"
 log done

@@ -7,8 +7,9 @@ Usage::
     python -m benchmarks.step_time --sweep --plot sweep.png   # batch 1..512, plot
     python -m benchmarks.step_time --cli                # the two training CLIs, batch 32 and 128
     python -m benchmarks.step_time --cli --cli-jax-flags='--conv-impl onednn'   # plus a JAX CLI variant
+    python -m benchmarks.step_time --torch-variants eager cuda-graph compile   # PyTorch's faster modes
 
-Six steps are timed for every batch size (float32, SGD, ``w = 10``):
+Six steps (more with ``--torch-variants``) are timed for every batch size (float32, SGD, ``w = 10``):
 
 * ``jax/penalised``: exactly what a user of the public API writes::
 
@@ -25,7 +26,11 @@ Six steps are timed for every batch size (float32, SGD, ``w = 10``):
 * ``torch/penalised``: the seed answer's loop body with ``torch_ref.Net``
   (``autograd.grad(loss, [relu1, relu2], create_graph=True)``,
   ``zero_grad``, ``backward``, ``step``), eager mode;
-* ``torch/plain``: ``zero_grad``, cross-entropy ``backward``, ``step``.
+* ``torch/plain``: ``zero_grad``, cross-entropy ``backward``, ``step``;
+* with ``--torch-variants``, the same two PyTorch steps replayed from a CUDA
+  graph (``torch+graph``, CUDA only) or over ``torch.compile``d stages
+  (``torch+compile``); a variant PyTorch cannot run is printed and recorded
+  under ``"unavailable"`` with PyTorch's error instead of a row.
 
 Timing: ``--warmup`` untimed calls first (JAX compiles in the first); then
 ``--repeats`` rounds, each timing a block of consecutive steps per config
@@ -226,9 +231,16 @@ def jax_runner(batch_size: int, penalised: bool, penalty_weight: float, lr: floa
 # ------------------------------------------------------------------------- torch
 
 
-def torch_runner(torch, batch_size: int, penalised: bool, penalty_weight: float, lr: float,
-                 seed: int, device: str) -> Runner:
-    """A PyTorch eager runner: the seed answer's loop body with ``torch_ref.Net``."""
+#: ``--torch-variants``: how the PyTorch step runs (framework names of their rows).
+TORCH_VARIANTS = {"eager": "torch", "cuda-graph": "torch+graph", "compile": "torch+compile"}
+
+
+class VariantUnavailable(Exception):
+    """A ``--torch-variants`` variant cannot run here; the message (PyTorch's error) is recorded."""
+
+
+def torch_setup(torch, batch_size: int, lr: float, seed: int, device: str):
+    """``(net, optimizer, x, y)``: ``torch_ref.Net`` from ``seed``, SGD, the shared batch as NCHW."""
     from torch_ref.model import Net as TorchNet
 
     torch.manual_seed(seed)
@@ -237,14 +249,26 @@ def torch_runner(torch, batch_size: int, penalised: bool, penalty_weight: float,
     x_np, y_np = make_batch(batch_size, seed)
     x = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()).to(device)  # NHWC -> NCHW
     y = torch.from_numpy(y_np).long().to(device)
+    return net, optimizer, x, y
+
+
+def seed_answer_step(torch, net, optimizer, x, y, penalised: bool, penalty_weight: float,
+                     forward=None) -> Callable[[], None]:
+    """One step of the seed answer's loop body (or the plain step without the penalty).
+
+    ``forward(x) -> (logits, [relu1, relu2])``; default ``net(x)`` and the activations it stores.
+    """
     criterion = torch.nn.CrossEntropyLoss()
-    cuda = device.startswith("cuda")
+    if forward is None:
+        def forward(inputs):
+            output = net(inputs)
+            return output, [net.relu1, net.relu2]
 
     def penalised_step() -> None:
         # The seed answer, verbatim apart from names (only_inputs is deprecated and ignored).
-        output = net(x)
+        output, activations = forward(x)
         loss = criterion(output, y)
-        grads = torch.autograd.grad(loss, [net.relu1, net.relu2], create_graph=True)
+        grads = torch.autograd.grad(loss, activations, create_graph=True)
         grad_norm = 0
         for grad in grads:
             grad_norm += grad.pow(2).sum()
@@ -255,10 +279,58 @@ def torch_runner(torch, batch_size: int, penalised: bool, penalty_weight: float,
 
     def plain_step() -> None:
         optimizer.zero_grad()
-        criterion(net(x), y).backward()
+        criterion(forward(x)[0], y).backward()
         optimizer.step()
 
-    one_step = penalised_step if penalised else plain_step
+    return penalised_step if penalised else plain_step
+
+
+def compiled_stages(torch, net):
+    """``forward(x) -> (logits, [relu1, relu2])`` from three ``torch.compile``d stages of ``net``.
+
+    Compiling ``net`` whole would hide relu1 and relu2 inside one graph node, out of
+    ``autograd.grad``'s reach; stage boundaries keep them as autograd tensors.
+    """
+    import torch.nn.functional as F
+
+    stage1 = torch.compile(lambda x: F.relu(F.max_pool2d(net.conv1(x), 2)))
+    stage2 = torch.compile(lambda a: F.relu(F.max_pool2d(net.conv2(a), 2)))
+    head = torch.compile(lambda a: net.linear(a.reshape(a.size(0), -1)))
+
+    def forward(x):
+        relu1 = stage1(x)
+        relu2 = stage2(relu1)
+        return head(relu2), [relu1, relu2]
+
+    return forward
+
+
+def torch_runner(torch, batch_size: int, penalised: bool, penalty_weight: float, lr: float,
+                 seed: int, device: str, variant: str = "eager") -> Runner:
+    """A PyTorch runner: the seed answer's loop body with ``torch_ref.Net``, run as ``variant``.
+
+    * ``"eager"``: as the answer wrote it.
+    * ``"cuda-graph"``: the whole eager step (forward, double backward, SGD update) captured once
+      in a CUDA graph and replayed (PyTorch's whole-network capture recipe). CUDA only.
+    * ``"compile"``: the same step over :func:`compiled_stages`. The penalised step needs the
+      double backward of compiled code; where PyTorch has none, its error is raised as
+      :class:`VariantUnavailable` (and recorded by the benchmark).
+    """
+    if variant not in TORCH_VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(TORCH_VARIANTS)}, got {variant!r}")
+    cuda = device.startswith("cuda")
+    if variant == "cuda-graph" and not cuda:
+        raise VariantUnavailable(f"CUDA graphs need a CUDA device (--torch-device is {device})")
+    net, optimizer, x, y = torch_setup(torch, batch_size, lr, seed, device)
+    forward = compiled_stages(torch, net) if variant == "compile" else None
+    one_step = seed_answer_step(torch, net, optimizer, x, y, penalised, penalty_weight, forward)
+    if variant == "cuda-graph":
+        one_step = capture_cuda_graph(torch, one_step, optimizer)
+    elif variant == "compile":
+        try:
+            one_step()  # compiles; raises where compiled stages have no double backward
+        except Exception as error:  # PyTorch's own error is the result
+            raise VariantUnavailable(f"{type(error).__name__}: {error}".splitlines()[0]) from error
 
     def run() -> None:
         one_step()
@@ -274,7 +346,37 @@ def torch_runner(torch, batch_size: int, penalised: bool, penalty_weight: float,
             return int(torch.cuda.max_memory_allocated())
         return resident + torch_cpu_step_peak(torch, run)
 
-    return Runner("torch", "penalised" if penalised else "plain", batch_size, run, peak)
+    return Runner(TORCH_VARIANTS[variant], "penalised" if penalised else "plain", batch_size, run, peak)
+
+
+def torch_runners(torch, variants: Sequence[str], unavailable: dict[str, str], **common: Any) -> list[Runner]:
+    """One runner per variant; a variant that cannot run adds its error to ``unavailable`` instead
+    (keyed ``"<framework> <step>"``, first error only)."""
+    runners = []
+    for variant in variants:
+        try:
+            runners.append(torch_runner(torch, **common, variant=variant))
+        except VariantUnavailable as error:
+            key = f"{TORCH_VARIANTS[variant]} {'penalised' if common['penalised'] else 'plain'}"
+            if key not in unavailable:
+                print(f"  {key}: not run: {error}", flush=True)
+            unavailable.setdefault(key, str(error))
+    return runners
+
+
+def capture_cuda_graph(torch, one_step: Callable[[], None], optimizer) -> Callable[[], None]:
+    """``one_step`` captured in a CUDA graph; returns its replay (PyTorch's whole-network recipe)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph (cuDNN autotuning, allocations)
+        for _ in range(3):
+            one_step()
+    torch.cuda.current_stream().wait_stream(side)
+    optimizer.zero_grad(set_to_none=True)  # backward allocates .grad inside the graph's pool
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        one_step()
+    return graph.replay
 
 
 def torch_cpu_step_peak(torch, run: Callable[[], None]) -> int:
@@ -348,7 +450,8 @@ def summarise(results: Sequence[Result]) -> list[dict[str, Any]]:
     ``torch_over_jax_<step>`` is against the plain ``jax.jit`` rows,
     ``torch_over_jax+opts_<step>`` against the ``jit_options()`` ones, and
     ``torch_over_<fw>_<step>`` against any other JAX row (``jax+opts[onednn]``
-    from ``--jax-conv-impls onednn``).
+    from ``--jax-conv-impls onednn``); ``torch+graph_over_...`` and
+    ``torch+compile_over_...`` likewise for the ``--torch-variants`` rows.
     """
     by_key = {(r.batch_size, r.framework, r.step): r.median_ms for r in results}
     rows = []
@@ -359,11 +462,12 @@ def summarise(results: Sequence[Result]) -> list[dict[str, Any]]:
             pen, plain = by_key.get((b, fw, "penalised")), by_key.get((b, fw, "plain"))
             if pen and plain:
                 row[f"{fw}_penalty_overhead"] = pen / plain
-        for jax_fw in (fw for fw in frameworks if fw.startswith("jax")):
-            for step in ("penalised", "plain"):
-                t, j = by_key.get((b, "torch", step)), by_key.get((b, jax_fw, step))
-                if t and j:
-                    row[f"torch_over_{jax_fw}_{step}"] = t / j
+        for torch_fw in (fw for fw in frameworks if fw.startswith("torch")):
+            for jax_fw in (fw for fw in frameworks if fw.startswith("jax")):
+                for step in ("penalised", "plain"):
+                    t, j = by_key.get((b, torch_fw, step)), by_key.get((b, jax_fw, step))
+                    if t and j:
+                        row[f"{torch_fw}_over_{jax_fw}_{step}"] = t / j
         rows.append(row)
     return rows
 
@@ -396,13 +500,17 @@ def format_table(results: Sequence[Result], summary: Sequence[dict[str, Any]]) -
             f"{cell(row, 'torch_over_jax_plain')} | {cell(row, 'torch_over_jax+opts_penalised')} | "
             f"{cell(row, 'torch_over_jax+opts_plain')} | {cell(row, 'jax_penalty_overhead')} | "
             f"{cell(row, 'jax+opts_penalty_overhead')} | {cell(row, 'torch_penalty_overhead')} |")
-    impl_rows = sorted({r.framework for r in results if "[" in r.framework})  # --jax-conv-impls
-    columns = [(fw, step) for fw in impl_rows for step in ("penalised", "plain")]
+    # The rows of --jax-conv-impls and --torch-variants, each against the default of the other side.
+    frameworks = {r.framework for r in results}
+    pairs = [("torch", fw) for fw in sorted(frameworks) if "[" in fw]
+    pairs += [(fw, jax_fw) for fw in sorted(frameworks - {"torch"}) if fw.startswith("torch")
+              for jax_fw in ("jax", "jax+opts") if jax_fw in frameworks]
+    columns = [(t, j, step) for t, j in pairs for step in ("penalised", "plain")]
     if columns:
-        lines += ["", "| batch | " + " | ".join(f"torch/{fw} {step}" for fw, step in columns) + " |",
+        lines += ["", "| batch | " + " | ".join(f"{t}/{j} {step}" for t, j, step in columns) + " |",
                   "|---:|" + "---:|" * len(columns)]
         for row in summary:
-            cells = [cell(row, f"torch_over_{fw}_{step}") for fw, step in columns]
+            cells = [cell(row, f"{t}_over_{j}_{step}") for t, j, step in columns]
             lines.append(f"| {row['batch_size']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -573,6 +681,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--frameworks", nargs="+", choices=("jax", "torch"), default=["jax", "torch"])
     parser.add_argument("--torch-device", default=None,
                         help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--torch-variants", nargs="+", default=["eager"], choices=tuple(TORCH_VARIANTS),
+                        help="how the PyTorch step runs, one row each (default eager): cuda-graph (the "
+                             "eager step replayed from a CUDA graph; CUDA only), compile (torch.compile "
+                             "per stage; a variant PyTorch cannot run is reported with its error)")
     parser.add_argument("--jax-conv-impls", nargs="*", default=[], choices=CONV_IMPLS,
                         help="also time Net(conv_impl=...) for these impls (rows 'jax[impl]', "
                              "'jax+opts[impl]'); 'onednn' needs the [onednn] extra and g++")
@@ -613,6 +725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           + f"{env['cpu_count']} CPUs, load {env['loadavg_start'][0]:.2f}", flush=True)
 
     results: list[Result] = []
+    unavailable: dict[str, str] = {}  # "torch+compile penalised" -> PyTorch's error
     for b in batch_sizes:
         runners = []
         for penalised in (True, False):
@@ -624,7 +737,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     runners += [jax_runner(**common, conv_impl=impl, options=options)
                                 for impl in args.jax_conv_impls]
             if torch is not None:
-                runners.append(torch_runner(torch, **common, device=torch_device))
+                runners += torch_runners(torch, args.torch_variants, unavailable, **common,
+                                         device=torch_device)
         batch_results = measure(runners, repeats, args.warmup, args.min_block_ms)
         results += batch_results
         for r in batch_results:
@@ -638,9 +752,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = summarise(results)
     print()
     print(format_table(results, summary))
+    for name, error in unavailable.items():
+        print(f"- {name}: not run: {error}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"environment": env, "results": [asdict(r) for r in results], "summary": summary,
+                   "unavailable": unavailable,
                    "flops_per_example": {"forward": forward_flops(1), "plain": step_flops(1, False),
                                          "penalised": step_flops(1, True)}}
         args.out.write_text(json.dumps(payload, indent=2))

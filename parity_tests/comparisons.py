@@ -54,8 +54,17 @@ Layers = tuple[str, ...] | None
 # ------------------------------------------------------------------------ one forward/backward
 
 
+#: Compiler options under which a GPU computes convolutions of short dyadic fractions exactly, for
+#: the max-pool tie cases (see :func:`tie_setup`). XLA's GPU autotuner times cuDNN's algorithms and
+#: may pick a transform-based one (FFT, Winograd) whose float32 rounding breaks exact ties: with
+#: XLA's defaults the float32 tie cases failed in 2 of 5 runs on an H100 and an H200 (at autotune
+#: level 1, 11,200 tied pool2 windows became 6,797). With autotuning off XLA takes cuDNN's
+#: heuristic choice, which summed them exactly in all 7 runs there (docs/parity.md).
+EXACT_CONV_OPTIONS = {"gpu": {"xla_gpu_autotune_level": 0}}
+
+
 @functools.cache
-def _jax_value_and_grad(layers: Layers, conv_impl: str = "auto"):
+def _jax_value_and_grad(layers: Layers, conv_impl: str = "auto", exact_convolutions: bool = False):
     """``jit(value_and_grad(penalized_loss))`` for one layer choice, compiled once per shape/dtype.
 
     The penalty weight is a traced argument, so weights 0 and 10 share a compilation. Compiled
@@ -69,26 +78,32 @@ def _jax_value_and_grad(layers: Layers, conv_impl: str = "auto"):
     def total(params, x, y, penalty_weight):
         return penalized_loss(params, model, x, y, penalty_weight=penalty_weight, layers=layers)
 
-    return jax.jit(jax.value_and_grad(total, has_aux=True))
+    options = EXACT_CONV_OPTIONS.get(jax.default_backend()) if exact_convolutions else None
+    return jax.jit(jax.value_and_grad(total, has_aux=True), compiler_options=options)
 
 
 def jax_quantities(params, x_nchw: np.ndarray, y: np.ndarray, penalty_weight: float,
-                   layers: Layers = None, conv_impl: str = "auto") -> dict[str, np.ndarray]:
+                   layers: Layers = None, conv_impl: str = "auto",
+                   exact_convolutions: bool = False) -> dict[str, np.ndarray]:
     """Everything ``penalized_loss`` computes, plus ``jax.grad`` of the total, as NumPy (NHWC).
 
-    Call inside ``jax_dtype(dtype)``.
+    ``exact_convolutions``: compile with :data:`EXACT_CONV_OPTIONS` (the tie cases). Call inside
+    ``jax_dtype(dtype)``.
     """
     x, y = jax_inputs(x_nchw, y)
     weight = jnp.asarray(penalty_weight, x.dtype)
-    (total, aux), grads = _jax_value_and_grad(layers, conv_impl)(params, x, y, weight)
+    (total, aux), grads = _jax_value_and_grad(layers, conv_impl, exact_convolutions)(params, x, y, weight)
     return _quantities(total, aux, grads, activation_layout=np.asarray)
 
 
 def torch_quantities(net: torch.nn.Module, x_nchw: np.ndarray, y: np.ndarray, penalty_weight: float,
                      layers: Layers = None) -> dict[str, np.ndarray]:
-    """The same quantities from ``torch_ref.penalized_loss`` + ``backward()``; activations as NHWC."""
+    """The same quantities from ``torch_ref.penalized_loss`` + ``backward()``; activations as NHWC.
+
+    Runs on the device of ``net``'s parameters.
+    """
     net.zero_grad(set_to_none=True)
-    x, y = torch_inputs(x_nchw, y)
+    x, y = torch_inputs(x_nchw, y, device=next(net.parameters()).device)
     total, aux = torch_ref.penalized_loss(net, x, y, penalty_weight, layers)
     total.backward()
     grads = torch_ref.export_flax_params(net, grads=True)
@@ -330,7 +345,8 @@ def tie_setup(kind: str, dtype: str, batch: int = 7, seed: int = 0):
     (conv2) and pixels in {0, 1/4, 2/4, 3/4}: every conv output is a short
     dyadic fraction computed *exactly* in either framework (whatever the
     summation order), so ties are frequent, scattered, and identical on both
-    sides.
+    sides. On a GPU this holds for direct convolution algorithms only, hence
+    :data:`EXACT_CONV_OPTIONS` on the JAX side (PyTorch runs on the CPU).
 
     Returns ``(torch_net, x_nchw, y)``; export the weights with ``export_flax_params``.
     """
@@ -376,7 +392,7 @@ def maxpool_tie_comparisons(kind: str, dtype: str, penalty_weight: float = 10.0)
     net, x, y = tie_setup(kind, dtype)
     with jax_dtype(dtype):
         params = jax.tree.map(jnp.asarray, torch_ref.export_flax_params(net))
-        actual = jax_quantities(params, x, y, penalty_weight)
+        actual = jax_quantities(params, x, y, penalty_weight, exact_convolutions=True)
     expected = torch_quantities(net, x, y, penalty_weight)
     return compare_quantities(dtype, actual, expected, f"max-pool ties ({kind})")
 

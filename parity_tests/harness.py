@@ -178,8 +178,10 @@ def make_batch(seed: int, batch: int, dtype: str, channels: int = 3, size: int =
     return x, y
 
 
-def torch_inputs(x_nchw: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(np.ascontiguousarray(x_nchw)), torch.from_numpy(y.astype(np.int64))
+def torch_inputs(x_nchw: np.ndarray, y: np.ndarray, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch as PyTorch tensors (NCHW images, int64 labels) on ``device``."""
+    return (torch.from_numpy(np.ascontiguousarray(x_nchw)).to(device),
+            torch.from_numpy(y.astype(np.int64)).to(device))
 
 
 def jax_inputs(x_nchw: np.ndarray, y: np.ndarray) -> tuple[jax.Array, jax.Array]:

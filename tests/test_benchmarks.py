@@ -6,7 +6,17 @@ import jax
 import pytest
 
 from agp_common.config import parse_config
-from benchmarks.step_time import cli_command, cli_step_times, forward_flops, main, step_flops
+from benchmarks.step_time import (
+    Result,
+    cli_command,
+    cli_step_times,
+    format_table,
+    forward_flops,
+    main,
+    step_flops,
+    summarise,
+    torch_runners,
+)
 
 
 def test_flop_count_matches_the_documented_forward_equivalents():
@@ -66,3 +76,48 @@ def test_cli_step_times_are_the_train_records_after_the_warmup_in_ms(tmp_path):
     lines.append({"step": 3, "split": "eval", "eval_loss": 1.0})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert cli_step_times(tmp_path, warmup=1) == [2.0, 3.0]
+
+
+def result(framework: str, step: str, ms: float, batch: int = 32) -> Result:
+    return Result(framework, step, batch, ms, ms, ms, ms, 1, 1, batch / ms * 1e3, 1.0, None)
+
+
+def test_torch_variant_rows_get_ratios_against_both_jax_rows():
+    results = [result("jax", "penalised", 2.0), result("jax+opts", "penalised", 1.0),
+               result("torch", "penalised", 8.0), result("torch+graph", "penalised", 4.0),
+               result("jax", "plain", 1.0), result("torch+graph", "plain", 3.0)]
+    (row,) = summarise(results)
+    assert row["torch_over_jax_penalised"] == 4.0
+    assert row["torch+graph_over_jax_penalised"] == 2.0
+    assert row["torch+graph_over_jax+opts_penalised"] == 4.0
+    assert row["torch+graph_over_jax_plain"] == 3.0
+    table = format_table(results, [row]).splitlines()
+    header = next(line for line in table if "torch+graph/jax penalised" in line)
+    assert "torch+graph/jax+opts penalised" in header
+    assert table[table.index(header) + 2].startswith("| 32 | 2.00 | 3.00 | 4.00 | n/a |")
+
+
+def test_a_cuda_graph_needs_cuda_and_says_so_instead_of_timing_something_else():
+    torch = pytest.importorskip("torch")
+    unavailable = {}
+    runners = torch_runners(torch, ["eager", "cuda-graph"], unavailable, batch_size=2, penalised=True,
+                            penalty_weight=10.0, lr=1e-3, seed=0, device="cpu")
+    assert [r.framework for r in runners] == ["torch"]
+    assert unavailable == {"torch+graph penalised": "CUDA graphs need a CUDA device (--torch-device is cpu)"}
+
+
+# Slow: torch.compile (inductor) compiles the three stages for ~20 s on 2 cores before the double
+# backward is attempted.
+@pytest.mark.slow
+def test_torch_compile_of_the_penalised_step_runs_or_records_pytorchs_error():
+    torch = pytest.importorskip("torch")
+    unavailable = {}
+    runners = torch_runners(torch, ["compile"], unavailable, batch_size=2, penalised=True,
+                            penalty_weight=10.0, lr=1e-3, seed=0, device="cpu")
+    # PyTorch 2.4-2.13: "torch.compile with aot_autograd does not currently support double backward".
+    # A PyTorch that supports it gets a timed row instead.
+    assert (len(runners) == 1) != ("torch+compile penalised" in unavailable)
+    if runners:
+        runners[0].run()
+    else:
+        assert "double backward" in unavailable["torch+compile penalised"]
