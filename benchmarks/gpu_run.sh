@@ -38,8 +38,8 @@ log "JAX training CLI on digits, end to end (the README's main job)"
 run timeout 150 "$PY" -m jax_impl.train --workdir /tmp/gpu_run_digits
 cp /tmp/gpu_run_digits/metrics.jsonl "$OUT/gpu_train_digits_metrics.jsonl" 2>/dev/null
 
-log "parity report, JAX on the GPU at full float32 (JAX_DEFAULT_MATMUL_PRECISION=highest), PyTorch on CPU"
-JAX_DEFAULT_MATMUL_PRECISION=highest run timeout 150 "$PY" -m parity_tests.report
+log "parity report, JAX on the GPU in full float32 (harness.full_float32), PyTorch on CPU"
+run timeout 150 "$PY" -m parity_tests.report
 
 log "torch.compile of the penalised step (batch 32)"
 run timeout 100 "$PY" -m benchmarks.step_time --batch-sizes 32 --repeats 5 --min-block-ms 20 \

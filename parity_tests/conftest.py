@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import pytest
 
-from parity_tests.harness import DTYPES, jax_dtype, single_threaded_torch
+from parity_tests.harness import DTYPES, full_float32, jax_dtype, single_threaded_torch
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _torch_on_one_thread():
     """See ``single_threaded_torch``: 15x faster reference steps on a shared 2-core machine."""
     with single_threaded_torch():
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _jax_in_full_float32():
+    """See ``full_float32``: no TF32 on GPUs."""
+    with full_float32():
         yield
 
 

@@ -140,6 +140,19 @@ def single_threaded_torch() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """JAX's float32 convolutions and matmuls in full float32 inside the block.
+
+    ``jax.default_matmul_precision("highest")``. On NVIDIA GPUs since Ampere XLA otherwise runs them
+    on TF32 tensor cores (10 mantissa bits: activation gradients 11% off on an H100, see
+    docs/parity.md), which no float32 comparison survives. CPUs compute float32 either way. The
+    suite and the report run inside it; PyTorch's side runs on the CPU.
+    """
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 # ----------------------------------------------------------------------------------- layouts
 
 

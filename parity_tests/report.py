@@ -11,7 +11,8 @@ was measured in::
 (``harness.compare``). The exit status is 1 if any comparison fails, else 0.
 
 Options: ``--quick`` (a small subset, for smoke tests), ``--per-case`` (one
-row per comparison instead of per quantity), ``--trajectory-lr``.
+row per comparison instead of per quantity), ``--trajectory-lr``. JAX runs in
+full float32 (``harness.full_float32``: no TF32 on GPUs).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from parity_tests import comparisons as cmp
-from parity_tests.harness import Comparison, single_threaded_torch
+from parity_tests.harness import Comparison, full_float32, single_threaded_torch
 
 Rows = dict[tuple[str, str], list[Comparison]]
 
@@ -111,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print the table and notes; return 1 if anything failed, else 0."""
     args = parse_args(argv)
     start = time.perf_counter()
-    with single_threaded_torch():
+    with single_threaded_torch(), full_float32():
         rows, notes = collect(quick=args.quick, trajectory_lr=args.trajectory_lr)
     print(format_table(per_case_rows(rows) if args.per_case else rows))
     print()

@@ -67,6 +67,7 @@ from parity_tests.harness import (
     Tolerance,
     compare,
     fast_compile_options,
+    full_float32,
     jax_dtype,
     nchw_to_nhwc,
     single_threaded_torch,
@@ -249,7 +250,7 @@ def verify_pair(
     model = copy.deepcopy(torch_module).to(TORCH_DTYPES[dtype])
     x_t, y_t = torch.from_numpy(np.ascontiguousarray(x_np)), torch.from_numpy(y_np)
 
-    with jax_dtype(dtype):
+    with jax_dtype(dtype), full_float32():  # no TF32 on GPUs
         x_j, y_j = jnp.asarray(_to_flax_layout(x_np, flax_layout)), jnp.asarray(y_np)
         if flax_variables is not None:  # Flax -> PyTorch first: the other conversion direction
             flax_variables = _numpy_tree(flax_variables, dtype)
