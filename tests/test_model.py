@@ -61,3 +61,15 @@ def test_unknown_layer_name_lists_the_valid_ones(params):
     x, y = jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32)
     with pytest.raises(ValueError, match=r"unknown penalty layer.*relu3.*\['relu1', 'relu2'\]"):
         penalized_loss(params, Net(), x, y, penalty_weight=1.0, layers=["relu3"])
+
+
+def test_pytorch_default_init_draws_the_numbers_of_a_direct_uniform_draw():
+    # The initializer draws flat and reshapes (faster to compile); the values must be those of
+    # jax.random.uniform over the shape itself, so that seeds keep their meaning.
+    from jax_impl.layers import torch_default_uniform
+
+    key = jax.random.key(7)
+    for shape, fan_in in (((5, 5, 32, 64), 800), ((1600, 10), 1600), ((64,), 800)):
+        bound = 1 / np.sqrt(fan_in)
+        direct = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+        np.testing.assert_array_equal(torch_default_uniform(fan_in)(key, shape), direct)

@@ -1,6 +1,8 @@
 """jit_options: the per-jit XLA options of the project's compiled steps exist in this jaxlib and only
 change rounding."""
 
+import warnings
+
 import jax
 import numpy as np
 import pytest
@@ -15,6 +17,18 @@ def test_cpu_gets_the_eigen_convolution_options_and_other_backends_none():
     assert jit_options("gpu") == {} and jit_options("tpu") == {}
     jit_options("cpu")["compiler_options"]["extra"] = 1  # a fresh dict: the caller may extend it
     assert "extra" not in CPU_COMPILER_OPTIONS
+    for impl in ("canonical", "xla", "im2col"):
+        assert jit_options("cpu", conv_impl=impl) == jit_options("cpu")
+
+
+def test_a_onednn_model_gets_no_options_where_onednn_runs():
+    from jax_impl import onednn_conv
+
+    expected = {} if onednn_conv.available() else {"compiler_options": CPU_COMPILER_OPTIONS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "onednn is unavailable" where it is
+        assert jit_options("cpu", conv_impl="onednn") == expected
+    assert jit_options("gpu", conv_impl="onednn") == {}
 
 
 def penalty_terms_and_grads(params, x, y):
