@@ -8,8 +8,8 @@ which process compiles, never what is computed. A cache folder the user already 
 
 The test processes themselves (pytest, or its pytest-xdist workers) stay off a session's cache:
 jit's in-memory cache already reuses their compilations, and writing their ~1,100 programs cost
-more than the other worker saved by reading some (default suite, 2 workers on 2 cores: 209 s
-instead of 233 s).
+more than one xdist worker saved by reading the other's (default suite, 2 workers on 2 cores:
+209 s instead of 222-233 s).
 
 JAX writes a cache entry in place; with a size limit set it takes a file lock around every read
 and write, so a process never reads an entry another one is still writing (the limit, 4 GiB, is
@@ -18,8 +18,8 @@ never reached by the suite).
 ``scripts/test.sh`` runs the suite on every core with pytest-xdist, ``--dist loadscope``: a test
 module runs on one worker, so its module fixtures are made once. The modules of parity_tests/
 all go to one worker (``pytest_xdist_make_scheduler``): they compile the same reference steps
-through ``parity_tests.harness``, and spread over two workers each compiled them again (2
-workers: 174-179 s instead of 209 s).
+through ``parity_tests.harness``, and spread over two workers both compiled them (2 workers:
+179-189 s instead of 209 s; one process: 242-246 s).
 """
 
 from __future__ import annotations
