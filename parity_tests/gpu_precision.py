@@ -53,6 +53,12 @@ TORCH_SETTINGS = ("default", "ieee")
 PENALTY_WEIGHT = 10.0
 
 
+def _fp32_precision_api() -> bool:
+    """Whether this PyTorch has the ``fp32_precision`` switches (>= 2.9; mixing them with the older
+    ``allow_tf32`` ones is an error, so one of the two is used throughout)."""
+    return hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision")
+
+
 @contextlib.contextmanager
 def torch_fp32_precision(setting: str) -> Iterator[None]:
     """PyTorch's float32 convolutions and matmuls as found (``"default"``) or in full float32 (``"ieee"``)."""
@@ -62,7 +68,7 @@ def torch_fp32_precision(setting: str) -> Iterator[None]:
     if setting != "ieee":
         raise ValueError(f"setting must be one of {TORCH_SETTINGS}, got {setting!r}")
     conv, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    if hasattr(getattr(conv, "conv", None), "fp32_precision"):  # PyTorch >= 2.9
+    if _fp32_precision_api():
         before = conv.conv.fp32_precision, matmul.fp32_precision
         conv.conv.fp32_precision = matmul.fp32_precision = "ieee"
         try:
@@ -81,7 +87,7 @@ def torch_fp32_precision(setting: str) -> Iterator[None]:
 def torch_precision_flags() -> str:
     """The process's PyTorch TF32 settings, for the record."""
     conv, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    if hasattr(getattr(conv, "conv", None), "fp32_precision"):
+    if _fp32_precision_api():
         return f"cudnn.conv.fp32_precision={conv.conv.fp32_precision}, cuda.matmul.fp32_precision=" \
                f"{matmul.fp32_precision}, float32_matmul_precision={torch.get_float32_matmul_precision()}"
     return f"cudnn.allow_tf32={conv.allow_tf32}, cuda.matmul.allow_tf32={matmul.allow_tf32}"
