@@ -32,8 +32,8 @@ from flax import traverse_util
 
 import torch_ref
 from jax_impl import Net
+from parity_tests import DTYPES
 
-DTYPES = ("float64", "float32")
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 

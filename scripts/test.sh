@@ -8,4 +8,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
-python -m pytest -m "not slow" -n auto --maxprocesses=4 --dist loadscope "$@"
+# PYTHONDONTWRITEBYTECODE emptied: every worker and child process may reuse the bytecode (and pytest
+# its assertion-rewritten modules) that the first one compiled, where the environment turns caching off.
+PYTHONDONTWRITEBYTECODE= python -m pytest -m "not slow" -n auto --maxprocesses=4 --dist loadscope "$@"
