@@ -65,31 +65,31 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", TEST_PROCESS_MIN_COMPILE_S)
 
 
-#: Seconds each long scope took (``python -m pytest -m "not slow" -n 2 --dist loadscope --durations=0``,
-#: summed per scope, this 2-core machine). Only the order in which xdist hands out scopes uses them:
-#: longest first, so that the last scope a worker starts is a short one and the workers finish
-#: together (in collection order, the 12 s kill-and-resume module came last and the other worker
-#: waited ~10 s). A stale or missing entry makes a run slower, never different.
+#: Seconds each long scope took (first test's start to last test's end on one pytest-xdist worker,
+#: default suite, ``-n 2``, this 2-core machine). Only the order in which xdist hands out scopes uses
+#: them: longest first, so that the last scope a worker starts is a short one and the workers finish
+#: together (in xdist's order, most tests first, the 12 s kill-and-resume module came last and the
+#: other worker waited ~10 s). A stale or missing entry makes a run slower, never different.
 _SCOPE_SECONDS = {
-    "parity_tests/": 117.0,
-    "tests/test_penalty_options.py": 25.0,
-    "tests/test_train.py": 24.5,
-    "tests/test_onednn_conv.py": 17.0,
-    "tests/test_attacks.py": 15.5,
-    "tests/test_reliability_round2.py": 14.5,
+    "parity_tests/": 136.0,
+    "tests/test_train.py": 33.0,
+    "tests/test_penalty_options.py": 18.0,
+    "tests/test_attacks.py": 17.5,
     "tests/test_kill_resume.py": 12.0,
-    "tests/test_run_folder.py": 11.5,
-    "tests/test_penalty_properties.py": 8.5,
+    "tests/test_nnx.py": 10.0,
+    "tests/test_onednn_conv.py": 9.0,
+    "tests/test_penalty_properties.py": 9.0,
+    "tests/test_reliability_round2.py": 8.5,
     "tests/test_train_torch.py": 8.5,
-    "tests/test_nnx.py": 8.5,
     "tests/test_layers.py": 7.5,
     "tests/test_model.py": 6.5,
-    "tests/test_cpu_devices.py": 5.5,
+    "tests/test_run_folder.py": 6.0,
+    "tests/test_sweep.py": 5.5,
+    "tests/test_cpu_devices.py": 5.0,
     "tests/test_bad_input.py": 5.0,
-    "tests/test_sweep.py": 4.5,
+    "tests/test_reliability.py": 5.0,
     "tests/test_xla_options.py": 4.0,
-    "tests/test_data.py": 3.5,
-    "tests/test_reliability.py": 3.0,
+    "tests/test_data.py": 2.5,
 }
 #: A scope not in the table (those under ~3 s, new ones): this many seconds per test.
 _SECONDS_PER_UNLISTED_TEST = 0.1

@@ -187,7 +187,8 @@ def attacked_records(workdir):
 
 #: 60 Adam steps in batches of 8 on 160 small synthetic images: test accuracy ~1 on its 32 test images,
 #: so an attack has something to break, in a few seconds. Batches of 8 on 16x16x1: the train step of the
-#: Adam runs in tests/test_train.py, and the attack evaluation of the resume test below, compile once.
+#: Adam runs in tests/test_train.py, and the train, eval and attack steps of the resume test below,
+#: compile once.
 CLI_ARGS = ["--dataset", "synthetic", "--synthetic-shape", "160,16,16,1", "--optimizer", "adam",
             "--lr", "0.003", "--batch-size", "8", "--steps", "60", "--eval-every", "30", "--quiet",
             "--eval-attacks", "fgsm,pgd", "--eval-eps", "0.05,0.1"]
@@ -209,8 +210,10 @@ def test_cli_writes_accuracy_under_attack_next_to_the_clean_one(main, tmp_path, 
 
 
 def test_attacks_can_be_added_when_a_run_is_resumed(tmp_path):
-    base = ["--dataset", "synthetic", "--synthetic-shape", "20,16,16,1", "--batch-size", "8", "--quiet",
-            "--workdir", str(tmp_path)]
+    # CLI_ARGS' optimizer and batch shape: the train and eval steps that the JAX CLI run above compiled
+    # (``compiled_steps`` is keyed on the optimizer), so this test compiles nothing of its own.
+    base = ["--dataset", "synthetic", "--synthetic-shape", "20,16,16,1", "--optimizer", "adam",
+            "--lr", "0.003", "--batch-size", "8", "--quiet", "--workdir", str(tmp_path)]
 
     def train(*flags):  # as the CLI does, without its plots (the test above has them)
         jtrain.train_and_evaluate(parse_config([*base, *flags], prog="t", framework="jax"), plots=False)

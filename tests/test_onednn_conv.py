@@ -54,7 +54,20 @@ def operands(batch, image, kernel_shape, seed=0):
     x = rng.standard_normal((batch, h, w, ci), dtype=np.float32)
     kernel = rng.standard_normal(kernel_shape, dtype=np.float32)
     ct = rng.standard_normal((batch, h - kh + 1, w - kw + 1, co), dtype=np.float32)
-    return jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(ct)
+    return x, kernel, ct  # NumPy: the compiled functions take them as they are (no eager JAX op)
+
+
+@jax.jit
+def three_products(x, kernel, ct):
+    """``{name: (oneDNN's, XLA's)}`` for the forward, input-gradient and kernel-gradient products.
+
+    One program per shape: each product run eagerly (XLA's side) or jitted on its own compiles
+    ~8 programs per shape, for the same values.
+    """
+    cases = [(onednn_conv.conv_forward, conv_forward, (x, kernel)),
+             (onednn_conv.conv_input_grad, conv_input_grad, (ct, kernel)),
+             (onednn_conv.conv_kernel_grad, conv_kernel_grad, (x, ct))]
+    return {ours.__name__: (ours(*args), xla(*args)) for ours, xla, args in cases}
 
 
 @pytest.mark.parametrize(("batch", "image", "kernel_shape"), [
@@ -64,15 +77,16 @@ def operands(batch, image, kernel_shape, seed=0):
     (2, (5, 6), (5, 5, 2, 3)),      # a 1x2 output
 ])
 def test_the_three_products_equal_xla_in_float32(batch, image, kernel_shape):
-    x, kernel, ct = operands(batch, image, kernel_shape)
-    for ours, xla, args in [(onednn_conv.conv_forward, conv_forward, (x, kernel)),
-                            (onednn_conv.conv_input_grad, conv_input_grad, (ct, kernel)),
-                            (onednn_conv.conv_kernel_grad, conv_kernel_grad, (x, ct))]:
-        assert max_rel_err(jax.jit(ours)(*args), xla(*args)) < MAX_REL_ERR, ours.__name__
+    products = three_products(*operands(batch, image, kernel_shape))
+    assert len(products) == 3
+    for name, (ours, xla) in products.items():
+        assert max_rel_err(ours, xla) < MAX_REL_ERR, name
 
 
-def test_vmap_folds_a_shared_kernel_and_maps_the_rest():
-    x, kernel, ct = operands(6, (9, 8), (3, 3, 3, 4))
+@jax.jit
+def vmapped_products(x, kernel, ct):
+    """``[(oneDNN's, XLA's)]`` of each product under ``jax.vmap`` with a shared kernel (folded into
+    the batch) and with mapped kernels (one call per element), all in one program."""
     xs, cts = x.reshape(3, 2, *x.shape[1:]), ct.reshape(3, 2, *ct.shape[1:])  # 3 mapped groups of 2
     kernels = jnp.stack([kernel, -kernel, 2 * kernel])
     cases = [
@@ -82,8 +96,14 @@ def test_vmap_folds_a_shared_kernel_and_maps_the_rest():
         (onednn_conv.conv_input_grad, conv_input_grad, (None, 0), (cts[0], kernels)),
         (onednn_conv.conv_kernel_grad, conv_kernel_grad, (0, 0), (xs, cts)),
     ]
-    for ours, xla, axes, args in cases:
-        assert max_rel_err(jax.jit(jax.vmap(ours, axes))(*args), jax.vmap(xla, axes)(*args)) < MAX_REL_ERR
+    return [(jax.vmap(ours, axes)(*args), jax.vmap(xla, axes)(*args)) for ours, xla, axes, args in cases]
+
+
+def test_vmap_folds_a_shared_kernel_and_maps_the_rest():
+    pairs = vmapped_products(*operands(6, (9, 8), (3, 3, 3, 4)))
+    assert len(pairs) == 5
+    for case, (ours, xla) in enumerate(pairs):
+        assert max_rel_err(ours, xla) < MAX_REL_ERR, case
 
 
 def double_backprop_objective(conv):
@@ -99,8 +119,9 @@ def double_backprop_objective(conv):
 
 def test_second_derivatives_equal_canonical_under_jit():
     x, kernel, ct = operands(3, (9, 8), (5, 4, 3, 6))
-    got = jax.jit(jax.grad(double_backprop_objective(onednn_conv.onednn_conv), (0, 1)))(x, kernel, ct)
-    want = jax.grad(double_backprop_objective(canonical_conv), (0, 1))(x, kernel, ct)
+    # Both in one program (the canonical side run eagerly compiled ~25 programs).
+    got, want = jax.jit(lambda *args: [jax.grad(double_backprop_objective(conv), (0, 1))(*args)
+                                       for conv in (onednn_conv.onednn_conv, canonical_conv)])(x, kernel, ct)
     # Second derivatives chain three float32 products: ~1e-6 measured, 1e-4 leaves room, O(1) if wrong.
     assert max_rel_err(got[0], want[0]) < 1e-4 and max_rel_err(got[1], want[1]) < 1e-4
 
@@ -130,13 +151,16 @@ def test_the_compiled_step_calls_onednn_in_float32_and_xla_in_float64():
     def grad_of_loss(conv):  # d/dk ||d ||conv(x, k)||^2 / dx||^2: all three products, twice
         return jax.grad(lambda x, k: jnp.sum(jax.grad(lambda x: jnp.sum(conv(x, k) ** 2))(x) ** 2), 1)
 
-    ours = grad_of_loss(onednn_conv.onednn_conv)
-    assert "agp_onednn_conv" in jax.jit(ours).lower(x, kernel).as_text()
+    ours = jax.jit(grad_of_loss(onednn_conv.onednn_conv))
+    assert "agp_onednn_conv" in ours.lower(x, kernel).as_text()
     with jax.enable_x64(True):
         x64, k64 = x.astype(jnp.float64), kernel.astype(jnp.float64)
-        assert "agp_onednn_conv" not in jax.jit(ours).lower(x64, k64).as_text()
-        # The same XLA products in the same order: equal to float64 rounding.
-        np.testing.assert_allclose(ours(x64, k64), grad_of_loss(canonical_conv)(x64, k64), rtol=1e-12)
+        step64 = ours.lower(x64, k64)
+        assert "agp_onednn_conv" not in step64.as_text()
+        # That very program runs (eagerly each primitive would compile on its own), and computes the
+        # same XLA products in the same order: equal to float64 rounding.
+        want = jax.jit(grad_of_loss(canonical_conv))(x64, k64)
+        np.testing.assert_allclose(step64.compile()(x64, k64), want, rtol=1e-12)
 
 
 def test_onednn_resolves_to_itself_on_cpu_and_to_canonical_elsewhere():
@@ -154,8 +178,11 @@ FALLBACK_SCRIPT = textwrap.dedent("""
     import json, warnings
     import jax, numpy as np
     from jax_impl import Conv2D
-    x = np.random.default_rng(0).standard_normal((2, 9, 8, 3), dtype=np.float32)
-    params = Conv2D(4, 3, impl="canonical").init(jax.random.key(0), x)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 9, 8, 3), dtype=np.float32)
+    # Weights of init's shapes from NumPy: init's jax.random would compile ~0.7 s of programs here.
+    shapes = jax.eval_shape(lambda: Conv2D(4, 3, impl="canonical").init(jax.random.key(0), x))
+    params = jax.tree.map(lambda s: rng.uniform(-0.2, 0.2, s.shape).astype(s.dtype), shapes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = [Conv2D(4, 3, impl="onednn").apply(params, x) for _ in range(2)]  # two layers, one warning

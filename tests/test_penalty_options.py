@@ -2,7 +2,8 @@
 
 Float64 throughout, tiny models, so that identities hold to rounding. Each
 (model, options) pair is compiled once (``penalised``) and shared by the tests
-that use it, with the penalty weight a traced argument.
+that use it, with the penalty weight a traced argument. Inputs are NumPy arrays and
+the checks' own arithmetic is NumPy: an eager JAX op compiles a program per op and shape.
 """
 
 import functools
@@ -10,7 +11,6 @@ import itertools
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -41,8 +41,8 @@ def float64():
 @pytest.fixture(scope="module")
 def mlp_setup():
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(B, 4, 4, 2)))
-    y = jnp.asarray(rng.integers(0, 10, B))
+    x = rng.normal(size=(B, 4, 4, 2))
+    y = rng.integers(0, 10, B)
     model = MLP(hidden=(16, 8))
     return model, params_like(model, x), x, y
 
@@ -74,6 +74,10 @@ def grad_of(model, params, x, y, penalty_weight, **options):
     return penalised(model, **options)(params, x, y, penalty_weight)[1]
 
 
+#: The mean cross-entropy of logits, compiled (eagerly each of its ~20 ops compiles on its own).
+mean_cross_entropy = fast_jit(cross_entropy_loss)
+
+
 @functools.cache
 def plain_loss_grad(model):
     """d (mean cross-entropy) / d params, without the penalty machinery."""
@@ -95,8 +99,8 @@ def test_explicit_defaults_are_bitwise_the_seed_recipe(mlp_setup):
         np.testing.assert_array_equal(u, v)
     # And the seed formula itself: loss + w * sum_l ||d loss / d a_l||^2.
     total, aux = plain[0]
-    manual = sum(jnp.sum(g**2) for g in aux["activation_grads"].values())
-    np.testing.assert_allclose(total, cross_entropy_loss(aux["logits"], y) + 3.0 * manual, rtol=RTOL)
+    manual = sum(np.sum(np.asarray(g) ** 2) for g in aux["activation_grads"].values())
+    np.testing.assert_allclose(total, mean_cross_entropy(aux["logits"], y) + 3.0 * manual, rtol=RTOL)
 
 
 def test_batch_mean_penalty_is_per_example_penalty_over_batch_size(mlp_setup):
@@ -104,6 +108,7 @@ def test_batch_mean_penalty_is_per_example_penalty_over_batch_size(mlp_setup):
     model, params, x, y = mlp_setup
     _, batch = evaluate(model, params, x, y, 1.0)
     _, per = evaluate(model, params, x, y, 1.0, normalization="per_example")
+    batch, per = jax.tree.map(np.asarray, (batch, per))
     np.testing.assert_allclose(batch["penalty"], per["penalty"] / B, rtol=RTOL)
     for name in batch["activation_grads"]:
         np.testing.assert_allclose(
@@ -141,8 +146,8 @@ def test_jacobian_path_equals_independent_path_when_examples_do_not_interact(mlp
 def resnet_setup():
     """ResNet (train-mode BatchNorm: examples interact) with float64 variables, on a 4-example batch."""
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(4, 5, 5, 1)))
-    y = jnp.asarray(rng.integers(0, 10, 4))
+    x = rng.normal(size=(4, 5, 5, 1))
+    y = rng.integers(0, 10, 4)
     model = ResNet(width=3)
     variables = variables_like(model, x, seed=1)
     return model, variables["params"], {"batch_stats": variables["batch_stats"]}, x, y
@@ -158,19 +163,19 @@ def test_per_example_grads_with_batchnorm_are_diagonal_blocks_of_the_full_jacobi
                                                  normalization="per_example", **interact, **opts)[1])(params)
 
     aux = per_example_aux()  # examples_interact: True by default with batch_stats mutable
-    zeros = zero_perturbations(model, params, x, **opts)
 
     @fast_jit
-    def loss_i_grad(perturbations, i):  # d loss_i / d (all perturbations): one row of the Jacobian
+    def loss_i_grad(i):  # d loss_i / d (all perturbations) at zero: one row of the Jacobian
         def loss_i(perturbations):
             logits, _ = model.apply({"params": params, **state,
                                      "perturbations": traverse_util.unflatten_dict(perturbations, sep="/")},
                                     x, train=True, mutable=["batch_stats"])
             return per_example_cross_entropy(logits, y)[i]
 
-        return jax.grad(loss_i)(perturbations)
+        # The zeros made in this program (made eagerly, each capture point's zeros compile their own).
+        return jax.grad(loss_i)(zero_perturbations(model, params, x, **opts))
 
-    rows = [loss_i_grad(zeros, i) for i in range(4)]
+    rows = [jax.tree.map(np.asarray, loss_i_grad(i)) for i in range(4)]
     for name in ("stem", "block1/relu"):
         brute = np.stack([rows[i][name][i] for i in range(4)])
         np.testing.assert_allclose(aux["activation_grads"][name], brute, rtol=RTOL, atol=1e-15)
@@ -192,8 +197,8 @@ def test_l2_norm_is_square_root_of_squared_norm_per_layer(mlp_setup):
 
 def test_l2_norm_of_an_all_zero_gradient_has_a_finite_training_gradient(mlp_setup):
     model, params, x, y = mlp_setup
-    dead = jax.tree.map(jnp.copy, params)
-    dead["dense2"]["bias"] = jnp.full_like(dead["dense2"]["bias"], -1e3)  # every relu2 unit dead
+    # A new tree, params' arrays shared (immutable), one bias replaced: every relu2 unit dead.
+    dead = {**params, "dense2": {**params["dense2"], "bias": np.full(params["dense2"]["bias"].shape, -1e3)}}
     (_, aux), grads = penalised(model, norm="l2", layers="relu1")(dead, x, y, 1.0)
     assert float(aux["penalty"]) == 0.0
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
@@ -211,13 +216,13 @@ def test_input_capture_is_the_input_gradient_double_backprop(mlp_setup):
     _, aux = evaluate(model, params, x, y, 1.0, layers="input")
     dx = fast_jit(jax.grad(lambda v: cross_entropy_loss(model.apply({"params": params}, v), y)))(x)
     np.testing.assert_allclose(aux["activation_grads"]["input"], dx, rtol=RTOL)
-    np.testing.assert_allclose(aux["penalty"], jnp.sum(dx**2), rtol=RTOL)
+    np.testing.assert_allclose(aux["penalty"], np.sum(np.asarray(dx) ** 2), rtol=RTOL)
 
 
 def test_input_capture_works_for_a_model_without_capture_points():
     model = nn.Dense(3)
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5)))
-    y = jnp.array([0, 1, 2, 0])
+    x = np.random.default_rng(0).normal(size=(4, 5))
+    y = np.array([0, 1, 2, 0])
     _, aux = evaluate(model, params_like(model, x), x, y, 1.0, layers="input")
     assert aux["activation_grads"]["input"].shape == (4, 5)
 
@@ -230,13 +235,14 @@ def test_input_capture_works_for_a_model_without_capture_points():
 def test_finite_difference_error_shrinks_linearly_with_the_step(mlp_setup, options):
     """Error O(h) in both the penalty and its parameter gradient (Finlay & Oberman 2019)."""
     model, params, x, y = mlp_setup
-    (_, exact), exact_grad = penalised(model, **options)(params, x, y, 1.0)
+    (_, exact), exact_grad = jax.tree.map(np.asarray, penalised(model, **options)(params, x, y, 1.0))
 
     def errors(h):
-        (_, aux), grad = penalised(model, approx="finite_difference", fd_step=h, **options)(params, x, y, 1.0)
+        (_, aux), grad = jax.tree.map(
+            np.asarray, penalised(model, approx="finite_difference", fd_step=h, **options)(params, x, y, 1.0))
         value_err = abs(float(aux["penalty"] - exact["penalty"])) / float(exact["penalty"])
-        diff = jax.tree.leaves(jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)), grad, exact_grad))
-        scale = jax.tree.leaves(jax.tree.map(lambda a: jnp.max(jnp.abs(a)), exact_grad))
+        diff = jax.tree.leaves(jax.tree.map(lambda a, b: np.max(np.abs(a - b)), grad, exact_grad))
+        scale = jax.tree.leaves(jax.tree.map(lambda a: np.max(np.abs(a)), exact_grad))
         return value_err, float(max(diff)) / float(max(scale))
 
     errs = [errors(h) for h in (1e-2, 1e-3, 1e-4)]
@@ -292,11 +298,13 @@ def test_lazy_every_must_be_a_positive_int():
 
 @pytest.mark.slow
 def test_seed_net_accepts_all_options_under_jit():
-    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 16, 16, 1)))
-    y = jnp.array([3, 7])
-    params = Net().init(jax.random.key(0), x)["params"]
-    f = jax.jit(lambda p: penalized_loss(p, Net(), x, y, penalty_weight=1.0, normalization="per_example",
-                                         norm="l2", layers=["input", "relu1"], approx="finite_difference")[0])
+    x = np.random.default_rng(2).normal(size=(2, 16, 16, 1))
+    y = np.array([3, 7])
+    # Weights of init's shapes and dtype (float32) from NumPy: eager init compiled ~60 programs.
+    params = params_like(Net(), x, dtype=np.float32)
+    options = {"normalization": "per_example", "norm": "l2", "layers": ["input", "relu1"],
+               "approx": "finite_difference"}
+    f = fast_jit(lambda p: penalized_loss(p, Net(), x, y, penalty_weight=1.0, **options)[0])
     assert np.isfinite(float(f(params)))
 
 

@@ -47,21 +47,29 @@ def params():
     return params_like(MODEL, np.zeros((1, *IMAGE)))
 
 
-@functools.cache
-def init_params(init_batch: int, seed: int = 0):
-    """``MODEL.init`` at a batch of ``init_batch`` images (compiled), cast to float64. (The key is an
-    "rbg" one: threefry compiles ~2.5 s per parameter shape here; how ``init`` splits and uses its
-    key does not depend on the key's implementation.)"""
-    x = jnp.zeros((init_batch, *IMAGE), jnp.float64)
-    variables = fast_jit(MODEL.init)(jax.random.key(seed, impl="rbg"), x)
+@fast_jit
+def _init_float64(seed, x):
+    """``MODEL.init(key(seed), x)["params"]`` cast to float64: key, init and casts in one program per
+    shape of ``x`` (made eagerly, the key and each parameter's cast compile programs of their own).
+
+    The key is an "rbg" one: threefry compiles ~2.5 s per parameter shape here; how ``init`` splits
+    and uses its key does not depend on the key's implementation.
+    """
+    variables = MODEL.init(jax.random.key(seed, impl="rbg"), x)
     return jax.tree.map(lambda p: p.astype(jnp.float64), variables["params"])
 
 
+@functools.cache
+def init_params(init_batch: int, seed: int = 0):
+    """``MODEL.init`` at a batch of ``init_batch`` images (compiled), cast to float64."""
+    return _init_float64(seed, np.zeros((init_batch, *IMAGE)))
+
+
 def make_batch(seed: int, batch: int):
+    """``(x, y)`` as NumPy arrays (float64, int64): the compiled functions take them as they are,
+    and permuting them is not an eager JAX op (which compiles per batch size)."""
     rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.normal(size=(batch, *IMAGE)))
-    y = jnp.asarray(rng.integers(0, 10, batch))
-    return x, y
+    return rng.normal(size=(batch, *IMAGE)), rng.integers(0, 10, batch)
 
 
 @fast_jit
@@ -137,7 +145,8 @@ def cut_reference(params, x, y, weight):
 
 
 def cut_loss_and_terms_of(params, x, y):
-    return cut_reference(params, x, y, 0.0)[0]
+    """``(loss, terms)`` of the cut network as NumPy values (the tests sum and scale them eagerly)."""
+    return jax.tree.map(np.asarray, cut_reference(params, x, y, 0.0)[0])
 
 
 def cut_training_grad(params, x, y, weight):
@@ -198,7 +207,7 @@ def test_penalty_is_invariant_to_permuting_the_batch(batch, rnd):
     order = list(range(x.shape[0]))
     rnd.shuffle(order)
     (total, aux), grad = penalised(params(), x, y, 10.0)
-    (total_p, aux_p), grad_p = penalised(params(), x[jnp.asarray(order)], y[jnp.asarray(order)], 10.0)
+    (total_p, aux_p), grad_p = penalised(params(), x[order], y[order], 10.0)
     np.testing.assert_allclose(total_p, total, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(aux_p["penalty"], aux["penalty"], rtol=RTOL, atol=ATOL)
     assert_trees_close(grad_p, grad)

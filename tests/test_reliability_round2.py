@@ -3,8 +3,10 @@ damaged logs, a full disk, inputs that used to crash with a traceback, and the l
 
 Every failure a user can cause is one line naming the thing and the fix, exit 2 (exit 1 when it
 happens during training), no traceback, and nothing already saved is changed. The CLIs run
-in-process through their ``main(argv)``, on the tiny .npz data of tests/npz_runs.py; the disk-full
-tests mount a small tmpfs (root only; skipped with the reason otherwise).
+in-process through their ``main(argv)``, on the tiny .npz data of tests/npz_runs.py (a run that
+must succeed, such as the resume after a failure, parses the same flags and trains without the
+plots: ``resume_without_plots``); the disk-full tests mount a small tmpfs (root only; skipped with
+the reason otherwise).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from hypothesis import strategies as st
 
 import jax_impl.train as jax_train
 import torch_ref.train as torch_train
-from agp_common import TrainConfig, UsageError, load_dataset
+from agp_common import TrainConfig, UsageError, load_dataset, parse_config
 from agp_common.data import MAX_CLASSES
 from tests._cli_fixtures import one_torch_thread  # noqa: F401
 from tests.npz_runs import (
@@ -50,10 +52,13 @@ def cli(request) -> str:
 
 @pytest.fixture(scope="session")
 def torch_template(template, tmp_path_factory) -> tuple[Path, Path]:
-    """(data file, workdir of the same finished 2-step run as ``template``, trained by the PyTorch CLI)."""
+    """(data file, workdir of the same finished 2-step run as ``template``, trained by PyTorch).
+
+    Made as ``template`` is, without the plots (~1 s): no test reads a template's plots.
+    """
     data, _ = template
     run = tmp_path_factory.mktemp("torch_template") / "run"
-    assert torch_train.main(cli_args(npz_config(data), run)) == 0
+    torch_train.train_and_evaluate(npz_config(data), run, plots=False)
     return data, run
 
 
@@ -70,6 +75,16 @@ def run_main(cli: str, argv: list[str], capsys) -> tuple[int, str]:
     except SystemExit as e:  # argparse: malformed flags
         status = e.code
     return status, capsys.readouterr().err
+
+
+def resume_without_plots(cli: str, argv: list[str]) -> None:
+    """Train as ``MAINS[cli](argv)`` does (the same flags, parsed the same way), without its plots.
+
+    For the runs that must succeed, where a test reads the run folder's log at most: the CLI's plots
+    cost ~1 s a run, and tests/test_run_folder.py checks them. A failure raises with its traceback.
+    """
+    module = jax_train if cli == "jax" else torch_train
+    module.train_and_evaluate(parse_config(argv, prog="test", framework=cli), plots=False)
 
 
 def fresh_args(data: Path, workdir: Path, **changes) -> list[str]:
@@ -97,11 +112,10 @@ def test_resuming_on_other_data_is_refused_and_writes_nothing(cli, existing, kin
     assert snapshot(run) == before
 
 
-def test_the_same_data_under_another_path_resumes(cli, existing, tmp_path, capsys):
+def test_the_same_data_under_another_path_resumes(cli, existing, tmp_path):
     data, run = existing
     moved = Path(shutil.copy(data, tmp_path / "moved.npz"))
-    status, err = run_main(cli, fresh_args(moved, run, steps=3), capsys)
-    assert status == 0, err
+    resume_without_plots(cli, fresh_args(moved, run, steps=3))
 
 
 # 2. Unbounded labels -----------------------------------------------------------------------------
@@ -188,12 +202,11 @@ def test_a_damaged_line_inside_the_metrics_log_is_refused_and_writes_nothing(cli
     assert snapshot(run) == before  # config.json included: it used to be rewritten before the crash
 
 
-def test_a_torn_last_line_of_the_metrics_log_still_resumes(cli, existing, capsys):
+def test_a_torn_last_line_of_the_metrics_log_still_resumes(cli, existing):
     data, run = existing
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "spl')  # a run killed in the middle of a write
-    status, err = run_main(cli, fresh_args(data, run, steps=3), capsys)
-    assert status == 0, err
+    resume_without_plots(cli, fresh_args(data, run, steps=3))
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 3
 
@@ -241,8 +254,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_run_resumes_when_fr
     after = checkpoint_files(run)
     assert {k: v for k, v in after.items() if k in before} == before  # earlier checkpoints intact
     filler.unlink()
-    status, err = run_main(cli, fresh_args(data, run, steps=3), capsys)
-    assert status == 0, err
+    resume_without_plots(cli, fresh_args(data, run, steps=3))
 
 
 def test_a_full_disk_during_a_log_write_is_one_line_and_the_run_resumes_when_freed(cli, existing,
@@ -257,8 +269,7 @@ def test_a_full_disk_during_a_log_write_is_one_line_and_the_run_resumes_when_fre
                                        "(No space left on device)", expected_status=1)
     assert checkpoint_files(run) == before
     filler.unlink()
-    status, err = run_main(cli, argv, capsys)
-    assert status == 0, err
+    resume_without_plots(cli, argv)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 61))
 
