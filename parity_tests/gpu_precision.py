@@ -118,7 +118,10 @@ def measure(batch: int, torch_device: str, seed: int = 0) -> tuple[list[Row], li
     x64 = x.astype(np.float64)
     reference = torch_quantities(copy.deepcopy(net).double(), x64, y, PENALTY_WEIGHT)
     with jax_dtype("float64"):
-        jax_f64 = jax_quantities(jax.tree.map(lambda p: p.astype(np.float64), params), x64, y, PENALTY_WEIGHT)
+        # Widened in NumPy (exact either way): ``p.astype`` on the JAX arrays compiled one small
+        # program per parameter shape.
+        params64 = jax.tree.map(lambda p: np.asarray(p, dtype=np.float64), params)
+        jax_f64 = jax_quantities(params64, x64, y, PENALTY_WEIGHT)
     torch_f64 = torch_quantities(copy.deepcopy(net).double().to(torch_device), x64, y, PENALTY_WEIGHT)
     net = net.to(torch_device)
     torch_f32 = {}

@@ -14,7 +14,6 @@ one). Each case is still compared on its own, against its own PyTorch run.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -93,9 +92,12 @@ def mlp():
 
 
 def in_x64(fun, *args):
-    """``fun(*args)`` compiled (``fast_jit``) and run in 64-bit mode; the results as NumPy."""
+    """``fun(*args)`` compiled (``fast_jit``) and run in 64-bit mode; the results as NumPy.
+
+    ``args`` go in as NumPy: the compiled program converts them (``jnp.asarray`` compiled a small
+    program per array shape first).
+    """
     with jax.enable_x64(True):
-        args = jax.tree.map(jnp.asarray, args)
         return jax.tree.map(np.asarray, fast_jit(fun)(*args))
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -40,6 +39,7 @@ from parity_tests.harness import (
     jax_inputs,
     make_batch,
     nchw_to_nhwc,
+    nhwc_to_nchw,
     to_numpy,
     torch_inputs,
 )
@@ -105,19 +105,22 @@ def test_float32_pgd_steps_agree_in_sign_outside_the_rounding_band(eps):
     with jax_dtype("float32"):
         net, params = identical_weights(0, "float32")
         x_nchw, y = make_batch(1, BATCH, "float32")
-        xj, yj = jax_inputs(x_nchw, y)
+        _, yj = jax_inputs(x_nchw, y)
         _, yt = torch_inputs(x_nchw, y)
         variables = {"params": params}
-        x_k = xj
-        lower, upper = jnp.maximum(xj - eps, CLIP[0]), jnp.minimum(xj + eps, CLIP[1])
+        # The iterates in NumPy (float32, the same elementwise operations): eager jnp compiled a
+        # program per operation (8 of them) for this test alone.
+        x_k = nchw_to_nhwc(x_nchw)
+        lower, upper = np.maximum(x_k - eps, CLIP[0]), np.minimum(x_k + eps, CLIP[1])
         for _ in range(10):  # pgd's own iteration, each gradient taken in both frameworks at x_k
             g = np.asarray(compiled(input_gradient)(MODEL.apply, variables, x_k, yj))
-            x_k_nchw = np.ascontiguousarray(np.asarray(x_k).transpose(0, 3, 1, 2))
-            g_torch = nchw_to_nhwc(to_numpy(torch_ref.input_gradient(net, torch_inputs(x_k_nchw, y)[0], yt)))
+            xt_k = torch_inputs(nhwc_to_nchw(x_k), y)[0]
+            g_torch = nchw_to_nhwc(to_numpy(torch_ref.input_gradient(net, xt_k, yt)))
             scale = np.abs(g).reshape(BATCH, -1).max(axis=1)[:, None, None, None]
             outside = np.abs(g) > FLOAT32_SIGN_BAND * scale
             np.testing.assert_array_equal(np.sign(g)[outside], np.sign(g_torch)[outside])
-            x_k = jnp.clip(x_k + eps / 4 * jnp.sign(g), lower, upper)
+            x_k = np.clip(x_k + eps / 4 * np.sign(g), lower, upper)
+            assert x_k.dtype == np.float32  # NumPy keeps float32 with Python-float eps, as JAX did
     ours, theirs, x = attacked_pair("float32", "pgd", eps)
     differing_examples = int(np.any((ours != theirs).reshape(BATCH, -1), axis=1).sum())
     assert differing_examples <= BATCH // 4, differing_examples

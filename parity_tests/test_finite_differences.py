@@ -23,7 +23,6 @@ by ~1e-6 (eps x |N(0,1) direction . patch|), 50x less.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -92,8 +91,8 @@ def check_vjp_compiled(fun, vjp_fun, params) -> None:
 def jax_total(net_and_batch):
     """``(params, total, total compiled, its VJP compiled)``: the penalised total (w = 10) of the batch."""
     net, (x, y) = net_and_batch
+    params = torch_ref.export_flax_params(net)  # NumPy, as check_vjp_compiled passes parameters
     with jax.enable_x64(True):
-        params = jax.tree.map(jnp.asarray, torch_ref.export_flax_params(net))
         xj, yj = jax_inputs(x, y)
 
     def total(p):

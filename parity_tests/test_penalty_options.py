@@ -15,7 +15,6 @@ compared on its own, against its own PyTorch run.
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -105,9 +104,10 @@ def jax_results(net_and_batch):
     computed the first time one of its cases is asked for, in float64.
     """
     tnet, x, y = net_and_batch
-    with jax.enable_x64(True):
-        params = jax.tree.map(jnp.asarray, torch_ref.export_flax_params(tnet))
-        xj, yj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)
+    # NumPy arguments: the compiled program converts them; jnp.asarray would compile a small
+    # program per parameter shape first.
+    params = torch_ref.export_flax_params(tnet)
+    xj, yj = np.ascontiguousarray(x.transpose(0, 2, 3, 1)), y
 
     @functools.cache
     def group(slow: bool) -> dict:
@@ -166,15 +166,16 @@ def test_lazy_regularisation_trains_identically_for_four_steps():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(BATCH, *shape))
     y = rng.integers(0, 10, BATCH)
+    # The MLP flattens its input image; example_input shows the converter that (C, H, W) map
+    # (with C = 1 here both flatten orders coincide, but the call stays right for any C).
+    example = torch.zeros(1, *shape, dtype=torch.float64)
+    params = torch_ref.export_flax_params(tnet, example_input=example)  # NumPy, updated in NumPy below
+    xj, yj = np.ascontiguousarray(x.transpose(0, 2, 3, 1)), y
     with jax.enable_x64(True):
-        # The MLP flattens its input image; example_input shows the converter that (C, H, W) map
-        # (with C = 1 here both flatten orders coincide, but the call stays right for any C).
-        example = torch.zeros(1, *shape, dtype=torch.float64)
-        params = jax.tree.map(jnp.asarray, torch_ref.export_flax_params(tnet, example_input=example))
-        xj, yj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)
         # Compiled once with the step traced, as a training loop runs it: op by op, each call's
         # lax.cond (penalty step or plain step) was a new program to compile (~3 s a step).
-        lazy_step = jax.jit(lambda p, step: lazy_value_and_grad(
+        # fast_jit: what is compared is lazy regularisation's schedule and weight 2w, not kernels.
+        lazy_step = fast_jit(lambda p, step: lazy_value_and_grad(
             p, MLP(hidden=(8, 8)), xj, yj, step=step, every=every, penalty_weight=WEIGHT))
         optimizer = torch.optim.SGD(tnet.parameters(), lr=lr)
         for step in range(steps):
@@ -185,7 +186,9 @@ def test_lazy_regularisation_trains_identically_for_four_steps():
             total_t.backward()
             optimizer.step()
             (total_j, _), grads = lazy_step(params, step)
-            params = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+            # The SGD update in NumPy, the same float64 operations: eager JAX compiled a multiply
+            # and a subtract per parameter shape.
+            params = jax.tree.map(lambda p, g: p - lr * np.asarray(g), params, grads)
             normwise(total_j, total_t.item(), RTOL_EXACT, f"step {step} total")
         expected = torch_ref.export_flax_params(tnet, example_input=example)
         for layer, tensors in expected.items():

@@ -49,7 +49,6 @@ from typing import Any
 
 import flax.linen as linen
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
@@ -251,7 +250,7 @@ def verify_pair(
     x_t, y_t = torch.from_numpy(np.ascontiguousarray(x_np)), torch.from_numpy(y_np)
 
     with jax_dtype(dtype), full_float32():  # no TF32 on GPUs
-        x_j, y_j = jnp.asarray(_to_flax_layout(x_np, flax_layout)), jnp.asarray(y_np)
+        x_flax = _to_flax_layout(x_np, flax_layout)
         if flax_variables is not None:  # Flax -> PyTorch first: the other conversion direction
             flax_variables = _numpy_tree(flax_variables, dtype)
             with _conversion_mode(model):
@@ -260,14 +259,16 @@ def verify_pair(
             variables = export_flax_variables(model, example_input=x_t, name_map=name_map)
         sent = variables if flax_variables is None else flax_variables
         rows = [_round_trip_row(model, sent, x_t, name_map)]
-        _check_fits_flax_module(flax_module, variables, x_j, dict(apply_kwargs), names)
+        _check_fits_flax_module(flax_module, variables, x_flax, dict(apply_kwargs), names)
 
-        params = jax.tree.map(jnp.asarray, variables["params"])
-        model_state = {c: jax.tree.map(jnp.asarray, variables[c])
-                       for c in _STATE_COLLECTIONS if c in variables}
+        # One transfer of NumPy arrays, not jnp.asarray: that compiles a program per new shape
+        # (one per parameter tensor). Same dtype canonicalisation (int64 labels -> int32 without x64).
+        model_state = {c: variables[c] for c in _STATE_COLLECTIONS if c in variables}
+        params, model_state, x_j, y_j, weight_j, lr_j = jax.device_put((
+            variables["params"], model_state, x_flax, y_np,
+            np.asarray(penalty_weight, x_flax.dtype), np.asarray(lr, x_flax.dtype)))
         mutable = tuple(model_state) if train else ()
         opt_state = optax.sgd(lr).init(params)
-        lr_j, weight_j = jnp.asarray(lr, x_j.dtype), jnp.asarray(penalty_weight, x_j.dtype)
 
         def flax_step(params, opt_state, model_state):
             return _compiled_sgd_step()(params, opt_state, model_state or None, x_j, y_j, weight_j, lr_j,
@@ -282,6 +283,7 @@ def verify_pair(
         total_t, aux_t = torch_step()
         grads_t = _flat(_export_params(model, x_t, name_map, grads=True))
         params, opt_state, model_state, total_j, aux_j, grads_j = flax_step(params, opt_state, model_state)
+        total_j, aux_j, grads_j = jax.device_get((total_j, aux_j, grads_j))  # NumPy from here on
         rows += _single_step_rows(dtype, names, flax_layout, (total_j, aux_j, _flat(grads_j)),
                                   (total_t, aux_t, grads_t))
 
@@ -294,7 +296,7 @@ def verify_pair(
                 torch_step()
                 params, opt_state, model_state, *_ = flax_step(params, opt_state, model_state)
             optimizer.step()
-            flat_params, case = _flat(params), f"step {step}"
+            flat_params, case = _flat(jax.device_get(params)), f"step {step}"
             for key, expected in _flat(_export_params(model, x_t, name_map)).items():
                 actual = flat_params[key]
                 moved.append(compare(f"params[{key}]", dtype, actual, expected, TOLERANCES[dtype], case))
@@ -348,11 +350,17 @@ def init_flax_variables(
     flax_variables=)``), as NumPy arrays in ``dtype``; the collections that
     hold no weights (``perturbations``, ``intermediates``) are left out.
     """
+    apply_kwargs = dict(flax_apply_kwargs or {})
+
+    def init(x_flax):
+        # The key is drawn inside the program: eagerly it costs two programs of its own; the bits
+        # are those of an eager jax.random.key(seed) (same call on the same Python seed).
+        return flax_module.init(jax.random.key(seed), x_flax, **apply_kwargs)
+
     with jax_dtype(dtype):
-        x_flax = jnp.asarray(_to_flax_layout(_numpy(x), flax_layout))
-        init = jax.jit(functools.partial(flax_module.init, **dict(flax_apply_kwargs or {})),
-                       compiler_options=_compiler_options())
-        variables = init(jax.random.key(seed), x_flax)
+        # NumPy straight into the program: jnp.asarray would compile one more (per shape).
+        x_flax = _to_flax_layout(_numpy(x), flax_layout)
+        variables = jax.jit(init, compiler_options=_compiler_options())(x_flax)
         kept = [c for c in ("params", *_STATE_COLLECTIONS) if c in variables]
         return {c: _numpy_tree(variables[c], dtype) for c in kept}
 
