@@ -2,7 +2,8 @@
 # Set up (scripts/setup.sh), lint, and run the default (fast) test suite.
 # Extra arguments go to pytest, e.g. `scripts/test.sh -m slow`, or `-n 0` to run in one process.
 # The tests run in parallel, one pytest-xdist worker per core, at most 4 (each imports JAX and
-# PyTorch: ~1.7 GB); loadscope keeps a module on one worker, and conftest.py keeps parity_tests/ on one.
+# PyTorch: ~1.7 GB); loadscope keeps a module on one worker, and conftest.py keeps parity_tests/ on one
+# and hands out the longest scopes first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
