@@ -318,7 +318,7 @@ def trajectory_comparisons(dtype: str, steps: int = TRAJECTORY_STEPS, batch: int
                 DISPLACEMENT_TOLERANCES[dtype], case=case)
             if margin < KINK_MARGIN[dtype] and failures(step_params + step_moves):
                 kink_steps.append((t, margin))
-                params = jax.tree.map(jnp.asarray, expected)
+                params = jax.device_put(expected)  # harness.jax_inputs: no compilation
                 continue
             param_cmp += step_params
             move_cmp += step_moves
@@ -391,7 +391,7 @@ def maxpool_tie_comparisons(kind: str, dtype: str, penalty_weight: float = 10.0)
     """All quantities of :func:`compare_case`, on the tie-laden weights and inputs of ``kind``."""
     net, x, y = tie_setup(kind, dtype)
     with jax_dtype(dtype):
-        params = jax.tree.map(jnp.asarray, torch_ref.export_flax_params(net))
+        params = jax.device_put(torch_ref.export_flax_params(net))  # harness.jax_inputs: no compilation
         actual = jax_quantities(params, x, y, penalty_weight, exact_convolutions=True)
     expected = torch_quantities(net, x, y, penalty_weight)
     return compare_quantities(dtype, actual, expected, f"max-pool ties ({kind})")

@@ -198,8 +198,12 @@ def torch_inputs(x_nchw: np.ndarray, y: np.ndarray, device: str = "cpu") -> tupl
 
 
 def jax_inputs(x_nchw: np.ndarray, y: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """NHWC image batch and int32 labels (call inside :func:`jax_dtype`)."""
-    return jnp.asarray(nchw_to_nhwc(x_nchw)), jnp.asarray(y.astype(np.int32))
+    """NHWC image batch and int32 labels (call inside :func:`jax_dtype`).
+
+    ``jax.device_put``, not ``jnp.asarray``: the same arrays and dtypes, but ``jnp.asarray``
+    compiles a small XLA program for every new shape (JAX 0.10), and the suite has many.
+    """
+    return jax.device_put((nchw_to_nhwc(x_nchw), y.astype(np.int32)))
 
 
 def torch_net(seed: int, dtype: str) -> torch_ref.Net:
@@ -255,7 +259,7 @@ def identical_weights(seed: int, dtype: str, init_batch: int | None = None):
     """
     net = torch_net(seed, dtype)
     if init_batch is None:
-        params = jax.tree.map(jnp.asarray, torch_ref.export_flax_params(net))
+        params = jax.device_put(torch_ref.export_flax_params(net))  # see jax_inputs: no compilation
     else:
         dummy = jnp.zeros((init_batch, 32, 32, 3), dtype)
         params = _jit_init()(jax.random.key(seed), dummy)["params"]
