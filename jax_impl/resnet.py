@@ -18,9 +18,10 @@ with ``w = width`` (64 in the paper). A BasicBlock is
 Module paths are those of the PyTorch twin with "." -> "/" (``layer2/0/conv1``
 is ``layer2.0.conv1``), so ``torch_ref.export_flax_variables`` converts its
 weights with no ``name_map``, and capture paths read the same in both
-frameworks (``capture_modules={"block": "layer1/0"}``). BatchNorm uses
-PyTorch's conventions: ``momentum=0.9`` here is PyTorch's 0.1, ``epsilon``
-1e-5. ``__call__(x, train=False)``: ``train=True`` normalises with the batch
+frameworks (``capture_modules={"block": "layer1/0"}``). BatchNorm is
+PyTorch's (``BatchNorm`` below): ``momentum=0.9`` here is PyTorch's 0.1,
+``epsilon`` 1e-5, and the running variance averages the *unbiased* batch
+variance, so running statistics, and evaluation after training, match too. ``__call__(x, train=False)``: ``train=True`` normalises with the batch
 statistics and updates ``batch_stats`` (apply with ``mutable=["batch_stats"]``).
 Input NHWC (the PyTorch twin takes NCHW).
 """
@@ -28,6 +29,8 @@ Input NHWC (the PyTorch twin takes NCHW).
 from __future__ import annotations
 
 import functools
+
+import math
 
 import flax.linen as nn
 import jax
@@ -38,6 +41,48 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 #: Blocks per stage of ResNet-18.
 RESNET18_BLOCKS = (2, 2, 2, 2)
+
+
+class BatchNorm(nn.Module):
+    """PyTorch's ``BatchNorm2d`` over the last axis, with ``flax.linen.BatchNorm``'s variable names.
+
+    Train mode (``use_running_average=False``) normalises with the batch mean
+    ``mu`` and the *biased* variance ``s2`` over every axis but the last, and
+    updates ``batch_stats``::
+
+        mean <- momentum * mean + (1 - momentum) * mu
+        var  <- momentum * var  + (1 - momentum) * s2 * n / (n - 1)      (n values per feature)
+
+    ``flax.linen.BatchNorm`` averages ``s2`` itself, PyTorch the unbiased
+    ``s2 * n / (n - 1)``: only the running statistics differ, hence only the
+    outputs after training in eval mode. ``y = (x - mu) / sqrt(s2 + eps) * scale + bias``.
+    Variables: ``params/{scale, bias}`` (features,), ``batch_stats/{mean, var}`` (features,).
+    """
+
+    use_running_average: bool
+    momentum: float = BN_MOMENTUM
+    epsilon: float = BN_EPSILON
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        running_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        if self.use_running_average:
+            mean, var = running_mean.value.astype(x.dtype), running_var.value.astype(x.dtype)
+        else:
+            axes = tuple(range(x.ndim - 1))
+            n = math.prod(x.shape[:-1])
+            mean = jnp.mean(x, axis=axes)  # (features,)
+            var = jnp.mean(jnp.square(x - mean), axis=axes)  # biased: what the batch is normalised with
+            if not self.is_initializing():
+                m = self.momentum
+                unbiased = var * (n / max(n - 1, 1))
+                running_mean.value = m * running_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
+                running_var.value = m * running_var.value + (1 - m) * jax.lax.stop_gradient(unbiased)
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale.astype(x.dtype) + bias.astype(x.dtype)
 
 
 def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
@@ -55,8 +100,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-                                 epsilon=BN_EPSILON)
+        norm = functools.partial(BatchNorm, use_running_average=not train)
         out = nn.relu(norm(name="bn1")(_conv(self.features, 3, self.stride, "conv1")(x)))  # (B, H/s, W/s, F)
         out = norm(name="bn2")(_conv(self.features, 3, 1, "conv2")(out))
         shortcut = x
@@ -91,8 +135,7 @@ class ResNet18(nn.Module):
         if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"ResNet18 expects float images (B, H, W, C) (NHWC), got {x.dtype} {x.shape}")
         x = _conv(self.width, 3, 1, "conv1")(x)  # (B, H, W, w)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                                 name="bn1")(x))
+        x = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(x))
         for i, blocks in enumerate(self.blocks):
             x = Stage(self.width * 2**i, blocks, 1 if i == 0 else 2, name=f"layer{i + 1}")(x, train)
         x = jnp.mean(x, axis=(1, 2))  # (B, 8w): global average pool
