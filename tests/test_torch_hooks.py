@@ -66,7 +66,7 @@ def test_capture_specs_parse_and_bad_ones_name_the_fix():
     with pytest.raises(ValueError, match=r"'module.path:k'"):
         parse_capture_spec("relu:x")
     net = torch_ref.Net(in_channels=1, image_size=16)
-    with pytest.raises(ValueError, match=r"no submodule 'relu9'; submodules include \['conv1'"):
+    with pytest.raises(ValueError, match=r"no submodule 'relu9'; nearest paths: \['relu'\]"):
         CaptureHooks(net, {"a": "relu9"})
     with pytest.raises(ValueError, match=r"\['a'\] were not reached"):
         torch_ref.forward_with_captures(net, torch.zeros(1, 1, 16, 16), {"a": "relu:2"})

@@ -15,7 +15,7 @@ argument (deprecated), so it is left out here.
 
 from __future__ import annotations
 
-import contextlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,9 +31,17 @@ from agp_common.penalty_spec import (
     select_layers,
     wants_input,
 )
-from torch_ref.hooks import forward_with_captures
+from torch_ref.capture import call_model, forward_with_perturbations, output_logits, running_stats_frozen
 from torch_ref.model import CAPTURE_NAMES
-from torch_ref.validation import check_labels, check_loss_inputs
+from torch_ref.validation import (
+    ModelInputError,
+    check_labels,
+    check_labels_fit_logits,
+    check_loss_inputs,
+    describe_input,
+    first_input_tensor,
+    input_tensors,
+)
 
 
 def has_interacting_examples(model: nn.Module) -> bool:
@@ -65,36 +73,138 @@ def stored_captures(model: nn.Module, layers: Sequence[str] | None = None) -> di
 
 
 def _forward(model, input, capture_modules, layers, shifts=None):
-    """``(output, {capture name: activation})``: stored attributes, or hooks with ``capture_modules``."""
+    """``(output, {name: activation}, {name: tensor to differentiate})`` of one forward pass.
+
+    Without ``capture_modules``: the attributes ``forward`` stores, differentiated
+    directly (the seed answer's way); with it: forward hooks, each hooked output
+    perturbed by a zero leaf ``z`` (``torch_ref.capture.forward_with_perturbations``).
+    """
     if capture_modules is None:
         if shifts:
             raise ValueError(
                 "shifting activations (approx='finite_difference') needs capture_modules (forward hooks); "
                 "for torch_ref.Net or the seed's Net pass capture_modules=torch_ref.NET_CAPTURE_MODULES"
             )
-        output = model(input)
-        return output, stored_captures(model, layers)
-    return forward_with_captures(model, input, capture_modules, shifts)
+        output = call_model(model, input)
+        captured = stored_captures(model, layers)
+        return output, captured, dict(captured)
+    return forward_with_perturbations(model, input, capture_modules, shifts)
 
 
-@contextlib.contextmanager
-def _running_stats_frozen(model: nn.Module):
-    """An extra forward pass that does not update BatchNorm running stats (still uses batch stats).
+def _check_some_capture_points(names: Sequence[str]) -> None:
+    """A penalty over zero capture points would be a silent 0: refuse it."""
+    if not names:
+        raise ValueError("the model has no capture points: nothing to penalise; pass capture_modules="
+                         "{name: 'module.path'} (torch_ref.capture_points(model, x) lists them) or put "
+                         f"{INPUT!r} in layers")
 
-    In train mode ``_BatchNorm`` passes ``None`` running stats to the kernel when
-    ``track_running_stats`` is False, so the batch is normalised exactly as
-    before but nothing is updated. (Restoring the buffers afterwards instead
-    would bump their version and break the first pass's backward.)
+
+def _with_input_leaf(input: Any) -> tuple[Any, torch.Tensor]:
+    """``(input with its first tensor replaced by a leaf, that leaf)``, for the ``"input"`` capture point.
+
+    The input gradient is taken with respect to the first tensor of ``input``
+    (the tensor itself, a tuple's first, a dict's first value), which must be
+    floating-point: token ids have no gradient.
     """
-    frozen = [m for m in model.modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-    for m in frozen:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in frozen:
-            m.track_running_stats = True
+    first = first_input_tensor(input)
+    if not first.is_floating_point():
+        raise ModelInputError(
+            f"penalized_loss: the {INPUT!r} capture point needs a floating-point input tensor (its "
+            f"gradient), got {first.dtype} as the first input tensor of {describe_input(input)}; drop "
+            f"{INPUT!r} from layers and capture the embeddings module instead (capture_modules=...)")
+    leaf = first.detach().requires_grad_(True)
+    return _replace_first_tensor(input, leaf), leaf
+
+
+def _replace_first_tensor(input: Any, new: torch.Tensor) -> Any:
+    """``input`` with its first tensor (``first_input_tensor``) replaced by ``new``."""
+    if isinstance(input, torch.Tensor):
+        return new
+    first = input_tensors(input)[0]
+    if isinstance(input, Mapping):
+        key = next(k for k, v in input.items() if v is first)
+        return {**input, key: new}
+    index = next(i for i, v in enumerate(input) if v is first)
+    return (*input[:index], new, *input[index + 1:])
+
+
+#: A RuntimeError of a missing second derivative, and the fused attention kernels that raise it.
+_NO_DERIVATIVE = re.compile(r"derivative for .* is not implemented")
+_FUSED_ATTENTION = re.compile(r"scaled_dot_product|_efficient_attention|flash|cudnn_attention", re.IGNORECASE)
+
+
+def second_derivative_hint(message: str) -> str | None:
+    """The fix for a "derivative for ... is not implemented" error of the double backward, or None.
+
+    Fused attention kernels (``F.scaled_dot_product_attention``'s flash,
+    memory-efficient and cuDNN backends; Hugging Face's default
+    ``attn_implementation="sdpa"``) have no second derivative; the exact
+    penalty needs one, the finite-difference penalty does not.
+    """
+    if not _NO_DERIVATIVE.search(message):
+        return None
+    if _FUSED_ATTENTION.search(message):
+        return ("the penalty's gradient needs the second derivative of fused scaled-dot-product attention, "
+                "which PyTorch does not implement: load the model with attn_implementation=\"eager\" "
+                "(Hugging Face) or avoid F.scaled_dot_product_attention, or pass "
+                f"approx=\"finite_difference\" (first derivatives only) [{message}]")
+    return ("the penalty's gradient needs a second derivative that PyTorch does not implement for an op of "
+            "this model: pass approx=\"finite_difference\" (first derivatives only), or replace the op "
+            f"[{message}]")
+
+
+def _explain_missing_second_derivatives(grads: Sequence[torch.Tensor]) -> None:
+    """Make ``backward`` through the penalty name the fix where a second derivative is missing.
+
+    ``autograd.grad(..., create_graph=True)`` succeeds even when an op's
+    backward has no derivative itself; autograd puts a ``NotImplemented`` node
+    in the graph, which raises only later, in ``total.backward()``. A pre-hook
+    on each such node runs it and re-raises its error with
+    ``second_derivative_hint`` (``raise ... from err``). The graph is walked
+    once; its node types are read, nothing of PyTorch is changed.
+    """
+    stack = [g.grad_fn for g in grads if g.grad_fn is not None]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.name() == "torch::autograd::NotImplemented":
+            node.register_prehook(_reraise_with_hint(node))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+def _reraise_with_hint(node):
+    def prehook(grad_outputs):
+        try:
+            node(*grad_outputs)  # NotImplemented always raises: the error PyTorch would give
+        except RuntimeError as err:
+            hint = second_derivative_hint(str(err))
+            if hint is None:
+                raise
+            raise RuntimeError(hint) from err
+
+    return prehook
+
+
+def _activation_grads(target: torch.Tensor, acts: Sequence[torch.Tensor], names: Sequence[str], *,
+                      create_graph: bool) -> tuple[torch.Tensor, ...]:
+    """``d target / d a`` for each capture point; one clear line for a point the loss does not depend on.
+
+    (``autograd.grad``'s own error does not say which; a zero penalty there would be silent.)
+    """
+    grads = torch.autograd.grad(target, acts, create_graph=create_graph, retain_graph=True, allow_unused=True)
+    unused = [n for n, g in zip(names, grads, strict=True) if g is None]
+    if unused:
+        raise ValueError(f"capture point(s) {unused} do not affect the loss: the model does not use the "
+                         "captured tensor downstream; capture a module on the path from input to output")
+    return grads
+
+
+def _default_loss(output: Any, label: torch.Tensor) -> torch.Tensor:
+    """Per-example softmax cross-entropy of ``output_logits(output)``, (B,)."""
+    return nn.functional.cross_entropy(output_logits(output), label, reduction="none")
 
 
 def _safe_sqrt(s: torch.Tensor) -> torch.Tensor:
@@ -133,7 +243,7 @@ def penalized_loss(
     (``self.relu1 = ...``; ``layers`` defaults to the seed's ``relu1``,
     ``relu2``; a model with a ``captures()`` method, like ``torch_ref.Net``,
     names its own); with ``capture_modules={name: "module.path[:k]"}``, the
-    outputs of those submodules (forward hooks, ``torch_ref.hooks``), for any
+    outputs of those submodules (forward hooks, ``torch_ref.capture``), for any
     ``nn.Module``. Returns ``(total, aux)`` with ``aux`` holding ``loss``,
     ``penalty``, ``penalty_terms``, ``activation_grads`` (NCHW, still in the
     graph) and ``logits``. ``total.backward()`` then puts the training
@@ -141,15 +251,40 @@ def penalized_loss(
 
     ``options`` (a ``PenaltyOptions``) or its fields as keywords mirror
     ``jax_impl.penalized_loss`` (same formulas): ``normalization``, ``norm``,
-    ``layer_weights``, ``"input"`` in ``layers``, ``approx`` with ``fd_step``;
-    ``loss_fn`` is a per-example loss, (B,). ``examples_interact=None`` means:
-    a BatchNorm module is in train mode; then per-example gradients take one
-    backward pass per example.
+    ``layer_weights``, ``"input"`` in ``layers``, ``approx`` with ``fd_step``.
+    ``examples_interact=None`` means: a BatchNorm module is in train mode; then
+    per-example gradients take one backward pass per example.
+
+    Models as they come (Hugging Face, model zoos):
+
+    - ``input``: a tensor (``model(input)``), a tuple of positional inputs
+      (``model(*input)``) or a dict of keyword inputs (``model(**input)``,
+      e.g. ``input_ids``, ``attention_mask``); the batch size is the first
+      tensor's leading axis. Integer inputs (token ids) work; the ``"input"``
+      capture point then refuses (it differentiates the first input tensor,
+      which must be floating).
+    - Captured modules that return a tuple (Hugging Face layers) contribute
+      their first element; a ``ModelOutput`` its first field
+      (``torch_ref.capture``). ``torch_ref.capture_points(model, x)`` lists the
+      specs. Hooked outputs get a zero leaf added and are differentiated
+      through it, so an in-place op after the capture point
+      (``ReLU(inplace=True)``) does not change the penalty.
+    - The default loss is the mean softmax cross-entropy of
+      ``outputs.logits`` where the output has it (``SequenceClassifierOutput``),
+      else element 0 of a tuple/list, else the output (B, K). ``loss_fn``
+      overrides it: a per-example loss ``(outputs, y) -> (B,)`` of the *raw*
+      output (as ``jax_impl.penalized_loss``'s). ``aux["logits"]`` holds the
+      logits so found, ``aux["outputs"]`` the raw output.
+    - Fused attention (``F.scaled_dot_product_attention``, Hugging Face's
+      default ``attn_implementation="sdpa"``) has no second derivative;
+      ``total.backward()`` then raises a ``RuntimeError`` naming the fix:
+      ``attn_implementation="eager"`` or ``approx="finite_difference"``.
     """
     opts = resolve_options(options, layers, **option_keywords)
     check_loss_inputs(input, penalty_weight)  # clear ValueError (torch_ref.validation)
     check_labels(model, input, label, loss_fn)
-    if opts.is_seed_recipe and loss_fn is None and capture_modules is None and not wants_input(opts.layers):
+    plain_call = loss_fn is None and capture_modules is None and isinstance(input, torch.Tensor)
+    if opts.is_seed_recipe and plain_call and not wants_input(opts.layers):
         return _seed_penalized_loss(model, input, label, penalty_weight, opts.layers)
     return _penalized_loss_options(model, input, label, penalty_weight, opts, capture_modules=capture_modules,
                                    examples_interact=examples_interact, loss_fn=loss_fn)
@@ -158,9 +293,11 @@ def penalized_loss(
 def _seed_penalized_loss(model, input, label, penalty_weight, layers):
     """The seed answer's computation, unchanged (the defaults of ``penalized_loss``)."""
     output = model(input)
+    check_labels_fit_logits(output, label)  # one clear line instead of cross_entropy's IndexError
     loss = nn.CrossEntropyLoss()(output, label)
     captures = stored_captures(model, layers)
     names = select_layers(tuple(captures), layers)
+    _check_some_capture_points(names)
     grads = torch.autograd.grad(loss, [captures[n] for n in names], create_graph=True)
     terms = {n: g.pow(2).sum() for n, g in zip(names, grads, strict=True)}
     grad_norm = 0
@@ -173,12 +310,9 @@ def _seed_penalized_loss(model, input, label, penalty_weight, layers):
         "penalty_terms": terms,
         "activation_grads": dict(zip(names, grads, strict=True)),
         "logits": output,
+        "outputs": output,
     }
     return total, aux
-
-
-def _per_example_ce(output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(output, label, reduction="none")
 
 
 def _penalized_loss_options(model, input, label, penalty_weight, opts: PenaltyOptions, *, capture_modules,
@@ -188,27 +322,31 @@ def _penalized_loss_options(model, input, label, penalty_weight, opts: PenaltyOp
     if examples_interact is None:
         examples_interact = has_interacting_examples(model)
     check_examples_interact(opts, examples_interact)
-    loss_fn = _per_example_ce if loss_fn is None else loss_fn
-    x = input.detach().requires_grad_(True) if wants_input(opts.layers) else input
-    output, captures = _forward(model, x, capture_modules, opts.layers)
-    names = select_layers(tuple(captures), opts.layers)
-    captures = {**captures, INPUT: x}
+    x, leaf = _with_input_leaf(input) if wants_input(opts.layers) else (input, None)
+    output, _, wrt = _forward(model, x, capture_modules, opts.layers)
+    names = select_layers(tuple(wrt), opts.layers)
+    _check_some_capture_points(names)
+    wrt = {**wrt, INPUT: leaf}
     check_layer_weights(opts, names)
     weights = {n: opts.weight_of(n) for n in names}
-    acts = [captures[n] for n in names]
+    acts = [wrt[n] for n in names]  # d loss / d z = d loss / d a (z: the zero leaf added to a)
+    if loss_fn is None:
+        check_labels_fit_logits(output_logits(output), label)
+        loss_fn = _default_loss
     losses = loss_fn(output, label)  # (B,)
     loss = losses.mean()
     exact = approx == "exact"
     if not per_example:
-        grads = torch.autograd.grad(loss, acts, create_graph=exact, retain_graph=True)
+        grads = _activation_grads(loss, acts, names, create_graph=exact)
     elif not examples_interact:
         # loss_i depends on a_i only: slice i of d(sum_i loss_i)/da is d loss_i / d a_i.
-        grads = torch.autograd.grad(losses.sum(), acts, create_graph=exact, retain_graph=True)
+        grads = _activation_grads(losses.sum(), acts, names, create_graph=exact)
     else:
         # One backward per example, keeping slice i of d loss_i / d a (B passes).
-        rows = [torch.autograd.grad(losses[i], acts, create_graph=True, retain_graph=True)
-                for i in range(losses.shape[0])]
+        rows = [_activation_grads(losses[i], acts, names, create_graph=True) for i in range(losses.shape[0])]
         grads = [torch.stack([rows[i][k][i] for i in range(len(rows))]) for k in range(len(acts))]
+    if exact:
+        _explain_missing_second_derivatives(grads)
     grads = dict(zip(names, grads, strict=True))
     if per_example:
         terms = {n: _phi(_per_example_squares(g), norm).mean() for n, g in grads.items()}
@@ -220,7 +358,7 @@ def _penalized_loss_options(model, input, label, penalty_weight, opts: PenaltyOp
             grad_norm += term if opts.layer_weights is None else weights[n] * term
     else:
         grad_norm = _finite_difference_penalty(
-            model, input, label, x, capture_modules, loss_fn, grads, loss if not per_example else losses,
+            model, input, label, leaf, capture_modules, loss_fn, grads, loss if not per_example else losses,
             norm=norm, per_example=per_example, weights=weights, fd_step=opts.fd_step,
         )
         terms = {n: t.detach() for n, t in terms.items()}
@@ -230,13 +368,14 @@ def _penalized_loss_options(model, input, label, penalty_weight, opts: PenaltyOp
         "penalty": grad_norm,
         "penalty_terms": terms,
         "activation_grads": grads,
-        "logits": output,
+        "logits": output_logits(output),
+        "outputs": output,
     }
     return total, aux
 
 
 def _finite_difference_penalty(
-    model, input, label, x, capture_modules, loss_fn, grads, base, *, norm, per_example, weights, fd_step
+    model, input, label, leaf, capture_modules, loss_fn, grads, base, *, norm, per_example, weights, fd_step
 ):
     """Finlay & Oberman (2019), as ``jax_impl.penalty._finite_difference_penalty``.
 
@@ -262,9 +401,9 @@ def _finite_difference_penalty(
         for n in group:
             scale = inv_len.reshape((-1,) + (1,) * (grads[n].dim() - 1)) if per_example else inv_len
             shifts[n] = fd_step * lam[n] * scale * grads[n]
-        shifted_input = x + shifts.pop(INPUT) if INPUT in shifts else input
-        with _running_stats_frozen(model):
-            output, _ = _forward(model, shifted_input, capture_modules, tuple(grads), shifts)
+        shifted_input = _replace_first_tensor(input, leaf + shifts.pop(INPUT)) if INPUT in shifts else input
+        with running_stats_frozen(model):
+            output, _, _ = _forward(model, shifted_input, capture_modules, tuple(grads), shifts)
         losses = loss_fn(output, label)
         shifted = losses if per_example else losses.mean()
         d = (shifted - base) / fd_step
@@ -313,13 +452,20 @@ def lazy_penalized_loss(
     if is_penalty_step(step, every):
         return penalized_loss(model, input, label, penalty_weight * every, layers, options=opts, **keywords)
     layers = resolve_options(opts, layers).layers
-    output, captures = _forward(model, input, keywords.get("capture_modules"), layers)
+    output, captures, _ = _forward(model, input, keywords.get("capture_modules"), layers)
     loss_fn = keywords.get("loss_fn")
-    loss = nn.CrossEntropyLoss()(output, label) if loss_fn is None else loss_fn(output, label).mean()
+    if loss_fn is None:
+        logits = output_logits(output)
+        check_labels_fit_logits(logits, label)
+        loss = nn.CrossEntropyLoss()(logits, label)
+    else:
+        loss = loss_fn(output, label).mean()
     zero = torch.zeros((), dtype=loss.dtype)
     names = select_layers(tuple(captures), layers)
+    _check_some_capture_points(names)
     terms = dict.fromkeys(names, zero)
-    return loss, {"loss": loss, "penalty": zero, "penalty_terms": terms, "logits": output}
+    return loss, {"loss": loss, "penalty": zero, "penalty_terms": terms, "logits": output_logits(output),
+                  "outputs": output}
 
 
 def train_step(
