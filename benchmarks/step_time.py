@@ -103,7 +103,7 @@ import numpy as np
 import optax
 
 from jax_impl import Net, cross_entropy_loss, jit_options, penalized_loss
-from jax_impl.layers import CONV_IMPLS
+from jax_impl.conv_impl import CONV_IMPLS, resolve_conv_impl
 
 DEFAULT_BATCH_SIZES = (1, 32, 128)
 CLI_BATCH_SIZES = (32, 128)
@@ -526,7 +526,7 @@ def environment(torch, torch_device: str) -> dict[str, Any]:
         "machine": platform.machine(),
         "loadavg_start": os.getloadavg(),
         "dtype": "float32",
-        "conv_impl_auto": "see jax_impl.layers.resolve_conv_impl",
+        "conv_impl_auto": str(resolve_conv_impl("auto")),  # what Net() runs here (jax_impl.conv_impl)
     }
     if torch is not None:
         env.update(torch=torch.__version__, torch_device=torch_device,
@@ -687,7 +687,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "per stage; a variant PyTorch cannot run is reported with its error)")
     parser.add_argument("--jax-conv-impls", nargs="*", default=[], choices=CONV_IMPLS,
                         help="also time Net(conv_impl=...) for these impls (rows 'jax[impl]', "
-                             "'jax+opts[impl]'); 'onednn' needs the [onednn] extra and g++")
+                             "'jax+opts[impl]'); 'onednn' needs python -m jax_impl.onednn_conv build")
     parser.add_argument("--cli", action="store_true",
                         help="time the two training CLIs instead (default batch sizes "
                              f"{list(CLI_BATCH_SIZES)}, --repeats 1)")

@@ -6,31 +6,73 @@ Three pieces live here:
   capture point of the activation gradient penalty (``perturb`` + ``sow``).
 * ``Conv2D``: a VALID, stride-1 convolution with the parameter layout of
   ``flax.linen.Conv`` (``kernel`` HWIO, ``bias``) and PyTorch's default
-  initialisation, computed by XLA's native convolution, by the same
-  convolution with derivative rules that keep every derivative order a
-  canonical (fast) convolution, the same rules with oneDNN computing the
-  products (opt-in, CPU), or as patch extraction followed by one matmul
-  (``impl``; ``"auto"`` picks per backend).
+  initialisation, computed by the ``ConvImpl`` it is given
+  (``jax_impl.conv_impl``: XLA's convolution, the same with derivative rules
+  that keep every derivative order a fast convolution, those rules with
+  oneDNN computing the products, or patches and one matmul; ``"auto"`` picks
+  per backend when the layer is built).
 * ``max_pool_2x2``: 2x2/stride-2 max pooling whose gradient goes to the
   *first* maximum of each window in row-major order, as PyTorch's
   ``MaxPool2d`` does, and which stays differentiable twice.
+
+The convolution products and their derivative rules live in
+``jax_impl.conv_products``, the choice between implementations in
+``jax_impl.conv_impl``; their names are re-exported here.
 
 Conventions: activations are NHWC; PyTorch is NCHW.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from agp_common.config import CONV_IMPLS
+# Re-exported: these lived here before jax_impl.conv_products / jax_impl.conv_impl owned them.
+from jax_impl.conv_impl import CONV_IMPLS, ConvImpl, conv2d_valid, resolve_conv_impl
+from jax_impl.conv_products import (
+    CANONICAL,
+    CONV_DIMENSIONS,
+    ConvProducts,
+    canonical_conv,
+    canonical_input_grad,
+    canonical_kernel_grad,
+    closed_under_vjp,
+    conv_forward,
+    conv_input_grad,
+    conv_kernel_grad,
+    extract_patches,
+)
+
+__all__ = [
+    "CANONICAL",
+    "CONV_DIMENSIONS",
+    "CONV_IMPLS",
+    "INTERMEDIATES",
+    "PERTURBATIONS",
+    "Conv2D",
+    "ConvImpl",
+    "ConvProducts",
+    "Dense",
+    "canonical_conv",
+    "canonical_input_grad",
+    "canonical_kernel_grad",
+    "capture",
+    "closed_under_vjp",
+    "conv2d_valid",
+    "conv_forward",
+    "conv_input_grad",
+    "conv_kernel_grad",
+    "extract_patches",
+    "first_max_and_mask",
+    "max_pool_2x2",
+    "pool_windows",
+    "resolve_conv_impl",
+    "torch_default_uniform",
+]
 
 #: Collection that ``capture`` sows activations into (read them back with
 #: ``model.apply(..., mutable=["intermediates"])``).
@@ -71,213 +113,29 @@ def torch_default_uniform(fan_in: int):
     return init
 
 
-def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
-    """The convolution ``impl`` runs as on ``backend`` (default: JAX's default backend).
-
-    ``"auto"`` maps to the faster built-in convolution for the backend.
-    ``"onednn"`` (opt-in, ``jax_impl.onednn_conv``) stays ``"onednn"`` on CPU
-    when oneDNN and a C++ compiler are there; otherwise it is ``"canonical"``:
-    silently off CPU, with one warning naming the reason and the fix on CPU.
-    Every other name maps to itself.
-
-    Measured with ``python -m benchmarks.step_time`` (docs/performance.md):
-    on CPU, XLA differentiates the input-gradient convolution into a
-    window-reversed convolution that its CPU runtime runs through a naive loop
-    (~1.7 GFLOP/s), so the penalised step uses ``"canonical"`` there; on GPU
-    and TPU the native convolution (``"xla"``) is used. With the CPU options of
-    ``jit_options()`` (Eigen convolutions), ``"canonical"`` stays 2.5-4x faster
-    than ``"xla"`` (jax_impl/xla_options.py).
-    """
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
-    backend = backend or jax.default_backend()
-    if impl == "auto":
-        return "canonical" if backend == "cpu" else "xla"
-    if impl == "onednn":
-        if backend != "cpu":
-            return "canonical"  # oneDNN is a CPU library; the canonical products are its exact stand-in
-        from jax_impl import onednn_conv  # lazy: it imports this module, and may build its library
-
-        if not onednn_conv.available():
-            _warn_onednn_unavailable(onednn_conv.unavailable_reason())
-            return "canonical"
-    return impl
-
-
-@functools.cache
-def _warn_onednn_unavailable(reason: str) -> None:
-    """One warning per process (and reason), however many layers ask for ``"onednn"``."""
-    from jax_impl.onednn_conv import INSTALL_HINT
-
-    warnings.warn(f"conv_impl='onednn' is unavailable ({reason}); using 'canonical' instead. "
-                  f"Fix: {INSTALL_HINT}.", RuntimeWarning, stacklevel=3)
-
-
-def extract_patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
-    """VALID stride-1 patches of ``x``, ordered (kh, kw, C) like an HWIO kernel.
-
-    (B, H, W, C) -> (B, H-kh+1, W-kw+1, kh*kw*C). Built from static slices and
-    one concatenate, so both its gradient (pad + add) and the gradient of that
-    are cheap and exact.
-    """
-    _, h, w, _ = x.shape
-    ho, wo = h - kh + 1, w - kw + 1
-    slices = [x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)]
-    return jnp.concatenate(slices, axis=-1)
-
-
-#: NHWC input, HWIO kernel, NHWC output: the layout of ``flax.linen.Conv``.
-CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
-
-
-def conv_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """VALID stride-1 cross-correlation (XLA): (B, H, W, Ci) * (kh, kw, Ci, Co) -> (B, H', W', Co).
-
-    ``y[b, h, w, o] = sum_{i, j, c} x[b, h+i, w+j, c] * kernel[i, j, c, o]``.
-    """
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=CONV_DIMENSIONS)
-
-
-def conv_input_grad(ct: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``d <y, ct> / d x`` of ``conv_forward``: (B, H', W', Co), (kh, kw, Ci, Co) -> (B, H, W, Ci).
-
-    A "full" correlation of ``ct`` with the spatially flipped kernel, inputs
-    and outputs swapped: ``dx[b, h, w, c] = sum_{i, j, o} ct[b, h-i, w-j, o] *
-    kernel[i, j, c, o]`` (zero outside ``ct``). Written as a plain forward
-    convolution of the padded cotangent, the form XLA runs fastest.
-    """
-    kh, kw = kernel.shape[:2]
-    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)  # (kh, kw, Co, Ci)
-    return jax.lax.conv_general_dilated(ct, flipped, (1, 1), ((kh - 1, kh - 1), (kw - 1, kw - 1)),
-                                        dimension_numbers=CONV_DIMENSIONS)
-
-
-def conv_kernel_grad(x: jax.Array, ct: jax.Array) -> jax.Array:
-    """``d <y, ct> / d kernel`` of ``conv_forward``: (B, H, W, Ci), (B, H', W', Co) -> (kh, kw, Ci, Co).
-
-    ``dk[i, j, c, o] = sum_{b, h, w} x[b, h+i, w+j, c] * ct[b, h, w, o]``: a
-    VALID correlation of ``x`` with ``ct`` in which the batch is the
-    contracted axis (``x`` read as "CHWN", ``ct`` as the kernel "IHWO").
-    """
-    return jax.lax.conv_general_dilated(x, ct, (1, 1), "VALID", dimension_numbers=("CHWN", "IHWO", "HWNC"))
-
-
-# The three products above are bilinear and close under differentiation:
-#   conv_forward(x, k):      dx = conv_input_grad(ct, k),  dk = conv_kernel_grad(x, ct)
-#   conv_input_grad(g, k):   dg = conv_forward(c, k),      dk = conv_kernel_grad(c, g)
-#   conv_kernel_grad(x, g):  dx = conv_input_grad(g, c),   dg = conv_forward(x, c)
-# (c is the incoming cotangent; each line is <f(a, b), c> differentiated by a and b).
-# Declaring these rules with custom_vjp keeps every derivative, of any order, one
-# of the three canonical convolutions. XLA's own autodiff instead turns the
-# derivative of the input gradient with respect to the kernel (needed by double
-# backprop) into a window-reversed, batch/feature-swapped convolution that the
-# CPU runtime executes ~100x slower than the others (see benchmarks/).
-
-
-class ConvProducts(NamedTuple):
-    """One implementation of the three convolution products above (same arguments, same values)."""
-
-    forward: Callable[[jax.Array, jax.Array], jax.Array]  # (x, kernel) -> y
-    input_grad: Callable[[jax.Array, jax.Array], jax.Array]  # (ct, kernel) -> dx
-    kernel_grad: Callable[[jax.Array, jax.Array], jax.Array]  # (x, ct) -> dkernel
-
-
-def closed_under_vjp(products: ConvProducts, name: str) -> ConvProducts:
-    """Wrap the three products in ``custom_vjp`` so that their derivatives are the same three products.
-
-    ``products`` computes ``conv_forward``, ``conv_input_grad`` and
-    ``conv_kernel_grad`` (XLA's convolutions here, oneDNN's in
-    ``jax_impl.onednn_conv``). The returned functions compute the same
-    values, and their reverse-mode derivatives of every order are calls of
-    the returned functions again, by the table above; forward mode
-    (``jax.jvp``) is not defined. ``name`` prefixes their names in jaxprs
-    and profiles (``{name}_conv``, ``{name}_input_grad``, ``{name}_kernel_grad``).
-    """
-
-    def forward(x, kernel):
-        return products.forward(x, kernel)
-
-    def input_grad(ct, kernel):
-        return products.input_grad(ct, kernel)
-
-    def kernel_grad(x, ct):
-        return products.kernel_grad(x, ct)
-
-    for fn, suffix in ((forward, "conv"), (input_grad, "input_grad"), (kernel_grad, "kernel_grad")):
-        fn.__name__ = fn.__qualname__ = f"{name}_{suffix}"
-    # The rules below refer to these names, so they call the custom_vjp versions.
-    forward, input_grad, kernel_grad = map(jax.custom_vjp, (forward, input_grad, kernel_grad))
-
-    def forward_bwd(res, c):
-        x, kernel = res
-        return input_grad(c, kernel), kernel_grad(x, c)
-
-    def input_grad_bwd(res, c):
-        g, kernel = res
-        return forward(c, kernel), kernel_grad(c, g)
-
-    def kernel_grad_bwd(res, c):
-        x, g = res
-        return input_grad(g, c), forward(x, c)
-
-    # Each residual is the pair of inputs: the products are bilinear.
-    forward.defvjp(lambda x, kernel: (forward(x, kernel), (x, kernel)), forward_bwd)
-    input_grad.defvjp(lambda g, kernel: (input_grad(g, kernel), (g, kernel)), input_grad_bwd)
-    kernel_grad.defvjp(lambda x, g: (kernel_grad(x, g), (x, g)), kernel_grad_bwd)
-    return ConvProducts(forward, input_grad, kernel_grad)
-
-
-#: XLA's convolutions whose derivatives of every order are canonical (fast) convolutions.
-CANONICAL = closed_under_vjp(ConvProducts(conv_forward, conv_input_grad, conv_kernel_grad), "canonical")
-#: ``conv_forward`` whose derivatives of every order are canonical convolutions (reverse mode only).
-canonical_conv = CANONICAL.forward
-#: ``conv_input_grad`` with canonical-convolution derivatives.
-canonical_input_grad = CANONICAL.input_grad
-#: ``conv_kernel_grad`` with canonical-convolution derivatives.
-canonical_kernel_grad = CANONICAL.kernel_grad
-
-
-def conv2d_valid(x: jax.Array, kernel: jax.Array, impl: str = "xla") -> jax.Array:
-    """Cross-correlation, VALID padding, stride 1: (B,H,W,Ci) * (kh,kw,Ci,Co) -> (B,H',W',Co).
-
-    ``impl``: ``"xla"`` (``lax.conv_general_dilated``, XLA's own derivatives,
-    forward and reverse mode), ``"canonical"`` (the same convolution with the
-    custom_vjp rules above: reverse mode to any order, no forward mode),
-    ``"im2col"`` (patches + one matmul, plain autodiff) or ``"onednn"``
-    (``"canonical"``'s rules with oneDNN computing the float32 products on CPU,
-    ``jax_impl.onednn_conv``; pass it through ``resolve_conv_impl`` first).
-    """
-    kh, kw, ci, co = kernel.shape
-    if impl == "im2col":
-        patches = extract_patches(x, kh, kw)  # (B, H', W', kh*kw*Ci)
-        return patches @ kernel.reshape(kh * kw * ci, co)
-    if impl == "canonical":
-        return canonical_conv(x, kernel)
-    if impl == "onednn":
-        from jax_impl import onednn_conv  # lazy: it imports this module
-
-        return onednn_conv.onednn_conv(x, kernel)
-    return conv_forward(x, kernel)
-
-
 class Conv2D(nn.Module):
     """``nn.Conv(features, (k, k), padding="VALID")`` with a choice of algorithm.
 
     Parameters are ``kernel`` (k, k, C_in, features) and ``bias`` (features,),
-    the same tree as ``flax.linen.Conv``. ``impl`` is ``"auto"`` (the faster
-    one for the backend: ``"canonical"`` on CPU, ``"xla"`` elsewhere),
-    ``"xla"``, ``"canonical"``, ``"im2col"`` or ``"onednn"`` (opt-in: oneDNN's
-    CPU kernels for float32, ``jax_impl.onednn_conv``; ``"canonical"`` where
-    it cannot run); see ``conv2d_valid``. All give the same numbers up to
-    float rounding. ``"canonical"`` supports reverse
-    mode to any order (``grad`` of ``grad``) but not forward mode
-    (``jax.jvp``, ``jax.hessian``): pass ``impl="xla"`` for those.
+    the same tree as ``flax.linen.Conv``. ``impl`` is a ``ConvImpl`` or its
+    name, resolved once when the layer is built (``resolve_conv_impl``):
+    ``"auto"`` (oneDNN's kernels on CPU where they are built, else
+    ``"canonical"``; ``"xla"`` on GPU/TPU), ``"xla"``, ``"canonical"``,
+    ``"im2col"`` or ``"onednn"`` (``"canonical"`` where it cannot run). All
+    give the same numbers up to float rounding. ``"canonical"`` and
+    ``"onednn"`` support reverse mode to any order (``grad`` of ``grad``) but
+    not forward mode (``jax.jvp``, ``jax.hessian``): pass ``impl="xla"`` for those.
     """
 
     features: int
     kernel_size: int = 5
-    impl: str = "auto"
+    impl: str | ConvImpl = "auto"
     param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        # The name becomes a ConvImpl here, when the layer is built, not while __call__ is traced.
+        object.__setattr__(self, "impl", resolve_conv_impl(self.impl))
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -285,7 +143,7 @@ class Conv2D(nn.Module):
         init = torch_default_uniform(k * k * c_in)
         kernel = self.param("kernel", init, (k, k, c_in, self.features), self.param_dtype)
         bias = self.param("bias", init, (self.features,), self.param_dtype)
-        y = conv2d_valid(x, kernel.astype(x.dtype), resolve_conv_impl(self.impl))
+        y = self.impl.conv(x, kernel.astype(x.dtype))
         return y + bias.astype(x.dtype)
 
 

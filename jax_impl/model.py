@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
+from jax_impl.conv_impl import ConvImpl, resolve_conv_impl
 from jax_impl.layers import Conv2D, Dense, capture, max_pool_2x2
 from jax_impl.validation import check_net_input
 
@@ -25,15 +26,23 @@ class Net(nn.Module):
     (h, w, c); PyTorch flattens (c, h, w), which the weight converter accounts
     for.
 
-    ``conv_impl`` picks the convolution algorithm (``"auto"``: the faster one
-    for the backend, ``"canonical"`` on CPU and ``"xla"`` on GPU/TPU;
-    ``"xla"``; ``"canonical"``; ``"im2col"``; see ``layers.Conv2D``). All give
-    the same function; ``"canonical"`` has no forward-mode derivative, so use
-    ``Net(conv_impl="xla")`` for ``jax.jvp`` / ``jax.hessian``.
+    ``conv_impl`` picks the convolution algorithm, a ``ConvImpl`` or its name,
+    resolved once when the model is built (``jax_impl.conv_impl``): ``"auto"``
+    (the fastest for the backend: oneDNN's kernels on CPU where they are
+    built, else ``"canonical"``, and ``"xla"`` on GPU/TPU), ``"xla"``,
+    ``"canonical"``, ``"im2col"`` or ``"onednn"``; see ``layers.Conv2D``. All
+    give the same function; ``"canonical"`` and ``"onednn"`` have no
+    forward-mode derivative, so use ``Net(conv_impl="xla")`` for ``jax.jvp`` /
+    ``jax.hessian``.
     """
 
     num_classes: int = 10
-    conv_impl: str = "auto"
+    conv_impl: str | ConvImpl = "auto"
+
+    def __post_init__(self):
+        # The name becomes a ConvImpl here, outside any trace (loading oneDNN's library if it is built).
+        object.__setattr__(self, "conv_impl", resolve_conv_impl(self.conv_impl))
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

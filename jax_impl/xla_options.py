@@ -12,8 +12,9 @@ CPU (XLA 0.10-0.11). XLA hands NHWC convolutions and dots to YNNPACK by
 default; ``xla_cpu_experimental_ynn_fusion_type`` is that list, and setting it
 to dots only sends the convolutions to XLA's Eigen kernels instead. Measured
 on a 2-core AMD EPYC (AVX2), float32, the user-level step
-``jax.jit(value_and_grad(penalized_loss))`` + SGD with the default ``Net()``
-(``"canonical"`` convolutions), ms per step, median of 15 interleaved rounds
+``jax.jit(value_and_grad(penalized_loss))`` + SGD with ``Net()`` on
+``"canonical"`` convolutions (the default where oneDNN's are not built), ms per
+step, median of 15 interleaved rounds
 in one process (``python -m benchmarks.step_time``: rows ``jax`` and
 ``jax+opts``), on a machine shared with another job (load 0.7-1.3):
 
@@ -46,20 +47,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jax_impl.conv_impl import ConvImpl, resolve_conv_impl
+
 #: CPU: convolutions to Eigen, dots still to YNNPACK (the list replaces XLA's default one).
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
-def jit_options(backend: str | None = None, conv_impl: str = "auto") -> dict[str, Any]:
+def jit_options(backend: str | None = None, conv_impl: str | ConvImpl = "auto") -> dict[str, Any]:
     """Keyword arguments for ``jax.jit`` that select the fastest convolutions on ``backend``.
 
     ``backend`` defaults to JAX's default backend; ``conv_impl`` is the
-    model's ``Net(conv_impl=...)``. Returns
+    model's ``Net(conv_impl=...)`` (a name or the model's resolved
+    ``ConvImpl``: ``jit_options(conv_impl=model.conv_impl)``). Returns
     ``{"compiler_options": CPU_COMPILER_OPTIONS}`` on CPU and ``{}`` on GPU and
     TPU, or where the installed XLA does not know the option (older jaxlib: an
     unknown compiler option is an error at compile time, so it is tried once on
     a one-element function first). ``{}`` too for a model whose convolutions
-    run as oneDNN (``conv_impl="onednn"`` where it is available): they are
+    run as oneDNN (``"onednn"``, and ``"auto"`` on CPU, where it is built): they are
     custom calls that XLA's kernel options do not reach, and the options slowed
     the rest of that step down (batch 32, 2 cores, in one process: 56 ms with
     them, 48 without, for the user-level step; 58 against 44 for the CLI's).
@@ -69,10 +73,8 @@ def jit_options(backend: str | None = None, conv_impl: str = "auto") -> dict[str
 
         step = jax.jit(step_fn, donate_argnums=0, **jit_options())
     """
-    from jax_impl.layers import resolve_conv_impl  # lazy: jax_impl.layers is the model's module
-
     backend = backend or jax.default_backend()
-    if backend == "cpu" and resolve_conv_impl(conv_impl, backend) == "onednn":
+    if backend == "cpu" and resolve_conv_impl(conv_impl, backend) is ConvImpl.ONEDNN:
         return {}
     if backend == "cpu" and _accepted(tuple(CPU_COMPILER_OPTIONS.items())):
         return {"compiler_options": dict(CPU_COMPILER_OPTIONS)}

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_impl import Net, max_pool_2x2, penalized_loss
+from jax_impl import Conv2D, Net, max_pool_2x2, penalized_loss
 from jax_impl.layers import (
     CONV_IMPLS,
+    ConvImpl,
     canonical_conv,
     conv2d_valid,
     conv_input_grad,
@@ -124,14 +125,36 @@ def test_canonical_conv_has_no_forward_mode_and_says_so():
         jax.jvp(lambda k: canonical_conv(x, k), (kernel,), (kernel,))
 
 
-def test_auto_conv_impl_is_canonical_on_cpu_and_xla_on_accelerators():
-    assert resolve_conv_impl("auto", "cpu") == "canonical"
-    assert resolve_conv_impl("auto", "gpu") == "xla"
-    assert resolve_conv_impl("auto", "tpu") == "xla"
-    assert resolve_conv_impl("im2col", "gpu") == "im2col"
+def test_auto_conv_impl_is_onednn_or_canonical_on_cpu_and_xla_on_accelerators():
+    from jax_impl import onednn_conv
+
+    cpu = ConvImpl.ONEDNN if onednn_conv.available() else ConvImpl.CANONICAL
+    assert resolve_conv_impl("auto", "cpu") is cpu
+    assert resolve_conv_impl("auto", "gpu") is ConvImpl.XLA
+    assert resolve_conv_impl("auto", "tpu") is ConvImpl.XLA
+    assert resolve_conv_impl("im2col", "gpu") is ConvImpl.IM2COL
+    assert resolve_conv_impl(ConvImpl.CANONICAL, "gpu") is ConvImpl.CANONICAL
     with pytest.raises(ValueError, match=r"conv impl must be one of .*'canonical'.*got 'fft'"):
         resolve_conv_impl("fft")
     assert set(CONV_IMPLS) == {"auto", "xla", "canonical", "im2col", "onednn"}
+
+
+def test_the_cli_offers_the_library_s_conv_impls():
+    from agp_common.config import CONV_IMPLS as CLI_CONV_IMPLS  # a plain tuple: the flags import no JAX
+
+    assert CLI_CONV_IMPLS == CONV_IMPLS
+
+
+def test_models_resolve_their_conv_impl_once_when_built():
+    """The name becomes a ``ConvImpl`` at construction (and stays one through Flax's clones), so no
+    name is resolved while the model is traced; the old names still compare equal."""
+    net = Net(conv_impl="canonical")
+    assert net.conv_impl is ConvImpl.CANONICAL and net.conv_impl == "canonical"
+    assert Net().conv_impl is resolve_conv_impl("auto")
+    assert Conv2D(4, impl="xla").impl is ConvImpl.XLA
+    assert Net(conv_impl=ConvImpl.IM2COL).clone().conv_impl is ConvImpl.IM2COL
+    with pytest.raises(ValueError, match="conv impl must be one of"):
+        Net(conv_impl="fft")
 
 
 @functools.cache

@@ -8,17 +8,19 @@ import numpy as np
 import pytest
 
 from jax_impl import Net, jit_options, penalized_loss
+from jax_impl.conv_impl import ConvImpl
 from jax_impl.xla_options import CPU_COMPILER_OPTIONS
 from tests._model_fixtures import fast_jit, params_like
 
 
 def test_cpu_gets_the_eigen_convolution_options_and_other_backends_none():
-    assert jit_options("cpu") == {"compiler_options": CPU_COMPILER_OPTIONS}  # accepted by this jaxlib
+    eigen = {"compiler_options": CPU_COMPILER_OPTIONS}
+    assert jit_options("cpu", conv_impl="canonical") == eigen  # accepted by this jaxlib
     assert jit_options("gpu") == {} and jit_options("tpu") == {}
-    jit_options("cpu")["compiler_options"]["extra"] = 1  # a fresh dict: the caller may extend it
+    jit_options("cpu", conv_impl="canonical")["compiler_options"]["extra"] = 1  # a fresh dict to extend
     assert "extra" not in CPU_COMPILER_OPTIONS
-    for impl in ("canonical", "xla", "im2col"):
-        assert jit_options("cpu", conv_impl=impl) == jit_options("cpu")
+    for impl in ("xla", "im2col", ConvImpl.CANONICAL):
+        assert jit_options("cpu", conv_impl=impl) == eigen
 
 
 def test_a_onednn_model_gets_no_options_where_onednn_runs():
@@ -28,13 +30,17 @@ def test_a_onednn_model_gets_no_options_where_onednn_runs():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # "onednn is unavailable" where it is
         assert jit_options("cpu", conv_impl="onednn") == expected
+    assert jit_options("cpu") == expected  # "auto" is oneDNN on CPU where it is built
+    assert jit_options("cpu", conv_impl=Net().conv_impl) == expected
     assert jit_options("gpu", conv_impl="onednn") == {}
 
 
 def penalty_terms_and_grads(params, x, y):
-    """The seed's penalised step on ``Net()``: the penalty terms and the parameter gradient."""
+    """The seed's penalised step on ``Net`` with XLA's canonical convolutions (those the options reach):
+    the penalty terms and the parameter gradient."""
+    model = Net(conv_impl="canonical")
     (_, aux), grads = jax.value_and_grad(
-        lambda p: penalized_loss(p, Net(), x, y, penalty_weight=10.0), has_aux=True)(params)
+        lambda p: penalized_loss(p, model, x, y, penalty_weight=10.0), has_aux=True)(params)
     return aux["penalty_terms"], grads
 
 
@@ -52,7 +58,8 @@ def seed_step():
         terms64 = fast_jit(lambda p, x: penalty_terms_and_grads(p, x, y)[0])(params64, x64)
     params32 = jax.tree.map(lambda a: np.asarray(a, np.float32), params64)
     x32 = x64.astype(np.float32)
-    with_options = jax.jit(penalty_terms_and_grads, **jit_options("cpu"))(params32, x32, y)
+    options = jit_options("cpu", conv_impl="canonical")
+    with_options = jax.jit(penalty_terms_and_grads, **options)(params32, x32, y)
     default = jax.jit(penalty_terms_and_grads)(params32, x32, y)
     return with_options, default, terms64
 

@@ -26,6 +26,14 @@
 // * Primitives are created once per shape and cached (creation JIT-compiles
 //   code, ~0.1-1 ms); every call uses its own thread's stream and scratch
 //   memory (user scratchpad), so concurrent calls do not share state.
+//
+// Every call is checked before any memory is touched (CheckForward & co.): rank
+// and element type by the FFI binding (rank-4 float32 buffers), then batch and
+// channel agreement between the operands and the result, a kernel window of at
+// least 1x1 that fits in the image (VALID), and sizes within oneDNN's 32-bit
+// offsets (an image 2^24 pixels wide crashed its kernels). A call that fails
+// gets an INVALID_ARGUMENT error, never a read past a buffer. The Python
+// wrappers (jax_impl/onednn_conv) check the same first and raise ValueError.
 
 #include <omp.h>
 
@@ -37,10 +45,12 @@
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <tuple>
 #include <unordered_map>
@@ -311,8 +321,34 @@ std::vector<Chunk> SplitBatch(int64_t batch, int64_t n) {
 // (1, 2 and 4 timed alike on a busy 2-core machine; more chunks mean smaller, less efficient calls).
 constexpr int64_t kChunksPerThread = 2;
 
-int64_t NumChunks(ffi::ThreadPool& pool, int64_t batch) {
-  return std::clamp<int64_t>(pool.num_threads() * kChunksPerThread, 1, batch);
+// Limits of one oneDNN call, per tensor, with the channels padded to its 16-wide blocks
+// (jax_impl/onednn_conv/__init__.py: MAX_EXAMPLE_ELEMENTS, MAX_SIDE; the same numbers).
+constexpr int64_t kMaxElements = int64_t{1} << 27;
+constexpr int64_t kMaxSide = int64_t{1} << 20;
+
+int64_t Pad16(int64_t c) { return (c + 15) / 16 * 16; }
+
+// Whether the product of the (non-negative) ``factors`` is at most ``limit``, without overflowing.
+bool ProductWithin(std::initializer_list<int64_t> factors, int64_t limit) {
+  int64_t product = 1;
+  for (int64_t f : factors) {
+    if (f == 0) return true;
+    if (product > limit / f) return false;
+    product *= f;
+  }
+  return true;
+}
+
+// The largest of the three tensors of one example (activations) or of the kernel, padded to blocks.
+int64_t LargestPerExample(const Shape& s) {
+  return std::max({s.h * s.w * Pad16(s.ci), s.ho() * s.wo() * Pad16(s.co), s.kh * s.kw * Pad16(s.ci) * Pad16(s.co)});
+}
+
+// Chunks: two per pool thread, more if a chunk's tensors would exceed kMaxElements; at most one per example.
+int64_t NumChunks(ffi::ThreadPool& pool, const Shape& s) {
+  const int64_t per_chunk = std::max<int64_t>(kMaxElements / std::max<int64_t>(LargestPerExample(s), 1), 1);
+  const int64_t needed = (s.b + per_chunk - 1) / per_chunk;
+  return std::clamp<int64_t>(std::max<int64_t>(pool.num_threads() * kChunksPerThread, needed), 1, s.b);
 }
 
 float* At(void* base, int64_t offset) { return static_cast<float*>(base) + offset; }
@@ -322,7 +358,7 @@ void BatchParallel(ffi::ThreadPool& pool, Op op, const Shape& s, void* a, void* 
   const bool forward = op == Op::kForward;
   const int64_t a_per_example = forward ? s.h * s.w * s.ci : s.ho() * s.wo() * s.co;
   const int64_t out_per_example = forward ? s.ho() * s.wo() * s.co : s.h * s.w * s.ci;
-  auto chunks = SplitBatch(s.b, NumChunks(pool, s.b));
+  auto chunks = SplitBatch(s.b, NumChunks(pool, s));
   std::vector<std::shared_ptr<const Plan>> plans;
   for (const Chunk& c : chunks) plans.push_back(GetPlan(op, s.with_batch(c.size)));
   // The kernel in each plan's format, reordered once for all the chunks of that plan
@@ -350,7 +386,7 @@ void BatchParallel(ffi::ThreadPool& pool, Op op, const Shape& s, void* a, void* 
 void KernelGradParallel(ffi::ThreadPool& pool, const Shape& s, void* x, void* ct, void* dk) {
   const int64_t x_per_example = s.h * s.w * s.ci, ct_per_example = s.ho() * s.wo() * s.co;
   const int64_t kernel_size = s.kh * s.kw * s.ci * s.co;
-  auto chunks = SplitBatch(s.b, NumChunks(pool, s.b));
+  auto chunks = SplitBatch(s.b, NumChunks(pool, s));
   std::vector<std::shared_ptr<const Plan>> plans;
   for (const Chunk& c : chunks) plans.push_back(GetPlan(Op::kKernelGrad, s.with_batch(c.size)));
   // Chunk 0 writes into dk, the others into their own partial sums (plain HWIO), added at the end.
@@ -392,25 +428,90 @@ ffi::Error Dispatch(ffi::ThreadPool& pool, Op op, const Shape& s, void* a, void*
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------------- checks
+
+// Collects the disagreements of one call; ``Error()`` is INVALID_ARGUMENT naming them (or Success).
+class Checks {
+ public:
+  explicit Checks(const char* op) : op_(op) {}
+  // ``what`` must hold: ``a`` (named) equals ``b`` (named).
+  void Equal(const char* a_name, int64_t a, const char* b_name, int64_t b) {
+    if (a != b) Fail() << a_name << " = " << a << " but " << b_name << " = " << b;
+  }
+  std::ostream& Fail() {
+    if (failed_) message_ << "; ";
+    failed_ = true;
+    return message_;
+  }
+  // The window and size limits of a problem whose dimensions already agree.
+  void Problem(const Shape& s) {
+    if (s.kh < 1 || s.kw < 1 || s.kh > s.h || s.kw > s.w)
+      Fail() << "the kernel window " << s.kh << "x" << s.kw << " must be at least 1x1 and fit in the "
+             << s.h << "x" << s.w << " image (VALID padding)";
+    else if (s.h > kMaxSide || s.w > kMaxSide || s.b > INT32_MAX ||
+             !ProductWithin({s.h, s.w, Pad16(s.ci)}, kMaxElements) ||
+             !ProductWithin({s.kh, s.kw, Pad16(s.ci), Pad16(s.co)}, kMaxElements) ||
+             !ProductWithin({s.ho(), s.wo(), Pad16(s.co)}, kMaxElements))
+      Fail() << "the problem (batch " << s.b << ", image " << s.h << "x" << s.w << ", channels " << s.ci
+             << "->" << s.co << ", window " << s.kh << "x" << s.kw << ") exceeds oneDNN's 32-bit limits";
+  }
+  ffi::Error Error() const {
+    if (!failed_) return ffi::Error::Success();
+    return ffi::Error::InvalidArgument(std::string("oneDNN ") + op_ + ": " + message_.str());
+  }
+
+ private:
+  const char* op_;
+  bool failed_ = false;
+  std::ostringstream message_;
+};
+
 ffi::Error Forward(ffi::ThreadPool pool, F32Buffer x, F32Buffer k, ffi::Result<F32Buffer> y) {
-  auto xd = x.dimensions(), kd = k.dimensions();
+  auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
   Shape s{xd[0], xd[1], xd[2], xd[3], kd[3], kd[0], kd[1]};
+  Checks check("conv_forward");
+  check.Equal("x channels", s.ci, "kernel input channels", kd[2]);
+  check.Problem(s);
+  if (!check.Error().success()) return check.Error();
+  check.Equal("result batch", yd[0], "x batch", s.b);
+  check.Equal("result height", yd[1], "H - kh + 1", s.ho());
+  check.Equal("result width", yd[2], "W - kw + 1", s.wo());
+  check.Equal("result channels", yd[3], "kernel output channels", s.co);
+  if (!check.Error().success()) return check.Error();
   return Dispatch(pool, Op::kForward, s, x.untyped_data(), k.untyped_data(), y->untyped_data(),
                   y->size_bytes());
 }
 
 ffi::Error InputGrad(ffi::ThreadPool pool, F32Buffer ct, F32Buffer k, ffi::Result<F32Buffer> dx) {
-  auto dd = dx->dimensions(), kd = k.dimensions();
+  auto cd = ct.dimensions(), dd = dx->dimensions(), kd = k.dimensions();
   Shape s{dd[0], dd[1], dd[2], dd[3], kd[3], kd[0], kd[1]};
+  Checks check("conv_input_grad");
+  check.Equal("result channels", s.ci, "kernel input channels", kd[2]);
+  check.Equal("ct channels", cd[3], "kernel output channels", s.co);
+  check.Equal("ct batch", cd[0], "result batch", s.b);
+  check.Problem(s);
+  if (!check.Error().success()) return check.Error();
+  check.Equal("ct height", cd[1], "H - kh + 1", s.ho());
+  check.Equal("ct width", cd[2], "W - kw + 1", s.wo());
+  if (!check.Error().success()) return check.Error();
   return Dispatch(pool, Op::kInputGrad, s, ct.untyped_data(), k.untyped_data(), dx->untyped_data(),
-                 dx->size_bytes());
+                  dx->size_bytes());
 }
 
 ffi::Error KernelGrad(ffi::ThreadPool pool, F32Buffer x, F32Buffer ct, ffi::Result<F32Buffer> dk) {
-  auto xd = x.dimensions(), kd = dk->dimensions();
+  auto xd = x.dimensions(), cd = ct.dimensions(), kd = dk->dimensions();
   Shape s{xd[0], xd[1], xd[2], xd[3], kd[3], kd[0], kd[1]};
+  Checks check("conv_kernel_grad");
+  check.Equal("ct batch", cd[0], "x batch", s.b);
+  check.Equal("result input channels", kd[2], "x channels", s.ci);
+  check.Equal("result output channels", s.co, "ct channels", cd[3]);
+  check.Problem(s);
+  if (!check.Error().success()) return check.Error();
+  check.Equal("ct height", cd[1], "H - kh + 1", s.ho());
+  check.Equal("ct width", cd[2], "W - kw + 1", s.wo());
+  if (!check.Error().success()) return check.Error();
   return Dispatch(pool, Op::kKernelGrad, s, x.untyped_data(), ct.untyped_data(), dk->untyped_data(),
-                 dk->size_bytes());
+                  dk->size_bytes());
 }
 
 // (pool; a, b) -> out, all rank-4 float32.
