@@ -220,14 +220,48 @@ def wants_input(layers: Sequence[str] | str | None) -> bool:
     return INPUT in (_layer_names(layers) or ())
 
 
+#: The error of a penalty over zero capture points (both frameworks raise it, word for word).
+NO_CAPTURE_POINTS = (
+    "the model has no capture points, so the penalty would be 0: mark activations with capture(...) in the "
+    "model, or name modules with capture_modules={name: module path} (capture_points(model, x) lists them), "
+    f"or penalise the input with layers=[{INPUT!r}]"
+)
+
+
+def min_fd_step(eps: float) -> float:
+    """Smallest ``fd_step`` accepted for activations whose dtype has machine epsilon ``eps``: ``100 * eps``.
+
+    The forward difference ``(loss(a + h v) - loss(a)) / h`` carries a rounding
+    error of about ``eps * |loss| / (h * |g|)`` relative to ``|g|``; for
+    unit-scale loss and gradient that is over 1% below ``h = 100 eps`` and
+    100% at ``h = eps`` (``a + h v`` rounds to ``a``). 1.2e-5 in float32,
+    2.2e-14 in float64; the best step for unit-scale activations is about
+    ``sqrt(eps)`` (3e-4 in float32), the default 1e-3 is near it.
+    """
+    return 100.0 * eps
+
+
+def check_fd_step(fd_step: float, eps: float, dtype_name: str) -> None:
+    """Raise a one-line ``ValueError`` when ``fd_step`` is below ``min_fd_step(eps)`` for ``dtype_name``."""
+    low = min_fd_step(eps)
+    if fd_step < low:
+        raise ValueError(f"fd_step={fd_step!r} is too small for {dtype_name} activations: the finite "
+                         f"difference would be rounding noise; use fd_step >= {low:.2g} (100 x machine "
+                         f"epsilon; about {math.sqrt(eps):.1g} is best for unit-scale activations)")
+
+
 def select_layers(available: Sequence[str], layers: Sequence[str] | str | None) -> tuple[str, ...]:
     """Validate ``layers`` against the model's capture points; ``None`` means all of them.
 
     ``"input"`` is always accepted as well (the input capture point), but
     ``None`` never includes it. Raises a one-line ``ValueError`` listing the
-    valid names for an unknown, empty or duplicated choice.
+    valid names for an unknown, empty or duplicated choice, and
+    ``NO_CAPTURE_POINTS`` for ``None`` on a model without capture points (a
+    penalty over nothing is 0: an error, never a silent 0).
     """
     if layers is None:
+        if not available:
+            raise ValueError(NO_CAPTURE_POINTS)
         return tuple(available)
     layers = _layer_names(layers)
     unknown = [name for name in layers if name not in available and name != INPUT]

@@ -40,6 +40,12 @@ With ``g_l = d loss / d a_l`` and ``G_{l,i} = d loss_i / d a_{l,i}``:
   ``v = Lambda g / sqrt(g^T Lambda g)``; only first-order differentiation is
   needed, and the value and its parameter gradient are exact up to O(h).
 
+Capture points are the model's ``capture()`` marks and, for models written
+elsewhere (Hugging Face, model zoos), submodules named by path with
+``capture_modules={name: "path/to/module[:k]"}`` (``jax_impl.capture``; the
+output, or its first element for a tuple, is the activation). A penalty over
+zero capture points is an error, never 0.
+
 The model is reached through one function, ``forward(perturbations, x) ->
 (outputs, updated_state_or_None)`` (``linen_forward`` builds it for a Linen
 module; ``jax_impl.nnx`` for an NNX one), so models with other collections
@@ -50,7 +56,6 @@ module; ``jax_impl.nnx`` for an NNX one), so models with other collections
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -58,7 +63,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
 
 from agp_common.penalty_spec import (
     INPUT,
@@ -68,16 +72,23 @@ from agp_common.penalty_spec import (
     resolve_options,
     select_layers,
 )
-from jax_impl.layers import PERTURBATIONS
-from jax_impl.validation import check_loss_inputs, check_penalized_loss_args
+from jax_impl.fast_conv import fast_convolutions as _fast_convolutions
+from jax_impl.module_capture import SEP as SEP  # re-exported: jax_impl.nnx and callers use penalty.SEP
+from jax_impl.module_capture import Runner, apply_fn, intercepted, is_hf_model, model_logits, probe, runner
+from jax_impl.validation import (
+    check_example_weights,
+    check_fd_step,
+    check_input_capture,
+    check_loss_inputs,
+    check_penalized_loss_args,
+)
 
 Params = Any
-SEP = "/"
 
 #: ``forward(perturbations, x) -> (outputs, updated_state_or_None)``; the
 #: perturbations are a flat ``{capture name: array}`` dict of the model's
 #: capture points (never ``"input"``, which is added to ``x`` by the caller).
-Forward = Callable[[dict[str, jax.Array], jax.Array], tuple[jax.Array, Any]]
+Forward = Callable[[dict[str, jax.Array], Any], tuple[Any, Any]]
 #: ``apply(variables, x, mutable=...)``: ``Module.apply``, or a function with its signature.
 Apply = Callable[..., Any]
 
@@ -108,18 +119,8 @@ def cross_entropy_loss(
 
 
 def _apply_fn(model: nn.Module | Apply, apply_kwargs: Mapping | None = None, rngs: Any = None) -> Apply:
-    """``model.apply`` for a Linen module (or ``model`` itself, a function like it), with bound keywords.
-
-    ``apply_kwargs`` / ``rngs`` are the older spelling of
-    ``functools.partial(model.apply, **apply_kwargs, rngs=rngs)`` and still work.
-    """
-    apply = model.apply if isinstance(model, nn.Module) else model
-    if not callable(apply):
-        raise TypeError(f"model must be a flax.linen Module or an apply function, got {type(model).__name__}")
-    kwargs = dict(apply_kwargs or {})
-    if rngs is not None:
-        kwargs["rngs"] = rngs
-    return functools.partial(apply, **kwargs) if kwargs else apply
+    """``model.apply`` with bound keywords (``module_capture.apply_fn``; kept for callers of this name)."""
+    return apply_fn(model, apply_kwargs, rngs)
 
 
 def linen_forward(
@@ -130,24 +131,31 @@ def linen_forward(
     mutable: Sequence[str] = (),
     apply_kwargs: Mapping | None = None,
     rngs: Any = None,
+    capture_modules: Mapping[str, str] | None = None,
 ) -> Forward:
     """``forward(perturbations, x)`` for a Linen module: ``model.apply`` with the perturbations.
 
-    ``model`` is a Linen module or an ``apply`` function with ``Module.apply``'s
-    signature (e.g. ``functools.partial(model.apply, train=True)``).
-    Variables are ``{"params": params, **model_state, "perturbations": ...}``.
+    ``model`` is a Linen module, an ``apply`` function with ``Module.apply``'s
+    signature (e.g. ``functools.partial(model.apply, train=True)``) or a
+    Hugging Face Flax model (``jax_impl.capture``). ``x`` is one array, a
+    tuple (positional inputs) or a dict (keyword inputs).
+    Variables are ``{"params": params, **model_state, "perturbations": ...}``;
+    the perturbations of ``capture_modules`` names (``{name: "path/to/module[:k]"}``)
+    are added to those modules' outputs instead (``jax_impl.capture``).
     Returns ``(outputs, updated collections)`` when ``mutable`` names
     collections (e.g. ``["batch_stats"]``), else ``(outputs, None)``.
     """
-    apply = _apply_fn(model, apply_kwargs, rngs)
+    return _forward_of(runner(model, apply_kwargs=apply_kwargs, rngs=rngs), params, model_state, mutable,
+                       capture_modules)
+
+
+def _forward_of(run: Runner, params, model_state, mutable, capture_modules) -> Forward:
+    """``forward(perturbations, x)`` from ``module_capture.runner``'s ``run``, capture by path outermost."""
+    run = intercepted(run, capture_modules)
     mutable = list(mutable)
 
-    def forward(perturbations: dict[str, jax.Array], x: jax.Array):
-        nested = traverse_util.unflatten_dict(perturbations, sep=SEP)
-        variables = {"params": params, **(model_state or {}), PERTURBATIONS: nested}
-        if mutable:
-            return apply(variables, x, mutable=mutable)
-        return apply(variables, x), None
+    def forward(perturbations: dict[str, jax.Array], x: Any):
+        return run(params, model_state, perturbations, x, mutable)
 
     return forward
 
@@ -155,31 +163,33 @@ def linen_forward(
 def zero_perturbations(
     model: nn.Module | Apply,
     params: Params,
-    x: jax.Array,
+    x: Any,
     *,
     model_state: Mapping | None = None,
     mutable: Sequence[str] = (),
     apply_kwargs: Mapping | None = None,
     rngs: Any = None,
+    capture_modules: Mapping[str, str] | None = None,
 ) -> dict[str, jax.Array]:
     """Zero perturbations for every capture point of ``model`` at the batch ``x``.
 
     Returns a flat dict ``{"relu1": zeros(B, 14, 14, 32), ...}`` keyed by capture
-    name (nested modules give ``"block/relu"``). Shapes come from tracing only
-    (``jax.eval_shape``), so this is free under ``jit`` and always matches the
-    batch size of ``x``, not the one the model was initialised with.
-    ``model`` and the keywords are as in ``linen_forward``.
+    name (nested modules give ``"block/relu"``), then the ``capture_modules``
+    names (zeros shaped like those modules' outputs, first element of a tuple).
+    Shapes come from tracing only (``jax.eval_shape``), so this is free under
+    ``jit`` and always matches the batch size of ``x``, not the one the model
+    was initialised with. ``model`` and the keywords are as in ``linen_forward``.
+    Raises a one-line ``ValueError`` for a ``capture()`` name reached twice
+    and for a ``capture_modules`` path that is not called (listing the nearest).
     """
-    apply = _apply_fn(model, apply_kwargs, rngs)
+    return _zeros_of(runner(model, apply_kwargs=apply_kwargs, rngs=rngs), params, x, model_state, mutable,
+                     capture_modules, hf=is_hf_model(model))
 
-    def perturbation_tree(p, state, inputs):
-        variables = {"params": p, **(state or {})}
-        _, new = apply(variables, inputs, mutable=[PERTURBATIONS, *mutable])
-        return new.get(PERTURBATIONS, {})
 
-    shapes = jax.eval_shape(perturbation_tree, params, model_state, x)
-    flat = traverse_util.flatten_dict(shapes, sep=SEP)
-    return {name: jnp.zeros(s.shape, s.dtype) for name, s in flat.items()}
+def _zeros_of(run: Runner, params, x, model_state, mutable, capture_modules, *, hf: bool):
+    found = probe(run, params, model_state, x, mutable, capture_modules, with_collections=not hf)
+    shapes = {**found.capture_shapes, **found.path_shapes}
+    return {name: jnp.zeros(s.shape, s.dtype) for name, s in shapes.items()}
 
 
 def _chosen_zeros(
@@ -203,6 +213,12 @@ def _perturbed(forward: Forward, zeros: Mapping[str, jax.Array], x: jax.Array, r
         return reduce(outputs), (outputs, state)
 
     return run
+
+
+def default_loss(outputs: Any, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy of the model's logits (``model_logits``: ``outputs.logits``,
+    else element 0 of a tuple, else the outputs): (B, K), (B,) -> (B,)."""
+    return per_example_cross_entropy(model_logits(outputs), labels)
 
 
 def _batch_loss(loss_fn, y, example_weights):
@@ -246,11 +262,14 @@ def penalized_loss_from_forward(
     (``{capture name: zeros}``, without ``"input"``).
     """
     check_loss_inputs(x, penalty_weight)  # clear ValueError (jax_impl.validation)
+    check_example_weights(example_weights)
     opts = resolve_options(options, layers, **option_keywords)
-    layers = select_layers(tuple(zeros), opts.layers)
+    layers = select_layers(tuple(zeros), opts.layers)  # raises for zero capture points
+    if INPUT in layers:
+        check_input_capture(x)
     check_layer_weights(opts, layers)
     check_examples_interact(opts, examples_interact)
-    loss_fn = per_example_cross_entropy if loss_fn is None else loss_fn
+    loss_fn = default_loss if loss_fn is None else loss_fn
     chosen = _chosen_zeros(zeros, x, layers)
     per_example = opts.normalization == "per_example"
 
@@ -288,6 +307,7 @@ def penalized_loss_from_forward(
         penalty = sum(opts.weight_of(name) * term for name, term in terms.items()) \
             if opts.layer_weights is not None else sum(terms.values())
     else:
+        check_fd_step(opts.fd_step, [g.dtype for g in grads.values()])
         penalty = _finite_difference_penalty(
             forward, zeros, x, y, loss_fn, example_weights, jax.lax.stop_gradient(grads),
             loss if not per_example else None, opts,
@@ -299,7 +319,7 @@ def penalized_loss_from_forward(
         "penalty": penalty,
         "penalty_terms": terms,
         "activation_grads": grads,
-        "logits": outputs,
+        "logits": model_logits(outputs),
     }
     if state is not None:
         aux["model_state"] = state
@@ -385,20 +405,28 @@ def penalized_loss(
     model_state: Mapping | None = None,
     mutable: Sequence[str] = (),
     examples_interact: bool | None = None,
-    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    loss_fn: Callable[[Any, jax.Array], jax.Array] | None = None,
+    capture_modules: Mapping[str, str] | None = None,
+    fast_convolutions: bool = True,
     **option_keywords: Any,
 ) -> tuple[jax.Array, dict[str, Any]]:
     """``total = loss + penalty_weight * sum_l ||d loss / d a_l||^2`` and its parts.
 
     Args:
-      params: the model's ``"params"`` collection.
-      model: a Flax Linen module whose capture points use ``layers.capture``
-        (e.g. ``Net()``), or an ``apply`` function with the signature of
-        ``Module.apply`` (``functools.partial(model.apply, train=True,
-        rngs={"dropout": key})`` for models whose ``__call__`` takes more).
-        It is applied as ``apply({"params": params, **model_state,
-        "perturbations": ...}, x)``.
-      x: inputs, NHWC for ``Net``: (B, 32, 32, C). Any batch size.
+      params: the model's ``"params"`` collection (for a Hugging Face
+        model: what its ``params=`` argument takes, e.g. ``model.params``).
+      model: a Flax Linen module (e.g. ``Net()``), or an ``apply`` function
+        with the signature of ``Module.apply`` (``functools.partial(model.apply,
+        train=True, rngs={"dropout": key})`` for models whose ``__call__``
+        takes more), or a Hugging Face ``FlaxPreTrainedModel`` (run as
+        ``model(*inputs, params=params)``). A Linen model is applied as
+        ``apply({"params": params, **model_state, "perturbations": ...}, x)``.
+      x: inputs: one array (NHWC for ``Net``: (B, 32, 32, C), any batch
+        size), a tuple of positional inputs (``apply(variables, *x)``) or a
+        dict of keyword inputs (``apply(variables, **x)``, e.g.
+        ``{"input_ids": ..., "attention_mask": ...}``). B is the first axis
+        of the first array leaf. Integer inputs (token ids) are fine; the
+        ``"input"`` capture needs ``x`` to be one floating-point array.
       y: integer class labels (B,) (or whatever ``loss_fn`` takes).
       penalty_weight: the weight ``w`` (the seed answer uses 10); may be traced.
       layers: capture names to penalise; ``None`` (default) penalises all of
@@ -419,8 +447,25 @@ def penalized_loss(
         then the per-example gradients are the diagonal blocks of the full
         Jacobian (B backward passes instead of one). ``None``: True exactly
         when ``"batch_stats"`` is in ``mutable``.
-      loss_fn: per-example loss ``(outputs, y) -> (B,)``; default softmax
-        cross-entropy. The loss is its (weighted) mean.
+      loss_fn: per-example loss ``(outputs, y) -> (B,)`` on the model's raw
+        outputs; default: softmax cross-entropy of ``outputs.logits`` where
+        the output has that attribute (Hugging Face), else of element 0 of a
+        tuple/list, else of the outputs. The loss is its (weighted) mean.
+      capture_modules: capture points by module path, for models without
+        ``capture()`` marks: ``{name: "path/to/module"}`` or
+        ``{name: "path/to/module:k"}`` (the k-th call, 0-based, of a module
+        called more than once), e.g. ``{"layer0": "bert/encoder/layer/0"}``
+        (``"."`` separators are accepted too). The activation is the
+        module's output, or its first element when it returns a tuple
+        (Hugging Face layers return ``(hidden_states, ...)``). They combine
+        with the model's ``capture()`` points (a name in both is an error);
+        ``layers`` chooses among all of them. ``jax_impl.capture_points``
+        lists the paths; details in ``jax_impl.capture``.
+      fast_convolutions: on CPU, compute the model's ``flax.linen.Conv``
+        layers (any stride, padding, dilation, groups) with derivatives that
+        stay fast convolutions (``jax_impl.fast_conv``; same values up to
+        rounding, 2-10x faster penalised steps). No effect on GPU/TPU;
+        ``False`` runs flax's own convolutions.
       **option_keywords: ``PenaltyOptions`` fields; also ``apply_kwargs`` and
         ``rngs`` (the older spelling of a ``functools.partial`` ``model``).
 
@@ -429,7 +474,13 @@ def penalized_loss(
       ``penalty_terms`` (``{layer: phi(...)}`` before ``layer_weights``),
       ``activation_grads`` (``{layer: d loss / d a_layer}``, or the
       per-example ``d loss_i / d a_i`` stacked (B, ...) for ``per_example``),
-      ``logits``, and ``model_state`` when ``mutable`` is given.
+      ``logits`` (as the default loss reads them), and ``model_state`` when
+      ``mutable`` is given.
+
+    Raises ``ValueError`` (one line) for a penalty over zero capture points,
+    a ``capture()`` name reached twice, a ``capture_modules`` path that is
+    not called (listing the nearest paths), all-zero ``example_weights`` and
+    an ``fd_step`` lost in rounding (``agp_common.penalty_spec.min_fd_step``).
       ``jax.grad(lambda p: penalized_loss(p, ...)[0])(params)`` is the training
       gradient (double backprop).
 
@@ -440,9 +491,12 @@ def penalized_loss(
     """
     check_loss_inputs(x, penalty_weight)  # clear ValueError (jax_impl.validation), before any forward pass
     check_penalized_loss_args(model, x, y, example_weights, loss_fn)
-    forward, zeros = _linen_forward_and_zeros(params, model, x, model_state, mutable, option_keywords)
     if examples_interact is None:
         examples_interact = "batch_stats" in tuple(mutable)
+    option_keywords["capture_modules"] = capture_modules  # popped again by _linen_forward_and_zeros
+    # On CPU the model's nn.Conv layers get fast derivatives (jax_impl.fast_conv), inside every forward.
+    forward, zeros = _linen_forward_and_zeros(params, model, x, model_state, mutable, option_keywords,
+                                              fast=None if fast_convolutions else False)
     return penalized_loss_from_forward(
         forward, zeros, x, y, penalty_weight=penalty_weight, layers=layers, options=options,
         example_weights=example_weights, examples_interact=examples_interact, loss_fn=loss_fn,
@@ -450,12 +504,30 @@ def penalized_loss(
     )
 
 
-def _linen_forward_and_zeros(params, model, x, model_state, mutable, keywords: dict):
-    """The forward closure and zero perturbations of a Linen model (pops ``apply_kwargs``/``rngs``)."""
-    apply = _apply_fn(model, keywords.pop("apply_kwargs", None), keywords.pop("rngs", None))
-    forward = linen_forward(apply, params, model_state=model_state, mutable=mutable)
-    zeros = zero_perturbations(apply, params, x, model_state=model_state, mutable=mutable)
+def _linen_forward_and_zeros(params, model, x, model_state, mutable, keywords: dict,
+                             fast: bool | None = False):
+    """The forward closure and zero perturbations of a Linen model (pops ``apply_kwargs``, ``rngs``,
+    ``capture_modules`` from ``keywords``); ``fast``: ``jax_impl.fast_conv.fast_convolutions``'s flag.
+
+    The fast convolutions are entered inside each model run, so that capture by path
+    (``jax_impl.capture``) intercepts first: an interceptor that replaces ``nn.Conv``'s computation
+    ends the chain, and one entered before it would hide the ``nn.Conv`` calls from the capture.
+    """
+    run = runner(model, apply_kwargs=keywords.pop("apply_kwargs", None), rngs=keywords.pop("rngs", None))
+    capture_modules = keywords.pop("capture_modules", None)
+    if fast is not False:
+        run = _with_fast_convolutions(run, fast)
+    forward = _forward_of(run, params, model_state, mutable, capture_modules)
+    zeros = _zeros_of(run, params, x, model_state, mutable, capture_modules, hf=is_hf_model(model))
     return forward, zeros
+
+
+def _with_fast_convolutions(run: Runner, enabled: bool | None) -> Runner:
+    def run_fast(*args):
+        with _fast_convolutions(enabled):
+            return run(*args)
+
+    return run_fast
 
 
 def is_penalty_step(step: jax.Array | int, every: int) -> jax.Array:
@@ -526,10 +598,10 @@ def _plain_loss(params, model, x, y, aux_shapes, *, example_weights=None, model_
     """The unpenalised loss with an ``aux`` shaped like ``penalized_loss``'s (zeros for the penalty)."""
     forward, zeros = _linen_forward_and_zeros(params, model, x, model_state, mutable, dict(keywords))
     outputs, state = forward(zeros, x)
-    loss = weighted_mean((loss_fn or per_example_cross_entropy)(outputs, y), example_weights)
+    loss = weighted_mean((loss_fn or default_loss)(outputs, y), example_weights)
     aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes)
     aux["loss"] = loss
-    aux["logits"] = outputs
+    aux["logits"] = model_logits(outputs)
     if state is not None:
         aux["model_state"] = state
     return loss, aux

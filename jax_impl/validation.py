@@ -25,10 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from agp_common.errors import ModelInputError
+from agp_common.penalty_spec import check_fd_step as check_fd_step_for
 from agp_common.penalty_spec import check_penalty_weight
 
-__all__ = ["ModelInputError", "check_loss_inputs", "check_net_input", "check_penalized_loss_args",
-           "is_concrete", "min_image_size"]
+__all__ = ["ModelInputError", "batch_leaf", "check_example_weights", "check_fd_step", "check_input_capture",
+           "check_loss_inputs", "check_net_input", "check_penalized_loss_args", "is_concrete",
+           "min_image_size"]
 
 #: ``Net``: two stages of conv5x5 (VALID) + 2x2 max-pool, 64 channels after the second.
 KERNEL = 5
@@ -99,17 +101,65 @@ def check_net_input(x: Any, variables: Any = None, where: str = "Net") -> None:
                                   f"{shape} ({FEATURES * h2 * w2} features)")
 
 
+def batch_leaf(x: Any) -> Any:
+    """The array that gives the batch size of inputs ``x`` (an array, a tuple or a dict of arrays): its
+    first leaf with at least one axis (``jax.tree.leaves`` order: dict keys sorted), or ``None``."""
+    return next((leaf for leaf in jax.tree.leaves(x) if getattr(leaf, "ndim", 0) >= 1), None)
+
+
+def _describe(x: Any) -> str:
+    """The shapes of ``x``: ``(2, 8)`` for an array, ``{'input_ids': (2, 8), ...}`` for a dict."""
+    return str(jax.tree.map(lambda leaf: tuple(getattr(leaf, "shape", ())), x))
+
+
 def check_loss_inputs(x: Any, penalty_weight: Any) -> None:
     """Raise ``ModelInputError`` for a batch of 0 examples or a ``penalty_weight`` that is not one
     finite number >= 0 (checked when concrete; a traced weight under ``jit`` is not looked at).
 
-    Same checks as ``torch_ref.validation.check_loss_inputs``.
+    ``x``: an array, or a tuple/dict of arrays (positional/keyword inputs), whose batch size is
+    the first axis of ``batch_leaf(x)``. Same checks as ``torch_ref.validation.check_loss_inputs``.
     """
-    if getattr(x, "ndim", 0) >= 1 and x.shape[0] == 0:
-        raise ModelInputError(f"penalized_loss: x holds no examples (shape {tuple(x.shape)}); expected a "
+    leaf = batch_leaf(x)
+    if leaf is not None and leaf.shape[0] == 0:
+        raise ModelInputError(f"penalized_loss: x holds no examples (shape {_describe(x)}); expected a "
                               "batch of at least one")
     if is_concrete(penalty_weight):
         check_penalty_weight(penalty_weight)
+
+
+def check_example_weights(example_weights: Any) -> None:
+    """Raise ``ModelInputError`` when concrete ``example_weights`` sum to 0 (all zero): the weighted
+    mean ``sum_i m_i l_i / sum_i m_i`` would be 0/0 = NaN. Traced weights are not looked at."""
+    if example_weights is None or not is_concrete(example_weights):
+        return
+    weights = np.asarray(example_weights, dtype=np.float64)
+    if weights.size and not np.isfinite(weights).all():
+        raise ModelInputError("penalized_loss: example_weights contain NaN or Inf; expected finite weights")
+    if weights.sum() == 0:
+        raise ModelInputError(f"penalized_loss: example_weights sum to 0 ({weights.size} weights); the "
+                              "weighted mean loss sum_i m_i l_i / sum_i m_i would be NaN: give at least one "
+                              "example a positive weight")
+
+
+def check_input_capture(x: Any) -> None:
+    """Raise ``ModelInputError`` unless ``x`` is one floating-point array: the ``"input"`` capture adds a
+    perturbation to ``x`` and differentiates with respect to it, which needs real-valued inputs."""
+    if isinstance(x, jax.Array | np.ndarray) and jnp.issubdtype(x.dtype, jnp.floating):
+        return
+    what = f"dtype {x.dtype}" if hasattr(x, "dtype") else f"a {type(x).__name__} of inputs {_describe(x)}"
+    raise ModelInputError(f"penalized_loss: the {'input'!r} capture needs x to be one floating-point array "
+                          f"(the gradient w.r.t. integer token ids does not exist), got {what}; capture the "
+                          "embedding's output instead, e.g. capture_modules={'emb': 'path/to/embeddings'}")
+
+
+def check_fd_step(fd_step: float, dtypes: Any) -> None:
+    """Raise a ``ValueError`` when ``fd_step`` is lost in rounding for the least precise of ``dtypes``
+    (the perturbed activations): below ``agp_common.penalty_spec.min_fd_step(eps) = 100 eps``."""
+    floats = [jnp.dtype(d) for d in dtypes if jnp.issubdtype(d, jnp.floating)]
+    if not floats:
+        return
+    coarsest = max(floats, key=lambda d: float(jnp.finfo(d).eps))
+    check_fd_step_for(fd_step, float(jnp.finfo(coarsest).eps), coarsest.name)
 
 
 def check_penalized_loss_args(model: Any, x: Any, y: Any, example_weights: Any = None,
@@ -122,19 +172,22 @@ def check_penalized_loss_args(model: Any, x: Any, y: Any, example_weights: Any =
     With a custom ``loss_fn`` the labels can be anything it takes: only the
     batch size of ``x`` is checked then.
     """
-    batch = x.shape[0] if getattr(x, "ndim", 0) >= 1 else None
+    leaf = batch_leaf(x)
+    batch = leaf.shape[0] if leaf is not None else None
     if example_weights is not None and batch is not None and tuple(example_weights.shape) != (batch,):
         raise ModelInputError(f"penalized_loss: expected example_weights of shape ({batch},) (one per "
                               f"example of x), got shape {tuple(example_weights.shape)}")
-    if is_concrete(x) and jnp.issubdtype(x.dtype, jnp.inexact) and not np.isfinite(np.asarray(x)).all():
-        raise ModelInputError("penalized_loss: x contains NaN or Inf; expected finite inputs")
+    for value in jax.tree.leaves(x):
+        if (is_concrete(value) and hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.inexact)
+                and not np.isfinite(np.asarray(value)).all()):
+            raise ModelInputError("penalized_loss: x contains NaN or Inf; expected finite inputs")
     if loss_fn is not None:
         return
     num_classes = getattr(model, "num_classes", None)
     classes = f"[0, {num_classes})" if num_classes is not None else "[0, K)"
     if tuple(y.shape) != (batch,):
         raise ModelInputError(f"penalized_loss: expected labels y of shape ({batch},) (one integer class in "
-                              f"{classes} per example of x {tuple(x.shape)}), got shape {tuple(y.shape)}")
+                              f"{classes} per example of x {_describe(x)}), got shape {tuple(y.shape)}")
     if not jnp.issubdtype(y.dtype, jnp.integer):
         raise ModelInputError(f"penalized_loss: expected integer class labels y of shape ({batch},) in "
                               f"{classes}, got dtype {y.dtype}; use y.astype(jnp.int32)")
