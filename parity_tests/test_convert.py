@@ -34,7 +34,6 @@ from parity_tests.harness import (
     jax_dtype,
     jax_inputs,
     make_batch,
-    nchw_to_nhwc,
     to_numpy,
     torch_inputs,
     torch_net,
@@ -75,15 +74,19 @@ def randomize_flax(variables: dict, seed: int) -> dict:
 
 
 def assert_twins(torch_model: tnn.Module, flax_model: fnn.Module, x: np.ndarray, seed: int = 0,
-                 **convert) -> None:
+                 channels_last: bool | None = None, **convert) -> None:
     """Same logits in float64 both ways, and Flax -> PyTorch -> Flax is bit-exact.
 
-    ``x`` is the PyTorch input: NCHW images (Flax gets them NHWC) or integer tokens.
+    ``x`` is the PyTorch input: NCHW images (Flax gets them NHWC), channels-first
+    maps of any rank (``channels_last=True``: Flax gets the channel axis last),
+    integer tokens or (B, T, E) sequences.
     """
     torch_model = torch_model.double().eval()
     xt = torch.from_numpy(x)
+    if channels_last is None:
+        channels_last = x.ndim == 4
     with jax_dtype("float64"):
-        xf = jnp.asarray(nchw_to_nhwc(x) if x.ndim == 4 else x)
+        xf = jnp.asarray(np.moveaxis(x, 1, -1) if channels_last else x)
         apply = fast_jit(flax_model.apply)  # one compilation for both directions (op by op is slower)
         # PyTorch -> Flax.
         randomize_torch_(torch_model, seed)
@@ -362,6 +365,117 @@ def test_sequential_with_name_map_agrees():
     assert_twins(sequential_torch(), SequentialFlax(), images(2, 1, 10, 10), name_map=SEQUENTIAL_NAMES)
 
 
+# ------------------------------------------------- 1-D and 3-D maps, transposed convolution, attention
+
+
+class Conv1dTorch(tnn.Module):
+    """A (4, 8) channels-first sequence map flattened into a Linear: its rows need the (l, c) order."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = tnn.Conv1d(2, 4, 3, padding=1, groups=2)
+        self.head = tnn.Linear(4 * 8, 3)
+
+    def forward(self, x):  # (B, 2, 8)
+        return self.head(torch.tanh(self.conv(x)).flatten(1))  # (B, 4, 8) -> (B, 32) in (c, l) order
+
+
+class Conv1dFlax(fnn.Module):
+    @fnn.compact
+    def __call__(self, x):  # (B, 8, 2)
+        x = jnp.tanh(fnn.Conv(4, (3,), padding=1, feature_group_count=2, name="conv")(x))  # (B, 8, 4)
+        return fnn.Dense(3, name="head")(x.reshape(x.shape[0], -1))  # (l, c) order
+
+
+class Conv3dTorch(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = tnn.Conv3d(1, 2, 3, bias=False)
+        self.norm = tnn.BatchNorm3d(2)
+        self.head = tnn.Linear(2 * 2 * 2 * 2, 3)
+
+    def forward(self, x):  # (B, 1, 4, 4, 4)
+        return self.head(torch.relu(self.norm(self.conv(x))).flatten(1))  # (B, 2, 2, 2, 2) -> (B, 16)
+
+
+class Conv3dFlax(fnn.Module):
+    @fnn.compact
+    def __call__(self, x):  # (B, 4, 4, 4, 1)
+        x = fnn.Conv(2, (3, 3, 3), padding="VALID", use_bias=False, name="conv")(x)
+        x = fnn.relu(flax_batch_norm("norm")(x))  # (B, 2, 2, 2, 2), channels last
+        return fnn.Dense(3, name="head")(x.reshape(x.shape[0], -1))
+
+
+class UpTorch(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = tnn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1)
+        self.head = tnn.Linear(3, 2)
+
+    def forward(self, x):  # (B, 2, 4, 4)
+        return self.head(torch.tanh(self.up(x)).mean(dim=(2, 3)))  # (B, 3, 8, 8) -> (B, 2)
+
+
+class UpFlax(fnn.Module):
+    @fnn.compact
+    def __call__(self, x):  # (B, 4, 4, 2)
+        # PyTorch's padding p, output_padding q (kernel k) pad the dilated input by (k-1-p, k-1-p+q).
+        x = fnn.ConvTranspose(3, (3, 3), strides=2, padding=((1, 2), (1, 2)), name="up")(x)  # (B, 8, 8, 3)
+        return fnn.Dense(2, name="head")(jnp.tanh(x).mean(axis=(1, 2)))
+
+
+class AttentionTorch(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = tnn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = tnn.Linear(8, 3)
+
+    def forward(self, x):  # (B, T, 8)
+        out, _ = self.attn(x, x, x, need_weights=False)
+        return self.head(out.mean(dim=1))
+
+
+class AttentionFlax(fnn.Module):
+    @fnn.compact
+    def __call__(self, x):  # (B, T, 8)
+        out = fnn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, out_features=8, name="attn")(x, x)
+        return fnn.Dense(3, name="head")(out.mean(axis=1))
+
+
+def test_conv1d_flattened_into_a_linear_agrees_with_the_static_and_the_traced_order():
+    x = images(3, 2, 8)
+    assert_twins(Conv1dTorch(), Conv1dFlax(), x, channels_last=True)
+    assert_twins(Conv1dTorch(), Conv1dFlax(), x, channels_last=True, example_input=torch.from_numpy(x[:1]))
+
+
+def test_conv3d_with_batchnorm3d_flattened_into_a_linear_agrees():
+    assert_twins(Conv3dTorch(), Conv3dFlax(), images(2, 1, 4, 4, 4), channels_last=True)
+
+
+def test_transposed_convolution_agrees_with_flax_conv_transpose():
+    assert_twins(UpTorch(), UpFlax(), images(2, 2, 4, 4))
+
+
+def test_multihead_attention_agrees_with_multi_head_dot_product_attention():
+    assert_twins(AttentionTorch(), AttentionFlax(), images(2, 5, 8))
+
+
+def test_multihead_attention_with_other_key_and_value_sizes_agrees():
+    torch_attn = tnn.MultiheadAttention(8, 4, kdim=5, vdim=6, batch_first=True).double().eval()
+    randomize_torch_(torch_attn, 3)
+    q, k, v = images(2, 3, 8), images(2, 4, 5), images(2, 4, 6)
+    params = torch_ref.export_flax_params(torch_attn)
+    assert params["key"]["kernel"].shape == (5, 4, 2) and params["out"]["kernel"].shape == (4, 2, 8)
+    flax_attn = fnn.MultiHeadDotProductAttention(num_heads=4, qkv_features=8, out_features=8)
+    with jax_dtype("float64"):
+        out = flax_attn.apply({"params": params}, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    expected = to_numpy(torch_attn(*map(torch.from_numpy, (q, k, v)), need_weights=False)[0])
+    result = compare("attention", "float64", out, expected)
+    assert result.passed, result
+    back = torch_ref.load_flax_params(tnn.MultiheadAttention(8, 4, kdim=5, vdim=6).double(), params)
+    assert_bit_exact(torch_ref.export_flax_params(back), params)
+
+
 # ----------------------------------------------------------------- names and flatten order
 
 
@@ -497,15 +611,6 @@ def test_exporting_gradients_before_backward_names_the_tensor():
         torch_ref.export_flax_params(torch_ref.Net(), grads=True)
 
 
-class Scaled(tnn.Module):
-    """A container with a parameter of its own."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = tnn.Conv2d(1, 2, 3)
-        self.scale = tnn.Parameter(torch.ones(()))
-
-
 class WithBuffer(tnn.Module):
     def __init__(self):
         super().__init__()
@@ -526,19 +631,23 @@ def holder(**children: tnn.Module) -> tnn.Module:
 
 
 @pytest.mark.parametrize(("module", "message"), [
-    (holder(enc=tnn.Sequential(tnn.Conv1d(2, 2, 3))),
-     r"module 'enc\.0' \(Conv1d\) owns \['bias', 'weight'\] itself, and Conv1d is not a layer the converter "
-     r"knows \(Conv2d, Linear, BatchNorm1d, BatchNorm2d, LayerNorm, GroupNorm, Embedding"),
-    (holder(block=Scaled()), r"module 'block' \(Scaled\) owns \['scale'\] itself"),
-    (Scaled(), r"the root module \(Scaled\) owns \['scale'\] itself"),
-    (holder(pos=WithBuffer()), r"module 'pos' \(WithBuffer\) owns \['mask'\] itself"),
+    (holder(enc=tnn.Sequential(tnn.Bilinear(2, 2, 3))),
+     r"module 'enc\.0' \(Bilinear\) owns \['bias', 'weight'\] itself, and Bilinear is not a layer the "
+     r"converter knows \(Conv1d, Conv2d, .*Embedding, MultiheadAttention, transformers' Conv1D; .*"
+     r"torch_ref\.register_rule"),
+    (holder(pos=WithBuffer()), r"module 'pos' \(WithBuffer\) owns the persistent buffers \['mask'\], which "
+                               r"belong to no Flax collection"),
     (holder(fc=GainLinear()), r"module 'fc' \(GainLinear\) owns \['gain'\] besides the tensors its layer "
                               r"rule"),
     (holder(norm=tnn.LayerNorm((4, 3))), r"module 'norm' \(LayerNorm\) normalizes over \(4, 3\): only a 1-D"),
     (WideTorch(), r"module 'norm' \(LayerNorm\) reads 72 features after Conv2d 'conv' with 3 channels: "
                   r"72 = 3 x 24 is not a square map.*pass example_input"),
-], ids=["unknown layer type", "parameter on a container", "parameter on the root", "buffer",
-        "extra parameter on a known layer", "multi-dimensional LayerNorm", "non-square flatten"])
+    (holder(up=tnn.ConvTranspose2d(4, 4, 3, groups=2)),
+     r"module 'up' \(ConvTranspose2d\) has groups=2: Flax's nn.ConvTranspose has no feature groups"),
+    (holder(attn=tnn.MultiheadAttention(4, 2, add_bias_kv=True)),
+     r"module 'attn' \(MultiheadAttention\) owns \['bias_k', 'bias_v'\] besides the tensors its layer rule"),
+], ids=["unknown layer type", "buffer", "extra parameter on a known layer", "multi-dimensional LayerNorm",
+        "non-square flatten", "grouped transposed convolution", "attention with add_bias_kv"])
 def test_unconvertible_modules_are_named(module, message):
     with pytest.raises(ValueError, match=message):
         torch_ref.export_flax_params(module)
