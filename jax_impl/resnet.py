@@ -21,7 +21,8 @@ weights with no ``name_map``, and capture paths read the same in both
 frameworks (``capture_modules={"block": "layer1/0"}``). BatchNorm is
 PyTorch's (``BatchNorm`` below): ``momentum=0.9`` here is PyTorch's 0.1,
 ``epsilon`` 1e-5, and the running variance averages the *unbiased* batch
-variance, so running statistics, and evaluation after training, match too. ``__call__(x, train=False)``: ``train=True`` normalises with the batch
+variance, so running statistics, and evaluation after training, match too.
+``__call__(x, train=False)``: ``train=True`` normalises with the batch
 statistics and updates ``batch_stats`` (apply with ``mutable=["batch_stats"]``).
 Input NHWC (the PyTorch twin takes NCHW).
 """
@@ -29,7 +30,6 @@ Input NHWC (the PyTorch twin takes NCHW).
 from __future__ import annotations
 
 import functools
-
 import math
 
 import flax.linen as nn
@@ -110,7 +110,7 @@ class BasicBlock(nn.Module):
 
 
 class Stage(nn.Module):
-    """``blocks`` BasicBlocks named ``"0"``, ``"1"``, ...; the first one strides (PyTorch's ``nn.Sequential``)."""
+    """``blocks`` BasicBlocks named ``"0"``, ``"1"``, ...; the first one strides (as ``nn.Sequential``)."""
 
     features: int
     blocks: int
