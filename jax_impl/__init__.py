@@ -22,6 +22,9 @@ measured fastest on the backend at hand (``jax_impl.xla_options``).
 This package never imports PyTorch.
 """
 
+from agp_common.attack_spec import Attack
+from agp_common.penalty_spec import PenaltyOptions
+from jax_impl.attacks import adversarial_correct, adversarial_examples, fgsm, input_gradient, pgd
 from jax_impl.conv_impl import ConvImpl
 from jax_impl.fast_conv import fast_convolutions
 from jax_impl.layers import Conv2D, Dense, capture, max_pool_2x2
