@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from jax_impl import capture
+from parity_tests.verifier.settings import flax_path
 from parity_tests.verify import format_table, init_flax_variables, main, verdict, verify_pair
 
 STEPS = 2
@@ -129,9 +130,9 @@ class TorchBNNet(nn.Module):
         return self.head(x.flatten(1))
 
 
-def flax_bn(train, name):
+def flax_bn(train, name, epsilon=1e-5, momentum=0.9):
     # PyTorch's momentum 0.1 is Flax's 0.9; the exact variance (not E[x^2] - E[x]^2) like PyTorch.
-    return linen.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+    return linen.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
                            use_fast_variance=False, name=name)
 
 
@@ -144,12 +145,13 @@ class FlaxBlock(linen.Module):
 
 class FlaxBNNet(linen.Module):
     flatten_channels_first: bool = False  # True: the deliberately wrong twin (API and CLI tests)
+    bn2_settings: tuple[float, float] = (1e-5, 0.9)  # (epsilon, momentum) of bn2; others: a wrong twin
 
     @linen.compact
     def __call__(self, x, train: bool = False):
         x = FlaxBlock(name="block")(x, train)  # (B, 5, 3, 4)
         x = linen.Conv(6, (3, 3), strides=2, padding=1, use_bias=False, name="conv2")(x)  # (B, 3, 2, 6)
-        x = capture(self, "relu2", linen.relu(flax_bn(train, "bn2")(x)))
+        x = capture(self, "relu2", linen.relu(flax_bn(train, "bn2", *self.bn2_settings)(x)))
         if self.flatten_channels_first:
             x = x.transpose(0, 3, 1, 2)
         return linen.Dense(CLASSES, name="head")(x.reshape(x.shape[0], -1))
@@ -200,6 +202,26 @@ def test_flatten_in_the_wrong_order_fails_the_logits_and_gradients():
     assert verdict(rows).startswith(f"FAIL: {len(failed)} of {len(rows)} rows")
 
 
+def test_batchnorm_epsilon_and_momentum_mismatches_are_named_in_a_failing_row():
+    x, y = batch(BN_SHAPE, seed=2)
+    rows = verify_pair(bn_net_with_running_statistics(), FlaxBNNet(bn2_settings=(1e-3, 0.99)), x, y,
+                       capture_modules=BN_CAPTURES, steps=1, flax_apply_kwargs={"train": False})
+    settings = {r.quantity: r for r in rows}["normalization settings"]
+    assert not settings.passed
+    assert "bn2: eps 1e-05 (PyTorch) != epsilon 0.001 (Flax)" in settings.where
+    assert "bn2: momentum 0.1 (PyTorch) is Flax momentum 0.9, the Flax twin has 0.99" in settings.where
+    assert "block.bn" not in settings.where  # the other BatchNorm agrees
+    assert "bn2: eps 1e-05" in verdict(rows)  # the verdict names the cause of the numeric failures
+
+
+def test_a_batchnorm_mode_mismatch_is_a_value_error_naming_the_flag():
+    x, y = batch(BN_SHAPE)
+    with pytest.raises(ValueError, match=r"Flax BatchNorm 'block/bn' normalises with batch statistics .*"
+                                         r"PyTorch's 'block.bn' is in eval mode"):
+        verify_pair(bn_net_with_running_statistics(), FlaxBNNet(), x, y, capture_modules=BN_CAPTURES,
+                    flax_apply_kwargs={"train": True})
+
+
 # ---------------------------------------------------------------------------- (3) MLP with LayerNorm
 
 
@@ -226,8 +248,13 @@ class TorchMLP(nn.Module):
 
 
 class FlaxMLP(linen.Module):
+    dropout: float = 0.0  # > 0: a dropout left on (deterministic=False), which the verifier refuses
+    dtype: str | None = None  # a compute dtype field, as Hugging Face's Flax modules have
+
     @linen.compact
     def __call__(self, x):
+        if self.dropout:
+            x = linen.Dropout(self.dropout, deterministic=False, name="drop")(x)
         x = linen.Dense(16, name="fc1")(x.reshape(x.shape[0], -1))  # (h, w, c) order: the converter permutes
         # PyTorch's LayerNorm eps is 1e-5 (Flax's default 1e-6); its GELU is the exact erf form.
         x = linen.LayerNorm(epsilon=1e-5, use_fast_variance=False, name="ln1")(x)
@@ -241,6 +268,21 @@ def test_layernorm_mlp_passes_every_row():
     rows = verify_pair(seeded(TorchMLP, seed=5), FlaxMLP(), x, y,
                        capture_modules={"gelu": "hidden", "tanh": "act2"}, steps=STEPS)
     assert_every_row_passes(rows)
+    notes = {r.quantity: r.where for r in rows if r.is_note}
+    assert notes["normalization settings"] == "epsilon and momentum agree (2 of 2 layers compared)"
+    assert notes["dropout"].startswith("disabled on both sides")
+
+
+def test_a_flax_dropout_left_on_is_a_value_error():
+    x, y = batch((4, 2, 3, 3))
+    with pytest.raises(ValueError, match=r"dropout is active at \['drop'\].*deterministic"):
+        verify_pair(seeded(TorchMLP), FlaxMLP(dropout=0.5), x, y, capture_modules={"tanh": "act2"})
+
+
+def test_a_flax_twin_computing_in_float32_is_a_value_error_in_a_float64_run():
+    x, y = batch((4, 2, 3, 3))
+    with pytest.raises(ValueError, match=r"computes in float32 \(its dtype field\).*dtype=jnp.float64"):
+        verify_pair(seeded(TorchMLP), FlaxMLP(dtype="float32"), x, y, capture_modules={"tanh": "act2"})
 
 
 # ------------------------------------------------------------------------------ errors a user can make
@@ -254,15 +296,33 @@ def test_a_flax_module_with_other_layer_names_is_a_one_line_value_error():
             return capture(self, "tanh1", jnp.tanh(x)).mean(axis=(1, 2))
 
     x, y = batch(LENET_SHAPE)
-    with pytest.raises(ValueError, match=r"do not fit the Flax module's 'params'.*name_map") as info:
+    with pytest.raises(ValueError, match=r"do not fit the Flax module.*params\['first'\].*name_map") as info:
         verify_pair(seeded(TorchLeNet), Renamed(), x, y, capture_modules={"tanh1": "tanh:0"}, steps=0)
     assert "\n" not in str(info.value)
 
 
 def test_an_unknown_capture_name_is_a_value_error_listing_the_flax_capture_points():
     x, y = batch(LENET_SHAPE)
-    with pytest.raises(ValueError, match=r"\['relu1'\] are not capture points.*\['tanh1', 'tanh2'\]"):
+    message = r"capture 'relu1': .*no capture\(\) point 'relu1' \(it has \['tanh1', 'tanh2'\]\)"
+    with pytest.raises(ValueError, match=message):
         verify_pair(seeded(TorchLeNet), FlaxLeNet(), x, y, capture_modules={"relu1": "tanh:0"}, steps=0)
+
+
+def test_a_capture_path_given_twice_is_a_value_error():
+    x, y = batch(LENET_SHAPE)
+    with pytest.raises(ValueError, match=r"capture name 'act1' is given twice"):
+        verify_pair(seeded(TorchLeNet), FlaxLeNet(), x, y, capture_modules=["act1", "act1"])
+
+
+@pytest.mark.parametrize("torch_path, flax_paths, expected", [
+    ("block.bn", ["block/bn"], "block/bn"),
+    ("layers.0.bn", ["layers_0/bn"], "layers_0/bn"),  # a list of submodules assigned in setup
+    ("stage.layer.0.norm", ["stage/layer/layer_0/norm"], "stage/layer/layer_0/norm"),  # HF's Flax ResNet
+    ("features.1", ["conv1", "bn1"], "bn1"),  # through name_map
+    ("head.bn", ["block/bn"], None),
+])
+def test_normalization_layers_are_matched_across_flax_spellings(torch_path, flax_paths, expected):
+    assert flax_path(torch_path, {"features.1": "bn1"}, flax_paths) == expected
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -309,7 +369,7 @@ def test_cli_bad_class_path_exits_2_with_one_line(args, message, capsys):
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--input-shape", "8,x,28", "--input-shape: expected positive integers"),
-    ("--captures", "tanh1", "--captures: expected 'flax_name=torch.module.path[:k],...'"),
+    ("--captures", "tanh1=", "--captures: expected 'torch.module.path' or 'name=torch.module.path"),
     ("--torch-kwargs", "{num_classes: 3}", "--torch-kwargs: expected a JSON object"),
 ], ids=["shape", "captures", "json"])
 def test_cli_bad_values_exit_2_with_one_line(flag, value, message, capsys):
