@@ -1,4 +1,5 @@
-"""The step-time benchmark runs end to end and its FLOP count is the documented one."""
+"""The step-time benchmark runs end to end, its FLOP count is the documented one, and every run
+reports the machine it ran on."""
 
 import json
 
@@ -6,17 +7,20 @@ import jax
 import pytest
 
 from agp_common.config import parse_config
-from benchmarks.step_time import (
-    Result,
-    cli_command,
-    cli_step_times,
-    format_table,
-    forward_flops,
-    main,
-    step_flops,
-    summarise,
-    torch_runners,
+from benchmarks.cli_time import cli_command, cli_step_times
+from benchmarks.machine import (
+    LOAD_PER_CORE_LIMIT,
+    cpu_features,
+    cpu_model,
+    format_machine,
+    load_warning,
+    machine_report,
+    physical_cores,
+    record_end_load,
 )
+from benchmarks.step_runners import forward_flops, step_flops, torch_runners
+from benchmarks.step_time import main
+from benchmarks.timing import Result, format_table, summarise
 
 
 def test_flop_count_matches_the_documented_forward_equivalents():
@@ -55,7 +59,10 @@ def test_benchmark_writes_a_table_row_per_config_and_a_summary(tmp_path, capsys,
     summary = payload["summary"][0]
     assert {"torch_over_jax_penalised", "torch_over_jax+opts_penalised", "jax_penalty_overhead",
             "torch_penalty_overhead"} <= set(summary)
+    assert {"cpu_model", "cores_available", "isa", "loadavg_start", "loadavg_end", "conv_impl_auto",
+            "torch_num_threads"} <= set(payload["environment"])
     out = capsys.readouterr().out
+    assert out.startswith("# machine: ")
     assert "| 2 | jax | penalised |" in out and "| 2 | jax+opts | penalised |" in out
 
 
@@ -124,3 +131,42 @@ def test_torch_compile_of_the_penalised_step_runs_or_records_pytorchs_error():
         runners[0].run()
     else:
         assert "double backward" in unavailable["torch+compile penalised"]
+
+
+# Two sockets of one 2-core CPU with SMT (8 logical CPUs, 4 physical cores); x86 flags.
+CPUINFO = "".join(
+    f"processor\t: {i}\nmodel name\t: Example CPU 9000\nphysical id\t: {i // 4}\ncore id\t\t: {i % 2}\n"
+    "flags\t\t: fpu sse2 fma avx2 avx512f avx512_bf16 amx_tile\n\n" for i in range(8))
+
+
+def test_machine_report_reads_model_physical_cores_and_isa_from_cpuinfo():
+    assert cpu_model(CPUINFO) == "Example CPU 9000"
+    assert physical_cores(CPUINFO) == 4  # (socket, core) pairs: SMT siblings counted once
+    assert cpu_features(CPUINFO) == ["fma", "avx2", "avx512f", "avx512_bf16", "amx_tile"]
+    assert cpu_features("Features\t: fp asimd sve\n") == ["asimd", "sve"]  # Arm's spelling
+    assert physical_cores("") is None
+
+
+def test_load_warning_only_above_half_a_busy_core_per_core_not_counting_the_benchmark():
+    assert load_warning(0.9, cores=2) is None  # 0.45 per core
+    assert load_warning(1.0, cores=2) is None  # exactly the limit: not above it
+    warning = load_warning(1.2, cores=2)  # 0.6 per core
+    assert warning.startswith("WARNING:") and "0.60 per core" in warning and "not to be trusted" in warning
+    assert load_warning(2.9, cores=2, own=2) is None  # the benchmark's own 2 cores discounted: 0.45
+    assert load_warning(3.2, cores=2, own=2) is not None
+    assert LOAD_PER_CORE_LIMIT == 0.5
+
+
+def test_machine_report_has_the_machine_software_and_load_fields_and_prints_them():
+    report = machine_report(jax=jax)
+    assert {"cpu_model", "physical_cores", "logical_cores", "cores_available", "isa", "os", "python",
+            "jax", "jaxlib", "jax_backend", "jax_devices", "conv_impl_auto", "loadavg_start",
+            "load_warning_start"} <= set(report)
+    assert 1 <= report["cores_available"] <= report["logical_cores"]
+    assert report["jax_backend"] == jax.default_backend()
+    assert report["conv_impl_auto"] in ("onednn", "canonical", "xla")
+    json.dumps(report)  # stored as is in the benchmark's JSON
+    text = format_machine(report)
+    assert text.startswith(f"# machine: {report['cpu_model']}") and f"jax {report['jax']}" in text
+    assert "load average at end" in record_end_load(report)
+    assert len(report["loadavg_end"]) == 3
