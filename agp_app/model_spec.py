@@ -101,24 +101,39 @@ def parse_model_spec(model: str, model_args: str | None = None) -> ModelSpec:
     return ModelSpec(model, args)
 
 
-def import_object(path: str) -> Any:
-    """The object ``pkg.module:Name`` names; ``ValueError`` (one line) when it cannot be had."""
-    if not _IMPORT_PATH.match(path):
-        raise ValueError(f"{_USAGE}; got {path!r}")
-    module_name, attr = path.split(":")
+def import_object(path: str, what: str = "--model") -> Any:
+    """The object ``pkg.module:Name`` names (``Name`` may be dotted: ``Outer.factory``).
+
+    The one importer of the user's models, for the training CLIs and the verifier. Every failure is
+    one ``ValueError`` line that starts with ``what`` (the flag or argument) and ``path``: a
+    malformed path, a module that cannot be found, a module that fails while it is imported
+    (SyntaxError, a missing dependency, any exception), a missing attribute.
+    """
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{what} {path!r}: expected 'package.module:Name' (a class or a function "
+                         "returning a model)")
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and module_name.startswith(e.name):  # the module itself, not a dependency
+            raise ValueError(f"{what} {path}: cannot import module {module_name!r} ({e}); run from the "
+                             "folder that holds it, or set PYTHONPATH") from e
+        raise ValueError(f"{what} {path}: importing module {module_name!r} failed: {e}") from e
     except SyntaxError as e:
-        raise ValueError(f"--model {path}: syntax error in {e.filename}, line {e.lineno}: {e.msg}") from e
-    except ImportError as e:
-        raise ValueError(f"--model {path}: cannot import {module_name} ({e}); is its folder on sys.path "
-                         "(run from the folder that holds it, or set PYTHONPATH)?") from e
+        raise ValueError(f"{what} {path}: importing module {module_name!r} failed: SyntaxError: {e.msg} "
+                         f"({e.filename}, line {e.lineno})") from e
     except Exception as e:  # the user's module raised while it was imported
-        raise ValueError(f"--model {path}: importing {module_name} raised {type(e).__name__}: {e}") from e
-    if not hasattr(module, attr):
-        raise ValueError(f"--model {path}: module {module_name} ({getattr(module, '__file__', '?')}) has no "
-                         f"attribute {attr!r}")
-    return getattr(module, attr)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{what} {path}: importing module {module_name!r} failed: "
+                         f"{type(e).__name__}: {first}") from e
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{what} {path}: module {module_name!r} "
+                             f"({getattr(module, '__file__', '?')}) has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
 
 
 def _accepted(constructor: Callable, names: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,6 @@ traceback), never a traceback alone.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import sys
@@ -37,6 +36,7 @@ from torch import nn
 
 from agp_app.config import OneLineErrorParser
 from agp_app.errors import UsageError, report_error
+from agp_app.model_spec import import_object
 from parity_tests.harness import DTYPES, single_threaded_torch
 from parity_tests.verifier.flax_twin import is_pretrained_wrapper
 from parity_tests.verifier.inputs import FLAX_LAYOUTS
@@ -300,26 +300,10 @@ def parse_json_object(text: str | None, flag: str) -> dict:
 
 def load_object(spec: str, what: str) -> Any:
     """``"package.module:Name"`` (``Name`` may be dotted) -> the object; any import failure is one line."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise UsageError(f"{what} model: expected 'package.module:ClassName' (a class or a factory "
-                         f"function), got {spec!r}")
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name is not None and module_name.startswith(e.name):
-            raise UsageError(f"{what} model {spec!r}: cannot import module {module_name!r} ({e}); run from "
-                             "the directory that contains the package") from e
-        raise UsageError(f"{what} model {spec!r}: importing module {module_name!r} failed: {e}") from e
-    except Exception as e:  # the user's module: SyntaxError, an error at import time
-        raise UsageError(f"{what} model {spec!r}: importing module {module_name!r} failed: "
-                         f"{type(e).__name__}: {first_line(e)}") from e
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise UsageError(f"{what} model {spec!r}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
+        return import_object(spec, f"{what} model")
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
 
 def build(factory: Any, kwargs: dict, what: str, flag: str) -> Any:
