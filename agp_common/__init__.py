@@ -1,51 +1,57 @@
-"""Framework-free pieces shared by ``jax_impl.train`` and ``torch_ref.train`` (NumPy only).
+"""The framework-free library layer shared by ``jax_impl`` and ``torch_ref`` (NumPy only).
 
-Datasets, the seeded batch order, the flag parser and frozen config, the run
-folder (config.json, metrics.jsonl, progress, TensorBoard) and the plots. This
-package imports neither JAX nor PyTorch, so ``torch_ref`` can use it.
+``PenaltyOptions`` (``agp_common.penalty_spec``), the attack specs (``agp_common.attack_spec``)
+and ``ModelInputError``, the error the libraries raise for bad inputs. This package imports
+neither JAX nor PyTorch, so both libraries use it.
+
+The training applications' pieces (``TrainConfig`` and the flags, datasets, the batch order, the
+CLI errors) live in ``agp_app``; the names below are still importable from here
+(``from agp_common import TrainConfig``) but are loaded only when asked for, so ``import
+jax_impl`` or ``import torch_ref`` loads no flag, dataset or run-folder code.
 """
 
-from agp_common.batching import (
-    BatchOrder,
-    epoch_permutation,
-    eval_batches,
-    padded_batch,
-    steps_per_epoch,
-    take_batch,
-)
-from agp_common.config import TrainConfig, build_parser, parse_config, total_steps, validate_config
-from agp_common.data import Dataset, load_dataset, restricted_unpickle, validate_dataset
-from agp_common.errors import (
-    EXIT_NON_FINITE,
-    EXIT_USAGE,
-    Interrupted,
-    ModelInputError,
-    NonFiniteError,
-    UsageError,
-)
-from agp_common.penalty_spec import PenaltyOptions
+from __future__ import annotations
 
-__all__ = [
-    "EXIT_NON_FINITE",
-    "EXIT_USAGE",
-    "BatchOrder",
-    "Dataset",
-    "Interrupted",
-    "ModelInputError",
-    "NonFiniteError",
-    "PenaltyOptions",
-    "TrainConfig",
-    "UsageError",
-    "build_parser",
-    "epoch_permutation",
-    "eval_batches",
-    "load_dataset",
-    "padded_batch",
-    "parse_config",
-    "restricted_unpickle",
-    "steps_per_epoch",
-    "take_batch",
-    "total_steps",
-    "validate_config",
-    "validate_dataset",
-]
+import importlib
+
+from agp_common.errors import ModelInputError as ModelInputError
+from agp_common.penalty_spec import PenaltyOptions as PenaltyOptions
+
+#: Names re-exported from the applications (``agp_app.<module>``), loaded on first use.
+_APPLICATION_NAMES = {
+    "BatchOrder": "batching",
+    "epoch_permutation": "batching",
+    "eval_batches": "batching",
+    "padded_batch": "batching",
+    "steps_per_epoch": "batching",
+    "take_batch": "batching",
+    "TrainConfig": "config",
+    "build_parser": "config",
+    "parse_config": "config",
+    "total_steps": "config",
+    "validate_config": "config",
+    "Dataset": "data",
+    "load_dataset": "data",
+    "restricted_unpickle": "data",
+    "validate_dataset": "data",
+    "EXIT_NON_FINITE": "errors",
+    "EXIT_USAGE": "errors",
+    "Interrupted": "errors",
+    "NonFiniteError": "errors",
+    "UsageError": "errors",
+}
+
+
+def __getattr__(name: str):
+    """``from agp_common import TrainConfig`` and the like: the name from ``agp_app``, on first use."""
+    module = _APPLICATION_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'agp_common' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"agp_app.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_APPLICATION_NAMES})
+
+
+__all__ = sorted(["ModelInputError", "PenaltyOptions", *_APPLICATION_NAMES])

@@ -1,139 +1,19 @@
-"""PNG plots of a run folder's metrics.jsonl (matplotlib, no GUI, no JAX or PyTorch).
+"""Moved to ``agp_app.plot`` (the applications); this module keeps the old import path working.
 
-``python -m jax_impl.plot WORKDIR`` (or ``python -m agp_common.plot WORKDIR``)
-writes, next to metrics.jsonl:
-
-* ``loss.png``: train loss, train total (loss + w * penalty) and test loss; penalty on a log axis;
-  per-step train values are drawn faintly under their moving average (~2% of the run);
-* ``grad_norms.png``: ||d loss / d a_l|| per capture point (log axis);
-* ``accuracy.png``: train accuracy (per step) and test accuracy (clean, and under each attack of
-  ``--eval-attacks``).
+``agp_common`` is the framework-free library layer (the penalty and attack specs, the errors the
+libraries raise); flags, datasets, the run folder and the training loop live in ``agp_app``.
 """
 
-from __future__ import annotations
-
-import argparse
-import sys
-from collections.abc import Sequence
-from pathlib import Path
-
-from agp_common.errors import UsageError, WriteFailed, report_error
-from agp_common.io import JsonLinesError, atomic_write, read_jsonl
-from agp_common.runlog import METRICS_FILE, penalty_applied
-
-GRAD_NORM_PREFIX = "act_grad_norm/"
+from agp_app import plot as _moved
+from agp_app.plot import *  # noqa: F403
 
 
-def _series(records, key):
-    pairs = [(r["step"], r[key]) for r in records if key in r]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
-def _smooth(xs, ys):
-    """Moving average over ~2% of the run (train metrics are per batch and noisy): same x for plotting."""
-    import numpy as np
-
-    window = max(1, len(ys) // 50)
-    if window == 1:
-        return xs, ys
-    kernel = np.ones(window) / window
-    return xs[window - 1 :], np.convolve(np.asarray(ys, float), kernel, mode="valid")
-
-
-def _plot_train(ax, xs, ys, label, **kwargs):
-    """Raw per-step values, faint, under their moving average."""
-    (line,) = ax.plot(xs, ys, lw=0.6, alpha=0.25, **kwargs)
-    ax.plot(*_smooth(xs, ys), lw=1.4, label=label, color=line.get_color())
-
-
-def _save(fig, path: Path) -> None:
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
-    except OSError as e:
-        raise WriteFailed("the plot", path, e) from None
-
-
-def plot_run(workdir: str | Path) -> list[Path]:
-    """Write the three PNGs for ``workdir``; returns their paths. ``UsageError`` without metrics."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-
-    workdir = Path(workdir)
-    path = workdir / METRICS_FILE
-    if not path.is_file():
-        raise UsageError(f"{path}: not found; expected the metrics.jsonl of a training run")
-    try:
-        records = list(read_jsonl(path))
-    except JsonLinesError as e:
-        raise UsageError(f"{e}; repair or delete that line") from None
-    train = [r for r in records if r.get("split") == "train"]
-    evals = [r for r in records if r.get("split") == "eval"]
-    if not train:
-        raise UsageError(f"{path}: no training records to plot")
-
-    def figure():
-        fig = Figure(figsize=(7, 4.2), layout="constrained")
-        FigureCanvasAgg(fig)
-        return fig, fig.add_subplot()
-
-    outputs = []
-    fig, ax = figure()
-    _plot_train(ax, *_series(train, "loss"), "train loss")
-    ax.plot(*_smooth(*_series(train, "total")), lw=1, ls="--", label="train total (loss + w * penalty)")
-    if evals:
-        ax.plot(*_series(evals, "eval_loss"), "o-", label="test loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
-    ax2 = ax.twinx()
-    _plot_train(ax2, *_series(train, "penalty"), "penalty", color="tab:red")
-    ax2.set_yscale("log")
-    measured_only = not any(penalty_applied(r) for r in train)  # --penalty-weight 0
-    ax2.set_ylabel("penalty sum_l ||dL/da_l||^2" + (" (not applied, w = 0)" if measured_only else ""),
-                   color="tab:red")
-    ax.legend(loc="upper right")
-    ax.set_title("loss and penalty")
-    outputs.append(workdir / "loss.png")
-    _save(fig, outputs[-1])
-
-    fig, ax = figure()
-    for key in sorted({k for r in train for k in r if k.startswith(GRAD_NORM_PREFIX)}):
-        _plot_train(ax, *_series(train, key), key.removeprefix(GRAD_NORM_PREFIX))
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("||d loss / d a||")
-    ax.legend()
-    ax.set_title("activation gradient norm per capture point")
-    outputs.append(workdir / "grad_norms.png")
-    _save(fig, outputs[-1])
-
-    fig, ax = figure()
-    _plot_train(ax, *_series(train, "accuracy"), "train (batch, moving average)")
-    if evals:
-        ax.plot(*_series(evals, "eval_accuracy"), "o-", label="test")
-    for key in sorted({k for r in evals for k in r if k.startswith("eval_accuracy/")}):  # --eval-attacks
-        ax.plot(*_series(evals, key), ".--", label=f"test, {key.split('/', 1)[1]}")
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("accuracy")
-    ax.legend(loc="lower right")
-    ax.set_title("accuracy")
-    outputs.append(workdir / "accuracy.png")
-    _save(fig, outputs[-1])
-    return outputs
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "python -m agp_common.plot") -> int:
-    """CLI: plot WORKDIR's metrics.jsonl; exit 2 with one line on a usage error."""
-    parser = argparse.ArgumentParser(prog=prog, description="Plot a run folder's metrics.jsonl as PNGs.")
-    parser.add_argument("workdir", help="run folder written by jax_impl.train or torch_ref.train")
-    args = parser.parse_args(argv)
-    try:
-        for path in plot_run(args.workdir):
-            print(path)
-    except (UsageError, WriteFailed) as e:
-        return report_error(e)
-    return 0
+def __getattr__(name: str):
+    """Names ``import *`` leaves out (private helpers such as ``_names``), from ``agp_app.plot``."""
+    return getattr(_moved, name)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import sys
+
+    sys.exit(_moved.main(prog="python -m agp_common.plot"))

@@ -1,15 +1,15 @@
 """``python -m jax_impl.plot WORKDIR``: redraw a run folder's PNG plots from its metrics.jsonl.
 
-The plotting itself is framework-free (``agp_common.plot``) and works on
-PyTorch run folders too.
+The entry point only; the plotting is an application, framework-free (``agp_app.plot``), and works
+on PyTorch run folders too. ``import jax_impl`` does not import this module.
 """
 
 from __future__ import annotations
 
 import sys
 
-from agp_common.plot import main as _plot_main
-from agp_common.plot import plot_run
+from agp_app.plot import main as _plot_main
+from agp_app.plot import plot_run
 
 __all__ = ["main", "plot_run"]
 

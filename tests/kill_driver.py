@@ -27,16 +27,16 @@ import sys
 import time
 from pathlib import Path
 
-import agp_common.loop
-from agp_common.batching import BatchOrder
-from agp_common.runlog import MetricsLog
+import agp_app.loop
+from agp_app.batching import BatchOrder
+from agp_app.runlog import MetricsLog
 
 WAIT_S = 120.0
 #: Every ``GracefulStop`` the loop entered, so that a pause ends when a stop is requested.
-stops: list[agp_common.loop.GracefulStop] = []
+stops: list[agp_app.loop.GracefulStop] = []
 
 
-class RecordingStop(agp_common.loop.GracefulStop):
+class RecordingStop(agp_app.loop.GracefulStop):
     """The loop's ``GracefulStop``, remembered in ``stops``."""
 
     def __enter__(self):
@@ -89,26 +89,26 @@ def pause_in_jax_save(where: str, step: int) -> None:
 
 
 def pause_in_torch_save(where: str, step: int) -> None:
-    import torch_ref.train as train
+    import agp_app.torch_train.checkpoints as checkpoints
 
-    atomic_write = train.atomic_write
+    atomic_write = checkpoints.atomic_write
 
     def atomic_write_pausing(path, write, **kwargs):
         def write_then_pause(f):
             write(f)
             f.flush()  # the temporary file is complete on disk, not yet renamed
-            match = train.CHECKPOINT_PATTERN.fullmatch(Path(path).name)
+            match = checkpoints.CHECKPOINT_PATTERN.fullmatch(Path(path).name)
             if match and int(match.group(1)) == step:
                 pause(where)
 
         return atomic_write(path, write_then_pause, **kwargs)
 
-    train.atomic_write = atomic_write_pausing
+    checkpoints.atomic_write = atomic_write_pausing
 
 
 def main() -> int:
     module, where, *argv = sys.argv[1:]
-    agp_common.loop.GracefulStop = RecordingStop
+    agp_app.loop.GracefulStop = RecordingStop
     kind, *args = where.split(":")
     if kind == "record":
         pause_after_record(where, args[0], int(args[1]))

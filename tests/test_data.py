@@ -43,6 +43,15 @@ def test_agp_common_imports_neither_jax_nor_torch():
     assert out.strip() == "[]"
 
 
+@pytest.mark.parametrize("library", ["jax_impl", "torch_ref", "agp_common"])
+def test_the_libraries_load_no_flags_datasets_or_run_folder_code(library):
+    # The applications (agp_app, and agp_common's re-exports of it) load only when asked for.
+    code = (f"import sys, {library}; print(sorted(m for m in sys.modules if m.startswith("
+            "('agp_app', 'agp_common.config', 'agp_common.data', 'agp_common.runlog', 'agp_common.loop'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_digits_are_32x32_one_channel_in_unit_range_with_a_fixed_split():
     ds = load_digits()
     assert ds.x_train.shape == (1438, 32, 32, 1) and ds.x_test.shape == (359, 32, 32, 1)

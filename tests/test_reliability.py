@@ -20,7 +20,6 @@ import pytest
 
 import jax_impl.train as train
 from agp_common import ModelInputError
-from tests._cli_fixtures import one_torch_thread  # noqa: F401
 from tests.npz_runs import (
     assert_one_line_error,
     cli_args,

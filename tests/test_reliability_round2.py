@@ -29,7 +29,6 @@ import jax_impl.train as jax_train
 import torch_ref.train as torch_train
 from agp_common import TrainConfig, UsageError, load_dataset, parse_config
 from agp_common.data import MAX_CLASSES
-from tests._cli_fixtures import one_torch_thread  # noqa: F401
 from tests.npz_runs import (
     N_TEST,
     N_TRAIN,

@@ -1,17 +1,21 @@
-"""What both CLIs leave behind and print: file modes, the summary line, runs without the penalty."""
+"""What both CLIs leave behind and print: file modes, the summary line, runs without the penalty; the
+run folder's files they refuse to read or reset (the shared trainer skeleton, ``agp_app.trainer``)."""
 
 import contextlib
+import fcntl
 import io
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
 import pytest
 
+import agp_app.trainer
+from agp_common import TrainConfig, UsageError
 from agp_common.io import atomic_write_text, new_file_mode
 from agp_common.runlog import describe, summary_line
-from tests._cli_fixtures import one_torch_thread  # noqa: F401
 
 PLOTS = ("loss.png", "grad_norms.png", "accuracy.png")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -103,3 +107,108 @@ def test_with_the_penalty_progress_and_summary_print_it():
     unapplied = {**record, "penalty_applied": False}
     assert "penalty" not in describe(unapplied)
     assert "penalty" not in summary_line("jax", 1, 1.0, unapplied, None, workdir)
+
+
+# Six torch steps with checkpoints at 3 and 6: the run folder code is the skeleton both frameworks share.
+SIX_STEPS = TrainConfig(dataset="synthetic", synthetic_shape=(20, 16, 16, 1), batch_size=8, steps=6,
+                        checkpoint_every=3, quiet=True)
+SIX_STEPS_ARGV = ["--dataset", "synthetic", "--synthetic-shape", "20,16,16,1", "--batch-size", "8", "--steps",
+                  "6", "--checkpoint-every", "3", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def six_step_run(tmp_path_factory):
+    """A finished torch run of SIX_STEPS, without plots; copy it before changing it."""
+    import torch_ref.train
+
+    workdir = tmp_path_factory.mktemp("six") / "run"
+    torch_ref.train.train_and_evaluate(SIX_STEPS, workdir, plots=False)
+    return workdir
+
+
+def test_a_run_whose_checkpoints_were_removed_is_refused_not_restarted_over_its_metrics(six_step_run,
+                                                                                         tmp_path):
+    import torch_ref.train
+
+    run = tmp_path / "run"
+    shutil.copytree(six_step_run, run)
+    shutil.rmtree(run / "checkpoints")
+    metrics = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(UsageError, match=r"metrics up to step 6 but no checkpoint .*move metrics.jsonl"):
+        torch_ref.train.train_and_evaluate(SIX_STEPS, run, plots=False)
+    assert (run / "metrics.jsonl").read_bytes() == metrics
+
+
+#: How to make a file that would hang a run reading it (a FIFO) or never end (a link to /dev/zero).
+SPECIAL_FILES = {"fifo": os.mkfifo, "dev_zero": lambda path: os.symlink("/dev/zero", path)}
+
+
+@pytest.mark.parametrize("name", ["config.json", "metrics.jsonl"])
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_a_run_file_that_is_no_regular_file_is_refused_at_once_in_one_line(tmp_path, capsys, name, kind):
+    run = tmp_path / "run"
+    run.mkdir()
+    SPECIAL_FILES[kind](run / name)
+    assert cli("torch")([*SIX_STEPS_ARGV, "--workdir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run / name}: unreadable (not a regular file")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_deeply_nested_json_in_config_json_is_a_one_line_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("[" * 100_000 + "]" * 100_000)  # deeper than Python's recursion limit
+    assert cli("torch")([*SIX_STEPS_ARGV, "--workdir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run / 'config.json'}: unreadable (JSON nested too deeply)")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_the_plots_are_drawn_while_the_run_still_holds_its_folder(six_step_run, tmp_path, monkeypatch):
+    import torch_ref.train
+
+    run = tmp_path / "run"
+    shutil.copytree(six_step_run, run)
+    locked = []
+
+    def plot_checking_the_lock(workdir):
+        fd = os.open(workdir, os.O_RDONLY)  # another open file: flock conflicts with the run's lock
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked.append(False)
+        except BlockingIOError:
+            locked.append(True)
+        finally:
+            os.close(fd)
+        return []
+
+    monkeypatch.setattr(agp_app.trainer, "plot_run", plot_checking_the_lock)
+    torch_ref.train.train_and_evaluate(SIX_STEPS, run)  # at its end already: evaluates and plots
+    assert locked == [True]
+
+
+@pytest.mark.parametrize("same_run", [
+    {"penalty_layers": ("relu2", "relu1")},  # another order
+    {"penalty_layers": ("relu1", "relu2")},  # every capture point, named
+    {"num_classes": 10},  # the data's number of classes, given
+    {"penalty_layer_weights": (("relu1", 1.0), ("relu2", 1.0))},  # unit weights, given
+])
+def test_a_config_that_means_the_same_run_resumes_it(six_step_run, tmp_path, same_run):
+    import torch_ref.train
+
+    run = tmp_path / "run"
+    shutil.copytree(six_step_run, run)
+    config = TrainConfig(**{**SIX_STEPS.__dict__, **same_run})
+    result = torch_ref.train.train_and_evaluate(config, run, plots=False)  # at its end: evaluates only
+    assert result.step == 6
+
+
+def test_a_config_that_means_another_run_is_still_refused(six_step_run, tmp_path):
+    import torch_ref.train
+
+    run = tmp_path / "run"
+    shutil.copytree(six_step_run, run)
+    config = TrainConfig(**{**SIX_STEPS.__dict__, "penalty_layers": ("relu1",)})
+    with pytest.raises(UsageError, match=r"penalty_layers: saved None, now \('relu1',\)"):
+        torch_ref.train.train_and_evaluate(config, run, plots=False)

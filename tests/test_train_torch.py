@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 
 import torch_ref.train as train
 from agp_common import TrainConfig
@@ -63,3 +64,35 @@ def test_a_corrupt_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: checkpoint") and "unreadable" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_resumed_run_steps_with_the_flags_lr_not_the_one_stored_in_the_checkpoint(tmp_path):
+    full = train.train_and_evaluate(SMALL, tmp_path / "full", plots=False)
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full", resumed_dir)
+    (resumed_dir / "checkpoints" / "step_00000006.pt").unlink()
+    path = resumed_dir / "checkpoints" / "step_00000003.pt"
+    payload = torch.load(path, weights_only=True)
+    for group in payload["optimizer"]["param_groups"]:  # an optimizer state saved with another lr
+        group["lr"] = 100.0
+    torch.save(payload, path)
+    resumed = train.train_and_evaluate(SMALL, resumed_dir, plots=False)
+    for layer, tensors in full.params.items():
+        for name, value in tensors.items():  # exact: the same lr gives the same float operations
+            np.testing.assert_array_equal(resumed.params[layer][name], value)
+
+
+def test_a_checkpoint_damaged_on_disk_is_refused_naming_it_never_trained_on(tmp_path, capsys):
+    config = TrainConfig(**{**SMALL.__dict__, "steps": 3})
+    train.train_and_evaluate(config, tmp_path, plots=False)
+    path = tmp_path / "checkpoints" / "step_00000003.pt"
+    payload = torch.load(path, weights_only=True)
+    weight = payload["model"]["conv1.weight"]
+    weight.view(-1)[0] = torch.nextafter(weight.view(-1)[0], torch.tensor(1.0, dtype=weight.dtype))  # 1 ulp
+    torch.save(payload, path)  # the digest saved with it is the undamaged one
+    argv = ["--dataset", "synthetic", "--synthetic-shape", "20,16,16,1", "--batch-size", "8", "--steps", "6",
+            "--workdir", str(tmp_path)]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {path}: damaged") and len(err.strip().splitlines()) == 1
+    assert [r["step"] for r in records(tmp_path) if r["split"] == "train"] == [1, 2, 3]

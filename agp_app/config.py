@@ -1,0 +1,476 @@
+"""The training configuration: one frozen dataclass and the flag parser that builds it.
+
+``python -m jax_impl.train`` and ``python -m torch_ref.train`` share this
+parser, so one recipe runs unchanged in both frameworks. Every field has one
+flag; the ``--penalty-*`` flags are made from ``PenaltyOptions``
+(agp_common/penalty_spec.py), their one definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from agp_app.data import MAX_CLASSES
+from agp_app.errors import UsageError
+from agp_common.attack_spec import (
+    ATTACKS,
+    DEFAULT_EPS,
+    DEFAULT_PGD_STEP_RATIO,
+    DEFAULT_PGD_STEPS,
+    Attack,
+    AttackOptionError,
+    attack_grid,
+)
+from agp_common.penalty_spec import PenaltyOptionError, PenaltyOptions
+
+DATASETS = ("digits", "cifar10", "npz", "synthetic")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+DTYPES = ("float32", "float64")
+#: The JAX model's convolution algorithms (``--conv-impl``): ``jax_impl.conv_impl.CONV_IMPLS``, kept
+#: here as a plain tuple so that the flags import no JAX (tests/test_layers.py checks they agree).
+CONV_IMPLS = ("auto", "xla", "canonical", "im2col", "onednn")
+#: Momentum coefficient of ``--optimizer momentum`` (optax.sgd / torch.optim.SGD).
+MOMENTUM = 0.9
+#: ``--lr`` when not given, per ``--optimizer``. SGD's is the seed recipe's tuned
+#: value on digits; momentum 0.9 multiplies the step by ~10, so it gets a tenth;
+#: Adam's is its usual 1e-3 (0.05 makes Adam diverge to chance accuracy).
+DEFAULT_LR = {"sgd": 0.05, "momentum": 0.005, "adam": 0.001}
+#: Epochs of the default run (chosen so that it finishes in a few minutes on a 2-core CPU).
+DEFAULT_EPOCHS = 20
+#: The prefix of the ``TrainConfig`` field (and the flag) of each ``PenaltyOptions`` field.
+PENALTY_PREFIX = "penalty_"
+
+#: Fields that may differ when a run is resumed: how long to train, where and how to
+#: report and evaluate. Every other field changes the trajectory, so a mismatch is refused.
+RESUMABLE_FIELDS = frozenset(
+    {"data_dir", "epochs", "steps", "eval_every", "checkpoint_every", "keep_checkpoints",
+     "workdir", "quiet", "tensorboard", "debug", "cpu_devices", "conv_impl",
+     "eval_attacks", "eval_eps", "eval_pgd_steps", "eval_pgd_step_ratio"}
+)
+#: The prefix of the ``TrainConfig`` field (and the flag) of each attack option.
+EVAL_PREFIX = "eval_"
+
+_PENALTY_DEFAULTS = PenaltyOptions()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (defaults: ``python -m jax_impl.train``).
+
+    ``epochs`` and ``steps`` are alternatives: ``steps`` counts optimizer steps;
+    if both are ``None``, ``DEFAULT_EPOCHS`` epochs are run. ``lr=None`` means
+    ``DEFAULT_LR[optimizer]`` (filled in when the config is made, so it is
+    recorded). ``eval_every`` and ``checkpoint_every`` count steps; ``None``
+    means once per epoch (and always at the end). The ``penalty_*`` fields
+    other than the weight are ``PenaltyOptions``' fields
+    (``penalty_options()``); ``penalty_layers=None`` penalises every capture point.
+    ``cpu_devices`` (JAX on CPU only; ``None``: chosen from the batch size and the
+    cores, ``jax_impl.train.choose_cpu_devices``) splits the CPU into that many
+    JAX devices for data parallelism; it changes speed, not the run, so a resume
+    may change it, as it may change ``conv_impl`` (JAX's convolution algorithm, which
+    moves only float rounding). ``eval_attacks`` (``None``: none) are evaluated at
+    every ``eval_eps`` on the test split next to the clean accuracy (``attacks()``,
+    agp_common/attack_spec.py).
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    synthetic_shape: tuple[int, int, int, int] = (512, 32, 32, 3)
+    num_classes: int | None = None
+    epochs: int | None = None
+    steps: int | None = None
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float | None = None
+    penalty_weight: float = 10.0
+    penalty_layers: tuple[str, ...] | None = _PENALTY_DEFAULTS.layers
+    penalty_normalization: str = _PENALTY_DEFAULTS.normalization
+    penalty_norm: str = _PENALTY_DEFAULTS.norm
+    penalty_layer_weights: tuple[tuple[str, float], ...] | None = _PENALTY_DEFAULTS.layer_weights
+    penalty_every: int = _PENALTY_DEFAULTS.every
+    penalty_approx: str = _PENALTY_DEFAULTS.approx
+    penalty_fd_step: float = _PENALTY_DEFAULTS.fd_step
+    seed: int = 0
+    dtype: str = "float32"
+    cpu_devices: int | None = None
+    conv_impl: str = "auto"
+    workdir: str | None = None
+    eval_every: int | None = None
+    eval_attacks: tuple[str, ...] | None = None
+    eval_eps: tuple[float, ...] = DEFAULT_EPS
+    eval_pgd_steps: int = DEFAULT_PGD_STEPS
+    eval_pgd_step_ratio: float = DEFAULT_PGD_STEP_RATIO
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 3
+    tensorboard: bool = False
+    quiet: bool = False
+    debug: bool = False
+
+    def __post_init__(self):
+        if self.lr is None and self.optimizer in DEFAULT_LR:
+            object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
+        for key in ("penalty_layers", "penalty_layer_weights", "eval_attacks", "eval_eps"):  # lists -> tuples
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, key, tuple(tuple(v) if isinstance(v, list) else v for v in value))
+
+    def penalty_options(self) -> PenaltyOptions:
+        """The penalty's options (all but its weight): the ``penalty_*`` fields as ``PenaltyOptions``."""
+        return PenaltyOptions(**{f.name: getattr(self, PENALTY_PREFIX + f.name)
+                                 for f in dataclasses.fields(PenaltyOptions)})
+
+    def attacks(self) -> tuple[Attack, ...]:
+        """Every (attack, eps) pair to evaluate (empty without ``eval_attacks``); ``UsageError`` if any
+        ``eval_*`` option is invalid, even when no attack is chosen."""
+        try:
+            return attack_grid(self.eval_attacks or (), self.eval_eps, self.eval_pgd_steps,
+                               self.eval_pgd_step_ratio)
+        except AttackOptionError as error:
+            raise UsageError(f"{_flag(EVAL_PREFIX + error.field)} must be {error.expected}, "
+                             f"got {error.value!r}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        return {k: _lists(v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> TrainConfig:
+        """Inverse of ``to_json``; unknown keys are a ``UsageError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(record) - names)
+        if unknown:
+            raise UsageError(f"config has unknown field(s) {unknown}; expected a subset of {sorted(names)}")
+        values = dict(record)
+        if values.get("synthetic_shape") is not None:
+            values["synthetic_shape"] = tuple(values["synthetic_shape"])
+        return cls(**values)
+
+
+def _lists(value: Any) -> Any:
+    return [_lists(v) for v in value] if isinstance(value, tuple) else value
+
+
+def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """Number of optimizer steps the run ends at."""
+    if config.steps is not None:
+        return config.steps
+    total = (config.epochs if config.epochs is not None else DEFAULT_EPOCHS) * steps_per_epoch
+    _require(total <= MAX_INT, f"--epochs {config.epochs} is {total} steps of {steps_per_epoch}, more than "
+                               f"the {MAX_INT} a run can count; ask for fewer --epochs")
+    return total
+
+
+#: Largest step count, seed or period a run accepts: the step counter is a 32-bit integer.
+MAX_INT = 2**31 - 1
+#: Most JAX CPU devices ``--cpu-devices`` asks for (far above any core count it is meant for).
+MAX_CPU_DEVICES = 1024
+#: Integer fields checked against ``MAX_INT`` (the ``None`` ones, when set).
+_BOUNDED_INTS = ("epochs", "steps", "eval_every", "checkpoint_every", "batch_size", "keep_checkpoints",
+                 "seed", "penalty_every")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def validate_config(config: TrainConfig, capture_names: Sequence[str] | None = None) -> TrainConfig:
+    """Check every field that can be checked without the data; raise ``UsageError``.
+
+    ``capture_names`` (the model's capture points) enables the check of
+    ``penalty_layers``. Returns ``config`` unchanged.
+    """
+    _require(config.dataset in DATASETS, f"--dataset must be one of {list(DATASETS)}, got {config.dataset!r}")
+    _require(config.optimizer in OPTIMIZERS,
+             f"--optimizer must be one of {list(OPTIMIZERS)}, got {config.optimizer!r}")
+    _require(config.dtype in DTYPES, f"--dtype must be one of {list(DTYPES)}, got {config.dtype!r}")
+    _require(config.conv_impl in CONV_IMPLS,
+             f"--conv-impl must be one of {list(CONV_IMPLS)}, got {config.conv_impl!r}")
+    _require(config.epochs is None or config.steps is None,
+             f"give --epochs or --steps, not both (got --epochs {config.epochs} --steps {config.steps})")
+    for name in ("epochs", "steps", "eval_every", "checkpoint_every"):
+        value = getattr(config, name)
+        _require(value is None or value >= 1, f"{_flag(name)} must be >= 1, got {value}")
+    _require(config.batch_size >= 1, f"--batch-size must be >= 1, got {config.batch_size}")
+    _require(config.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {config.keep_checkpoints}")
+    _require(math.isfinite(config.lr) and config.lr > 0, f"--lr must be a finite number > 0, got {config.lr}")
+    _require(math.isfinite(config.penalty_weight) and config.penalty_weight >= 0,
+             f"--penalty-weight must be a finite number >= 0, got {config.penalty_weight}")
+    try:
+        options = config.penalty_options()
+    except PenaltyOptionError as error:
+        raise UsageError(f"{_flag(PENALTY_PREFIX + error.field)} must be {error.expected}, "
+                         f"got {error.value!r}") from None
+    except ValueError as error:  # duplicates
+        raise UsageError(f"--penalty-layers: {error}") from None
+    _require(config.seed >= 0, f"--seed must be >= 0, got {config.seed}")
+    for name in _BOUNDED_INTS:
+        value = getattr(config, name)
+        _require(value is None or value <= MAX_INT, f"{_flag(name)} must be at most {MAX_INT}, got {value}")
+    _require(config.cpu_devices is None or 1 <= config.cpu_devices <= MAX_CPU_DEVICES,
+             f"--cpu-devices must be 'auto' or between 1 and {MAX_CPU_DEVICES}, got {config.cpu_devices}")
+    _require(config.num_classes is None or 2 <= config.num_classes <= MAX_CLASSES,
+             f"--num-classes must be between 2 and {MAX_CLASSES}, got {config.num_classes}")
+    _require(config.workdir is None or bool(str(config.workdir).strip()),
+             "--workdir is empty; name a folder for the run (new, or one of an earlier run to resume)")
+    config.attacks()  # UsageError naming the --eval-* flag
+    _require(config.dataset != "npz" or config.data_dir is not None,
+             "--dataset npz needs --data-dir naming an .npz file (or a folder holding one)")
+    _require(config.dataset != "cifar10" or config.data_dir is not None,
+             "--dataset cifar10 needs --data-dir naming the CIFAR-10 folder (binary or python release, "
+             "from https://www.cs.toronto.edu/~kriz/cifar.html, unpacked with tar xzf)")
+    _require(len(config.synthetic_shape) == 4 and all(d >= 1 for d in config.synthetic_shape),
+             f"--synthetic-shape must be four positive sizes N,H,W,C, got {config.synthetic_shape}")
+    if capture_names is not None:
+        known = (*capture_names, "input")
+        chosen = options.layers or ()
+        unknown = [name for name in chosen if name not in known]
+        _require(not unknown, f"unknown --penalty-layers {unknown}; the model's capture points are "
+                              f"{list(capture_names)} (or 'input', or 'all')")
+        weighted = options.layers or tuple(capture_names)
+        unknown = [name for name, _ in options.layer_weights or () if name not in weighted]
+        _require(not unknown, f"--penalty-layer-weights names {unknown}, which are not penalised "
+                              f"(penalised: {list(weighted)})")
+    return config
+
+
+def trajectory_fields(config: TrainConfig, capture_points: Sequence[str] | None = None,
+                      num_classes: int | None = None) -> dict[str, Any]:
+    """The fields that define a run's trajectory (all but ``RESUMABLE_FIELDS``), normalised so that
+    configs meaning the same run compare equal.
+
+    ``penalty_layers``: a set (order does not matter), ``None`` (every capture point) made the
+    model's ``capture_points`` when known; ``penalty_layer_weights``: a set of pairs, ``None`` when
+    every weight is 1 (a missing layer weighs 1); ``num_classes``: ``None`` made the data's
+    ``num_classes`` when known.
+    """
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)
+              if f.name not in RESUMABLE_FIELDS}
+    layers = values["penalty_layers"]
+    if layers is None and capture_points is not None:
+        layers = tuple(capture_points)
+    values["penalty_layers"] = None if layers is None else frozenset(layers)
+    weights = values["penalty_layer_weights"]
+    if weights is not None:
+        values["penalty_layer_weights"] = None if all(w == 1 for _, w in weights) else frozenset(weights)
+    if values["num_classes"] is None:
+        values["num_classes"] = num_classes
+    return values
+
+
+def check_resumable(saved: TrainConfig, current: TrainConfig, capture_points: Sequence[str] | None = None,
+                    num_classes: tuple[int | None, int | None] = (None, None)) -> None:
+    """Refuse to resume a run whose trajectory-defining fields differ from the current flags.
+
+    Compared after ``trajectory_fields``' normalisation with the model's ``capture_points`` and the
+    (saved, current) data's ``num_classes``, so equivalent spellings of one run resume.
+    """
+    then = trajectory_fields(saved, capture_points, num_classes[0])
+    now = trajectory_fields(current, capture_points, num_classes[1])
+    diffs = [f"{name}: saved {getattr(saved, name)!r}, now {getattr(current, name)!r}"
+             for name in then if then[name] != now[name]]
+    if diffs:
+        raise UsageError("the workdir holds a run with a different config (" + "; ".join(diffs)
+                         + "); use another --workdir or the same flags")
+
+
+def _int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _cpu_devices(text: str) -> int | None:
+    return None if text.strip() == "auto" else _int(text)
+
+
+def _shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N,H,W,C such as 512,32,32,3, got {text!r}") from None
+    if len(dims) != 4:
+        raise argparse.ArgumentTypeError(f"expected four sizes N,H,W,C, got {text!r}")
+    return dims  # type: ignore[return-value]
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    values = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated numbers such as 0.05,0.1, got {text!r}") from None
+    return tuple(values)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _layers(text: str) -> tuple[str, ...] | None:
+    return None if text.strip() == "all" else _names(text)
+
+
+def _layer_weights(text: str) -> tuple[tuple[str, float], ...]:
+    pairs = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        name, sep, weight = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(
+                f"expected NAME=WEIGHT pairs such as relu1=1,relu2=0.5, got {text!r}")
+        pairs.append((name.strip(), _float(weight)))
+    return tuple(pairs)
+
+
+#: How each ``PenaltyOptions`` field is read from the command line (the rest of its flag is its metadata).
+_PENALTY_PARSERS = {"layers": _layers, "layer_weights": _layer_weights, "fd_step": _float, "every": _int}
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """``ArgumentParser`` whose errors are one line (``prog: error: ...; see --help``), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
+def _default(value: Any) -> str:
+    """`` (default: X)`` for the help text."""
+    if isinstance(value, tuple):
+        value = ",".join(map(str, value))
+    return f" (default: {value})"
+
+
+def _add_penalty_flags(group) -> None:
+    """One ``--penalty-<name>`` flag per ``PenaltyOptions`` field, from its metadata."""
+    for field in dataclasses.fields(PenaltyOptions):
+        meta = field.metadata
+        choices = meta["choices"]
+        default = "" if field.default is None else _default(field.default)
+        kwargs = {"choices": choices} if choices else {"type": _PENALTY_PARSERS[field.name]}
+        group.add_argument(_flag(PENALTY_PREFIX + field.name), default=field.default, metavar=meta["metavar"],
+                           help=meta["help"] + default, **kwargs)
+
+
+def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
+    """The flags of ``python -m {jax_impl,torch_ref}.train``, in groups; each default stated once."""
+    d = TrainConfig()
+    p = OneLineErrorParser(
+        prog=prog,
+        description=f"Train the seed CNN with the activation gradient penalty ({framework}): "
+                    "total = loss + w * sum_l ||d loss / d a_l||^2. Running the same command on the "
+                    "same --workdir resumes from its newest checkpoint.",
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default=d.dataset,
+                      help="bundled scikit-learn digits (8x8 resized to 32x32, 1 channel), CIFAR-10 files, "
+                           "your .npz, or random images with learnable labels" + _default(d.dataset))
+    data.add_argument("--data-dir", default=None,
+                      help="CIFAR-10 folder (binary or python release), or the .npz file / folder holding "
+                           "one; needed by --dataset cifar10 and npz, unused otherwise")
+    data.add_argument("--num-classes", type=_int, default=None, metavar="K",
+                      help=f"number of classes; every label must be in [0, K). Not set: 10 for digits, "
+                           f"cifar10 and synthetic, max(label) + 1 for npz (refused above {MAX_CLASSES})")
+    data.add_argument("--synthetic-shape", type=_shape, default=d.synthetic_shape, metavar="N,H,W,C",
+                      help="size of --dataset synthetic: training examples N (plus N/5 test ones), "
+                           "height, width, channels" + _default(d.synthetic_shape))
+
+    model = p.add_argument_group("model and penalty", "the seed's CNN; the penalty's options "
+                                 "(see PenaltyOptions and docs/options.md)")
+    model.add_argument("--penalty-weight", type=_float, default=d.penalty_weight, metavar="W",
+                       help="weight w of the penalty; 0 trains without it" + _default(d.penalty_weight))
+    _add_penalty_flags(model)
+
+    optim = p.add_argument_group("optimisation")
+    length = optim.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=_int, default=None,
+                        help=f"passes over the training data; not set: {DEFAULT_EPOCHS}, or --steps")
+    length.add_argument("--steps", type=_int, default=None,
+                        help="optimizer steps, instead of --epochs; not set: --epochs decides")
+    optim.add_argument("--batch-size", type=_int, default=d.batch_size,
+                       help="global batch size, over all devices" + _default(d.batch_size))
+    optim.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                       help=f"plain SGD as in the seed, SGD with momentum {MOMENTUM}, or Adam"
+                            + _default(d.optimizer))
+    optim.add_argument("--lr", type=_float, default=None,
+                       help="constant learning rate; not set: the optimizer's default, "
+                            + ", ".join(f"{k} {v}" for k, v in DEFAULT_LR.items()))
+    optim.add_argument("--seed", type=_int, default=d.seed,
+                       help="seed of the initial weights and the batch order" + _default(d.seed))
+
+    run = p.add_argument_group("run folder", "config.json, metrics.jsonl, checkpoints and plots")
+    run.add_argument("--workdir", default=None,
+                     help=f"run folder; not set: runs/{framework}_DATASET")
+    run.add_argument("--eval-every", type=_int, default=None,
+                     help="evaluate on the test split every N steps; not set: after each epoch and at "
+                          "the end")
+    run.add_argument("--checkpoint-every", type=_int, default=None,
+                     help="checkpoint every N steps; not set: after each epoch and at the end")
+    run.add_argument("--keep-checkpoints", type=_int, default=d.keep_checkpoints,
+                     help="how many of the newest checkpoints to keep" + _default(d.keep_checkpoints))
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also write TensorBoard event files to WORKDIR/tensorboard (needs tensorboardX)")
+    run.add_argument("--quiet", action="store_true",
+                     help="plain periodic log lines instead of a progress bar")
+    run.add_argument("--debug", action="store_true", help="show the full traceback of errors")
+
+    attack = p.add_argument_group(
+        "adversarial evaluation", "accuracy on the test split under L-infinity attacks, written to "
+        "metrics.jsonl as eval_accuracy/ATTACK@EPS at every evaluation (agp_common/attack_spec.py)")
+    attack.add_argument("--eval-attacks", type=_names, default=d.eval_attacks, metavar="NAMES",
+                        help=f"comma-separated attacks from {','.join(ATTACKS)}; not set: no attack")
+    attack.add_argument("--eval-eps", type=_floats, default=d.eval_eps, metavar="EPS",
+                        help="comma-separated L-infinity radii of every attack, in units of the scaled "
+                             "data ([0, 1] for digits, CIFAR-10, synthetic)" + _default(d.eval_eps))
+    attack.add_argument("--eval-pgd-steps", type=_int, default=d.eval_pgd_steps, metavar="K",
+                        help="PGD's steps (no random start)" + _default(d.eval_pgd_steps))
+    attack.add_argument("--eval-pgd-step-ratio", type=_float, default=d.eval_pgd_step_ratio, metavar="R",
+                        help="PGD's step size as a fraction of eps: alpha = R * eps"
+                             + _default(d.eval_pgd_step_ratio))
+
+    devices = p.add_argument_group(
+        "devices and precision",
+        "JAX trains data-parallel on every device it sees (choose with JAX_PLATFORMS=cpu|cuda|tpu or "
+        "CUDA_VISIBLE_DEVICES; several hosts: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+        "JAX_PROCESS_ID); PyTorch uses the CPU")
+    devices.add_argument("--dtype", choices=DTYPES, default=d.dtype,
+                         help="floating-point type of data and weights" + _default(d.dtype))
+    devices.add_argument("--cpu-devices", type=_cpu_devices, default=None, metavar="N|auto",
+                         help="JAX on CPU: split the cores into N devices and the batch over them "
+                              "(faster for large batches: XLA's CPU convolutions use several cores "
+                              "poorly); not set or auto: one device per 64 examples, at most one per core, "
+                              "and one with --conv-impl onednn (unused by PyTorch and on GPU/TPU)")
+    devices.add_argument("--conv-impl", choices=CONV_IMPLS, default=d.conv_impl,
+                         help="JAX's convolution algorithm: auto (onednn on CPU where built, else "
+                              "canonical; xla on GPU/TPU), canonical, xla, im2col, or onednn (CPU, float32: "
+                              "oneDNN's kernels, the ones PyTorch uses; built by python -m "
+                              "jax_impl.onednn_conv build, else canonical with a warning; unused by "
+                              "PyTorch)" + _default(d.conv_impl))
+    return p
+
+
+def parse_config(argv: Sequence[str] | None, prog: str, framework: str) -> TrainConfig:
+    """Parse flags into a ``TrainConfig`` (argparse exits 2 on malformed flags)."""
+    args = build_parser(prog, framework).parse_args(argv)
+    values = vars(args)
+    if values["workdir"] is None:
+        values["workdir"] = f"runs/{framework}_{values['dataset']}"
+    return TrainConfig(**values)

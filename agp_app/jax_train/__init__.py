@@ -1,0 +1,105 @@
+"""The JAX trainer: what ``jax_impl`` supplies to the shared skeleton (``agp_app.trainer``).
+
+One job per module, as in Flax's examples/imagenet:
+
+* ``state``: ``TrainState``, ``Hyperparams``, ``make_optimizer``, ``init_params``;
+* ``steps``: the pure ``train_step``, ``eval_step``, ``attack_eval_step``;
+* ``mesh``: the 1-D ``"data"`` mesh, its shardings, ``put_batch``;
+* ``compile``: the steps compiled once per process and key (``compiled_steps``);
+* ``evaluation``: test loss and accuracy, accuracy under attack;
+* ``checkpoints``: orbax save and restore;
+* ``cpu_devices``, ``distributed``: the process's JAX set-up (``--cpu-devices``, multi-host);
+* ``trainer``: ``JaxTrainer`` and ``train_and_evaluate``; ``main``: the CLI.
+
+``python -m jax_impl.train`` runs ``main``.
+"""
+
+from agp_app.jax_train.checkpoints import (
+    FRAMEWORK,
+    all_finite,
+    checkpoint_manager,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from agp_app.jax_train.compile import (
+    CountingJit,
+    compiled_attack_eval,
+    compiled_steps,
+    make_eval_step,
+    make_train_step,
+)
+from agp_app.jax_train.cpu_devices import (
+    EXAMPLES_PER_CPU_DEVICE,
+    FORCE_DEVICE_COUNT_FLAG,
+    auto_cpu_devices,
+    choose_cpu_devices,
+    configure_cpu_devices,
+    usable_cores,
+)
+from agp_app.jax_train.distributed import distributed_launch, maybe_initialize_distributed
+from agp_app.jax_train.evaluation import evaluate, evaluate_attacks
+from agp_app.jax_train.main import main
+from agp_app.jax_train.mesh import (
+    DATA_AXIS,
+    batch_sharded,
+    check_batch_size,
+    data_mesh,
+    put_batch,
+    replicated,
+)
+from agp_app.jax_train.state import (
+    Hyperparams,
+    Params,
+    TrainState,
+    create_train_state,
+    hyperparams,
+    init_params,
+    make_optimizer,
+)
+from agp_app.jax_train.steps import attack_eval_step, eval_step, train_step
+from agp_app.jax_train.trainer import METRICS_EVERY, JaxTrainer, train_and_evaluate
+from agp_app.trainer import TrainResult
+
+__all__ = [
+    "DATA_AXIS",
+    "EXAMPLES_PER_CPU_DEVICE",
+    "FORCE_DEVICE_COUNT_FLAG",
+    "FRAMEWORK",
+    "METRICS_EVERY",
+    "CountingJit",
+    "Hyperparams",
+    "JaxTrainer",
+    "Params",
+    "TrainResult",
+    "TrainState",
+    "all_finite",
+    "attack_eval_step",
+    "auto_cpu_devices",
+    "batch_sharded",
+    "check_batch_size",
+    "checkpoint_manager",
+    "choose_cpu_devices",
+    "compiled_attack_eval",
+    "compiled_steps",
+    "configure_cpu_devices",
+    "create_train_state",
+    "data_mesh",
+    "distributed_launch",
+    "eval_step",
+    "evaluate",
+    "evaluate_attacks",
+    "hyperparams",
+    "init_params",
+    "main",
+    "make_eval_step",
+    "make_optimizer",
+    "make_train_step",
+    "maybe_initialize_distributed",
+    "put_batch",
+    "replicated",
+    "restore_checkpoint",
+    "save_checkpoint",
+    "train_and_evaluate",
+    "train_step",
+    "usable_cores",
+]

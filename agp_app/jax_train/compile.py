@@ -1,0 +1,87 @@
+"""The JAX trainer's compiled functions, built once per process and key so that runs share them."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+from jax.sharding import Mesh
+
+from agp_app.jax_train.mesh import batch_sharded, data_mesh, replicated
+from agp_app.jax_train.steps import attack_eval_step, eval_step, train_step
+from agp_common.attack_spec import Attack
+from agp_common.penalty_spec import PenaltyOptions
+from jax_impl.model import Net
+from jax_impl.xla_options import jit_options
+
+
+class CountingJit:
+    """``jax.jit(fn, **jit_options)`` that counts in ``traces`` how many times JAX traced ``fn``.
+
+    Under ``jit`` the Python body of ``fn`` runs only while JAX traces it: on the first call and on
+    a call with an argument shape, dtype or committed sharding not traced before, never on a
+    cached call. So ``traces`` counts the compilations of ``fn`` in this process, with public API
+    only (``chex.assert_max_traces`` counts the same way).
+    """
+
+    def __init__(self, fn: Callable, **jit_options):
+        self.traces = 0
+
+        @functools.wraps(fn)
+        def traced(*args, **kwargs):
+            self.traces += 1  # Python side effect: happens at trace time only
+            return fn(*args, **kwargs)
+
+        self.jitted = jax.jit(traced, **jit_options)
+
+    def __call__(self, *args, **kwargs):
+        return self.jitted(*args, **kwargs)
+
+
+def make_train_step(model: Net, optimizer: str, layers: tuple[str, ...] | None, mesh: Mesh, *,
+                    options: PenaltyOptions | None = None) -> CountingJit:
+    """``train_step`` compiled for ``mesh``: state replicated and donated, batch sharded, ``Hyperparams``
+    replicated and traced; with ``jit_options()``.
+
+    The loss and penalty are those of the global batch (XLA inserts the
+    cross-device reductions), so results match one device up to rounding.
+    The result's ``traces`` counts its compilations.
+    """
+    step = functools.partial(train_step, model=model, optimizer=optimizer, layers=layers, options=options)
+    return CountingJit(step, in_shardings=(replicated(mesh), batch_sharded(mesh), replicated(mesh)),
+                       out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0,
+                       **jit_options(conv_impl=model.conv_impl))
+
+
+def make_eval_step(model: Net, mesh: Mesh):
+    """``eval_step`` compiled for ``mesh`` (params replicated, batch sharded), with ``jit_options()``."""
+    return jax.jit(functools.partial(eval_step, model=model),
+                   in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh),
+                   **jit_options(conv_impl=model.conv_impl))
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_steps(num_classes: int, optimizer: str, devices: tuple[jax.Device, ...],
+                   options: PenaltyOptions | None = None, conv_impl: str = "auto"):
+    """``(model, mesh, train_step_fn, eval_step_fn)`` for a run, built once per process and key.
+
+    Runs in one process with the same model, optimizer, penalty options and devices (tests, sweeps)
+    share one jitted step whatever their learning rate and penalty weight, so XLA compiles each
+    (shape, dtype) only once. ``conv_impl``: ``Net``'s convolution algorithm (``--conv-impl``).
+    """
+    model, mesh = Net(num_classes=num_classes, conv_impl=conv_impl), data_mesh(devices)
+    step_fn = make_train_step(model, optimizer, None, mesh, options=options)
+    return model, mesh, step_fn, make_eval_step(model, mesh)
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_attack_eval(num_classes: int, attacks: tuple[Attack, ...], clip: tuple[float, float],
+                         devices: tuple[jax.Device, ...], conv_impl: str = "auto"):
+    """``attack_eval_step`` compiled for the mesh of ``devices`` (params replicated, batch sharded), once
+    per process and key (a sweep's runs share it)."""
+    mesh = data_mesh(devices)
+    model = Net(num_classes=num_classes, conv_impl=conv_impl)
+    step = functools.partial(attack_eval_step, model=model, attacks=attacks, clip=clip)
+    return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh),
+                   **jit_options(conv_impl=conv_impl))

@@ -1,0 +1,165 @@
+"""The framework-free outer loop shared by both trainers: schedule, logging, checks.
+
+The framework supplies three callbacks: run one step on given example
+indices, evaluate on the test split, save a checkpoint. ``run_loop`` decides
+when to evaluate and checkpoint, writes metrics.jsonl (and TensorBoard),
+shows progress, and stops at the first non-finite loss, penalty or gradient
+*before* that state can be checkpointed. With ``handle_signals``, SIGTERM and
+Ctrl-C end the current step, save a checkpoint and raise ``Interrupted``.
+
+A step's metrics may stay on the device (JAX): with ``fetch``, the loop
+fetches those of all pending steps in one call every ``fetch_every`` steps,
+after the first step, and before every evaluation, checkpoint and stop, so the
+host never waits for the device in between (the Flax examples' pattern). The
+trainer must then leave its state unchanged by a step whose checked
+quantities are not finite (``CHECKED_FINITE``), so that the fetch that finds
+it can still stop before anything is saved, naming that step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agp_app.batching import BatchOrder
+from agp_app.config import TrainConfig
+from agp_app.errors import Interrupted, NonFiniteError
+from agp_app.interrupts import GracefulStop
+from agp_app.runlog import PENALTY_APPLIED, MetricsLog, Progress, TensorBoardLog, describe
+
+#: Quantities that must stay finite; the first one that does not stops the run.
+CHECKED_FINITE = ("loss", "penalty", "total", "grad_norm")
+
+
+@dataclasses.dataclass
+class LoopResult:
+    """What ``run_loop`` saw: the last train and eval records, and the steps it ran."""
+
+    last_train: dict[str, Any] | None
+    last_eval: dict[str, Any] | None
+    steps_run: int
+    wall_s: float
+
+
+def is_due(step: int, every: int | None, steps_per_epoch: int, total: int) -> bool:
+    """Evaluate/checkpoint after 1-based ``step``: every ``every`` steps (or epoch ends), and at the end."""
+    period = every if every is not None else steps_per_epoch
+    return step == total or step % period == 0
+
+
+def check_finite(step: int, record: dict[str, Any], last_saved: int | None = None) -> None:
+    """``NonFiniteError`` naming the step and the first non-finite quantity of ``record``.
+
+    ``last_saved``: step of the newest checkpoint, for the message (None: none yet).
+    """
+    for key in CHECKED_FINITE:
+        value = record.get(key)
+        if value is not None and not math.isfinite(value):
+            kept = (f"the newest checkpoint (step {last_saved}) is intact" if last_saved
+                    else "no checkpoint was written")
+            raise NonFiniteError(f"step {step}: {key} is {value}; training stopped before saving this state "
+                                 f"({kept}); try a smaller --lr or --penalty-weight, or check the data")
+
+
+def run_loop(
+    config: TrainConfig,
+    workdir: Path,
+    order: BatchOrder,
+    start_step: int,
+    total: int,
+    *,
+    train_step: Callable[[Any], dict[str, Any]],
+    evaluate: Callable[[], dict[str, float]],
+    save: Callable[[int], None],
+    main_process: bool = True,
+    handle_signals: bool = False,
+    fetch: Callable[[list[Any]], list[dict[str, Any]]] | None = None,
+    fetch_every: int = 1,
+) -> LoopResult:
+    """Steps ``start_step + 1 .. total``; ``train_step(indices)`` returns the step's metrics.
+
+    The metrics are floats, or with ``fetch`` anything that ``fetch(list of
+    metrics) -> list of dicts of numbers`` turns into them (``jax.device_get``
+    of on-device arrays), called every ``fetch_every`` steps and whenever the
+    loop evaluates, saves or stops. Each record's ``step_time_s`` is the wall
+    time from the start of the first step of its fetch to the end of the
+    fetch, divided by the steps in it (one step per fetch without ``fetch``:
+    that step's time; the first step of a run is fetched alone, so its
+    compilation stays out of the others').
+
+    ``handle_signals``: SIGTERM/SIGINT finish the current step, save its
+    checkpoint and raise ``Interrupted`` (a second signal acts as usual).
+    """
+    metrics = MetricsLog(workdir, resume_step=start_step, enabled=main_process)
+    board = TensorBoardLog(workdir) if config.tensorboard and main_process else None
+    progress = Progress(total, start_step, quiet=config.quiet, enabled=main_process)
+    if start_step:
+        progress.log(f"resuming from the checkpoint at step {start_step} in {workdir}")
+    last_train = last_eval = None
+    last_saved = start_step or None
+    t_start = time.perf_counter()
+    pending: list[tuple[int, int, int, Any]] = []  # (step, epoch, examples, metrics not fetched yet)
+    t_pending = t_start  # start of the first pending step
+
+    def write_pending() -> None:
+        nonlocal last_train
+        fetched = fetch([p[3] for p in pending]) if fetch is not None else [p[3] for p in pending]
+        per_step = (time.perf_counter() - t_pending) / len(pending)
+        for (step, epoch, examples, _), values in zip(pending, fetched, strict=True):
+            record = {"step": step, "epoch": epoch, "split": "train",
+                      **{k: float(v) for k, v in values.items()}, "lr": config.lr,
+                      "examples": examples, "step_time_s": per_step,
+                      "examples_per_s": examples / per_step if per_step > 0 else math.nan}
+            if config.penalty_weight == 0:  # measured, not applied: marked so (runlog's docstring)
+                record[PENALTY_APPLIED] = False
+            check_finite(step, record, last_saved)
+            last_train = record
+            metrics.write(record)
+            if board is not None:
+                board.write(record)
+            progress.update(step, epoch, record)
+        pending.clear()
+
+    stop = GracefulStop(handle_signals).__enter__()  # left in the ``finally`` below
+    try:
+        for step0 in range(start_step, total):
+            step, epoch = step0 + 1, order.epoch_of(step0)
+            indices = order.indices(step0)
+            if not pending:
+                t_pending = time.perf_counter()
+            pending.append((step, epoch, len(indices), train_step(indices)))
+            eval_due = is_due(step, config.eval_every, order.steps_per_epoch, total)
+            save_due = is_due(step, config.checkpoint_every, order.steps_per_epoch, total)
+            first = step == start_step + 1
+            if len(pending) >= fetch_every or first or eval_due or save_due or stop.requested:
+                write_pending()  # raises at a non-finite step before anything below runs
+            if eval_due:
+                last_eval = {"step": step, "epoch": epoch, "split": "eval", **evaluate()}
+                metrics.write(last_eval)
+                if board is not None:
+                    board.write(last_eval)
+                progress.log(f"step {step}/{total} (epoch {epoch + 1}) {describe(last_eval)}")
+            if save_due or stop.requested:  # a signal may also arrive during the evaluation or the save
+                if pending:
+                    write_pending()
+                metrics.sync()
+                save(step)
+                last_saved = step
+            if stop.requested:  # SIGTERM/Ctrl-C: this step's state is checkpointed, then stop
+                if last_saved != step:
+                    if pending:
+                        write_pending()
+                    metrics.sync()
+                    save(step)
+                raise Interrupted(stop.signum, step, str(workdir))
+    finally:
+        stop.__exit__()
+        progress.close()
+        metrics.close()
+        if board is not None:
+            board.close()
+    return LoopResult(last_train, last_eval, total - start_step, time.perf_counter() - t_start)
