@@ -20,12 +20,16 @@ as a composition whose derivatives stay fast convolutions:
    made explicit (``lax.pad`` / ``jnp.pad``, whose derivatives are slices);
 2. ``kernel_dilation`` d: the kernel with d-1 zeros between its taps
    (``lax.pad`` with interior padding): ``k_d[d*i, d*j] = k[i, j]``;
-3. ``strides`` s: space-to-depth, ``X'[b, h, w, (g, p, q, c)] = x[b, s*h + p,
-   s*w + q, (g, c)]`` and ``K'[i, j, (p, q, c), o] = k[s*i + p, s*j + q, c, o]``
-   (zero past the kernel), so ``conv_s(x, k) = conv_1(X', K')``: a VALID
-   stride-1 convolution that computes only the kept outputs. A kernel of
-   extent 1 along a strided axis (the 1x1 shortcut of a ResNet) slices the
-   input instead: ``x[:, ::s]``;
+3. ``strides`` s: only the kept outputs are computed, by stride-1
+   convolutions of the input's phases ``x[:, p::s, q::s]``: one per phase
+   with the kernel's taps of that phase, ``k[p::s, q::s]``, summed
+   (``polyphase_conv``), or, for few input channels, one of the phases
+   stacked as channels (space-to-depth, ``X'[b, h, w, (g, p, q, c)] =
+   x[b, s*h + p, s*w + q, (g, c)]``) with ``K'[i, j, (p, q, c), o] =
+   k[s*i + p, s*j + q, c, o]``, zero past the kernel. A kernel of extent 1
+   along a strided axis (the 1x1 shortcut of a ResNet) slices the input
+   instead: ``x[:, ::s]``. (Slicing a stride-1 output would compute s^2
+   times the outputs);
 4. the VALID stride-1 convolution: the project's
    (``layers.conv2d_valid(x, k, impl)`` with a ``layers.ConvImpl``: XLA's
    convolutions or oneDNN's, with derivative rules closed under
@@ -52,8 +56,12 @@ default (its ``fast_convolutions=False`` turns it off); a user's own step::
     with jax_impl.fast_convolutions():
         grads = jax.grad(my_penalised_loss)(params, x, y)   # traced inside
 
-It acts at trace time: a function jitted and traced inside the context keeps
-the fast convolutions; call it again outside and the cached program is used.
+It acts while a function is traced: ``jax.jit`` caches a program by function
+and argument shapes, not by this context, so trace (call a jitted function
+the first time) inside it; ``penalized_loss`` enters it itself. Its
+interceptor computes the convolution and does not call the ones entered
+inside it: enter other interceptors that must see ``nn.Conv`` calls (capture
+by path, ``jax_impl.capture``) outside it, as ``penalized_loss`` does.
 ``nnx.Conv`` is not intercepted (NNX has no method interceptors).
 """
 
@@ -73,11 +81,16 @@ from flax.linen.linear import canonicalize_padding
 from jax_impl import layers
 
 __all__ = [
+    "IM2COL_MAX_OUTPUT_PIXELS",
+    "POLYPHASE_MIN_CHANNELS",
     "conv_explicit",
+    "dilate_kernel",
     "explicit_padding",
     "fast_convolutions",
     "grouped_products",
     "intercepts",
+    "polyphase_conv",
+    "space_to_depth",
 ]
 
 Pads = tuple[tuple[int, int], ...]
@@ -164,6 +177,26 @@ def space_to_depth(
     return x, kernel.reshape(qh, qw, sh * sw * cig, co)
 
 
+def polyphase_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], conv) -> jax.Array:
+    """A VALID strided convolution as a sum of stride-1 ones, one per phase: no zero taps.
+
+    ``y = sum_{p, q} conv(x[:, p::sh, q::sw], k[p::sh, q::sw])`` (each phase
+    cropped to the rows its taps read): tap ``(sh*i + p, sw*j + q)`` of the
+    kernel only ever reads input phase ``(p, q)``.
+    """
+    (sh, sw), (_, h, w, _), (kh, kw) = strides, x.shape, kernel.shape[:2]
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    y = None
+    for p in range(min(sh, kh)):
+        for q in range(min(sw, kw)):
+            k_pq = kernel[p::sh, q::sw]  # (ceil((kh-p)/sh), ceil((kw-q)/sw), C/g, O)
+            a, b = k_pq.shape[:2]
+            x_pq = x[:, p: p + sh * (ho + a - 2) + 1: sh, q: q + sw * (wo + b - 2) + 1: sw]  # (B, ho+a-1, .)
+            term = conv(x_pq, k_pq)  # (B, ho, wo, O)
+            y = term if y is None else y + term
+    return y
+
+
 def _slice_unit_axes(x: jax.Array, kernel: jax.Array, strides: Sequence[int]) -> tuple[jax.Array, list[int]]:
     """Apply the stride of every axis where the kernel has extent 1 to the input (``x[:, ::s]``).
 
@@ -233,6 +266,11 @@ def grouped_products(groups: int) -> layers.ConvProducts:
 #: 3x3 64->64 at 16x16: 42, 27, 29, 29. Small images leave the convolution kernels little to tile
 #: over, and the patches are small there.
 IM2COL_MAX_OUTPUT_PIXELS = 64
+#: Input channels (per group) from which a strided convolution runs as one convolution per phase
+#: (``polyphase_conv``) instead of one space-to-depth convolution. Measured as above (ms, 3x3 stride 2):
+#: 64->128 at 32x32, batch 32: phases 163, space-to-depth 176; 128->256 at 16x16: 214, 327; the 7x7
+#: stem on 3 channels at 64x64, batch 8: 23, 20 (few channels: space-to-depth's 4x wider input helps).
+POLYPHASE_MIN_CHANNELS = 16
 
 
 def _valid_conv(x: jax.Array, kernel: jax.Array, groups: int, impl: Any) -> jax.Array:
@@ -274,6 +312,9 @@ def conv_explicit(
     x = _pad_spatial(x, *padding)  # (B, H+lo+hi, W+lo+hi, C)
     kernel = dilate_kernel(kernel, kernel_dilation)  # (kh_d, kw_d, C/g, O)
     x, strides = _slice_unit_axes(x, kernel, strides)
+    if any(s > 1 for s in strides) and kernel.shape[2] >= POLYPHASE_MIN_CHANNELS:
+        return polyphase_conv(x, kernel, tuple(strides),
+                              functools.partial(_valid_conv, groups=feature_group_count, impl=impl))
     if any(s > 1 for s in strides):
         x, kernel = space_to_depth(x, kernel, tuple(strides), feature_group_count)  # (B, Ho-1+q, ., s*s*C)
     return _valid_conv(x, kernel, feature_group_count, impl)  # (B, Ho, Wo, O)
@@ -290,8 +331,10 @@ def intercepts(module: nn.Module, inputs: Any) -> bool:
 
     True for an ``nn.Conv`` (or a subclass that keeps its ``__call__``) with
     a 1-D or 2-D kernel, no ``input_dilation``, no ``mask``, no
-    ``conv_general_dilated`` override and float inputs with at least one
-    batch axis whose padding form flax accepts.
+    ``conv_general_dilated`` override, float inputs (any number of batch
+    axes, none included), channels divisible by ``feature_group_count``, a
+    padding form flax accepts, and ``precision=None`` off CPU (on CPU,
+    where float32 is always computed in full, ``precision`` is ignored).
     """
     if not isinstance(module, nn.Conv) or type(module).__call__ is not nn.Conv.__call__:
         return False
@@ -301,10 +344,15 @@ def intercepts(module: nn.Module, inputs: Any) -> bool:
     rank = 1 if isinstance(module.kernel_size, int) else len(module.kernel_size)
     if rank not in (1, 2) or any(d != 1 for d in _as_tuple(module.input_dilation, rank)):
         return False
-    if not isinstance(inputs, jax.Array | np.ndarray) or inputs.ndim < rank + 2:
+    if not isinstance(inputs, jax.Array | np.ndarray) or inputs.ndim < rank + 1:
         return False
     if not jnp.issubdtype(inputs.dtype, jnp.floating):
         return False
+    groups = module.feature_group_count
+    if inputs.shape[-1] % groups or module.features % groups:
+        return False  # flax's own call raises its error
+    if module.precision is not None and jax.default_backend() != "cpu":
+        return False  # only XLA's CPU convolutions ignore ``precision`` (float32 is computed in full)
     try:
         canonicalize_padding(module.padding, rank)
     except (ValueError, TypeError):
@@ -321,9 +369,6 @@ def _conv_call(module: nn.Conv, inputs: jax.Array, impl: Any) -> jax.Array:
     x = inputs.reshape((-1, *inputs.shape[len(batch_shape):]))  # (B, *spatial, C): flax flattens batch axes
     mode, pads = explicit_padding(module.padding, x.shape[1:-1], kernel_size, strides, dilation)
     groups, in_features = module.feature_group_count, x.shape[-1]
-    if in_features % groups:
-        raise ValueError(f"nn.Conv: input features {in_features} are not divisible by "
-                         f"feature_group_count={groups}; use a multiple of it")
     kernel_shape = (*kernel_size, in_features // groups, module.features)
     kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
     bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) \

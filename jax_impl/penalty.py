@@ -594,9 +594,10 @@ def lazy_value_and_grad(
 
 
 def _plain_loss(params, model, x, y, aux_shapes, *, example_weights=None, model_state=None, mutable=(),
-                loss_fn=None, **keywords):
+                loss_fn=None, fast_convolutions=True, **keywords):
     """The unpenalised loss with an ``aux`` shaped like ``penalized_loss``'s (zeros for the penalty)."""
-    forward, zeros = _linen_forward_and_zeros(params, model, x, model_state, mutable, dict(keywords))
+    forward, zeros = _linen_forward_and_zeros(params, model, x, model_state, mutable, dict(keywords),
+                                              fast=None if fast_convolutions else False)
     outputs, state = forward(zeros, x)
     loss = weighted_mean((loss_fn or default_loss)(outputs, y), example_weights)
     aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes)

@@ -39,10 +39,12 @@ def _fast_path(jaxpr: str) -> bool:
         "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr)
 
 
-@pytest.fixture(params=["conv", "im2col"])
+@pytest.fixture(params=["conv+space_to_depth", "conv+polyphase", "im2col+polyphase"])
 def path(request, monkeypatch):
-    """Both stride-1 products: the closed-rule convolution and patches + matmul (small outputs)."""
-    monkeypatch.setattr(fast_conv, "IM2COL_MAX_OUTPUT_PIXELS", 0 if request.param == "conv" else 10**9)
+    """Both stride-1 products (closed-rule convolution, patches + matmul) and both strided forms."""
+    product, strided = request.param.split("+")
+    monkeypatch.setattr(fast_conv, "IM2COL_MAX_OUTPUT_PIXELS", 0 if product == "conv" else 10**9)
+    monkeypatch.setattr(fast_conv, "POLYPHASE_MIN_CHANNELS", 0 if strided == "polyphase" else 10**9)
     return request.param
 
 
@@ -82,6 +84,13 @@ def test_intercepted_conv2d_equals_flax(name, path):
 def test_intercepted_conv1d_with_extra_batch_axes_equals_flax(padding, path):
     conv = nn.Conv(3, (3,), strides=2, padding=padding, kernel_dilation=2, param_dtype=jnp.float64)
     expected, actual, jaxpr = _values(conv, _normal(1, (2, 3, 11, 2)))  # two batch axes
+    assert _fast_path(jaxpr)
+    np.testing.assert_allclose(actual, expected, rtol=RTOL64, atol=ATOL64)
+
+
+def test_unbatched_input_equals_flax():
+    conv = nn.Conv(3, (3, 3), strides=2, param_dtype=jnp.float64)
+    expected, actual, jaxpr = _values(conv, _normal(11, (7, 6, 2)))  # no batch axis: flax adds one
     assert _fast_path(jaxpr)
     np.testing.assert_allclose(actual, expected, rtol=RTOL64, atol=ATOL64)
 
