@@ -15,17 +15,6 @@ import pytest
 from parity_tests import DTYPES
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The documentation's examples (test_docs.py) run after the rest of the parity suite.
-
-    That module ends with ``jax.clear_caches()`` (its docstring says why), which drops every
-    program compiled so far: in the middle of the suite, the modules after it compiled again what
-    they share with the modules before it (``harness``'s steps, eager operations). A stable sort:
-    every other test keeps its place.
-    """
-    items.sort(key=lambda item: item.nodeid.startswith("parity_tests/test_docs.py"))
-
-
 @pytest.fixture(autouse=True, scope="session")
 def _torch_on_one_thread():
     """See ``single_threaded_torch``: 15x faster reference steps on a shared 2-core machine."""

@@ -1,4 +1,4 @@
-"""Cheap model parameters and compiled functions for the tests of tests/ (no pytest fixtures here).
+"""Cheap model parameters for the tests of tests/ (no pytest fixtures here).
 
 Almost all of the time of these tests goes to XLA compiles, not to computing:
 
@@ -9,14 +9,14 @@ Almost all of the time of these tests goes to XLA compiles, not to computing:
   filled from NumPy at PyTorch's default scale. The tests of ``init`` itself
   still call ``init``.
 * every eager call of a differentiated model compiles each primitive on its
-  own; ``jit`` compiles a function once, and ``FAST_COMPILE`` makes that
-  compile ~4x faster on CPU. It changes how XLA optimises and emits code,
+  own; ``jit`` compiles a function once, and ``parity_tests.harness.fast_jit``
+  (the one fast-compiling ``jit`` of the test suites) makes that compile
+  several times faster on CPU. It changes how XLA optimises and emits code,
   not what is computed: results differ by float rounding only.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -27,33 +27,6 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from jax_impl.layers import PERTURBATIONS
-from parity_tests.harness import FAST_COMPILE_CPU
-
-#: XLA CPU compile options for test programs: fast to compile, same arithmetic up to rounding. The
-#: parity suite's (``parity_tests.harness.FAST_COMPILE_CPU``) and, without XLA's newer fusion
-#: emitters (the classic elemental emitter instead), the tests' programs compile ~2x faster again.
-FAST_COMPILE = {**FAST_COMPILE_CPU, "xla_cpu_use_fusion_emitters": False}
-
-
-@functools.cache
-def _cpu_compile_options() -> dict[str, Any]:
-    """``FAST_COMPILE``, less the options this jaxlib does not know (an unknown one fails the compile)."""
-    options = dict(FAST_COMPILE)
-    for name in list(options):
-        try:
-            jax.jit(lambda v: v + 1, compiler_options={name: options[name]}).lower(1.0).compile()
-        except Exception:  # jaxlib's own error type for an unknown option
-            del options[name]
-    return options
-
-
-def fast_jit(fun: Callable | None = None, **jit_kwargs: Any):
-    """``jax.jit`` with ``FAST_COMPILE`` on CPU (usable as ``@fast_jit`` or ``fast_jit(f, ...)``)."""
-    if fun is None:
-        return functools.partial(fast_jit, **jit_kwargs)
-    if jax.default_backend() == "cpu":
-        jit_kwargs.setdefault("compiler_options", _cpu_compile_options())
-    return jax.jit(fun, **jit_kwargs)
 
 
 def normal(shape: tuple[int, ...], seed: int, dtype=np.float64) -> jax.Array:

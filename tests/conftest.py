@@ -1,4 +1,4 @@
-"""Fixtures shared by the modules of tests/."""
+"""Fixtures shared by the modules of tests/ (pytest finds them here: a module only names them)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,19 @@ def existing_run(template, tmp_path) -> Path:
     """A fresh copy of the template's workdir, for a test that resumes, damages or checks it."""
     _, run = template
     return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """PyTorch's CPU kernels on one thread for the module (parity_tests.harness.single_threaded_torch).
+
+    For the modules that train PyTorch in the test process (``pytestmark =
+    pytest.mark.usefixtures("one_torch_thread")``): on batches of 8 small images, in a process where
+    XLA keeps its own thread pool, PyTorch's OpenMP workers spin against it, and a run of 60 such
+    steps took 17 s with 2 threads and 3 s with 1 on a loaded 2-core machine. Every test compares
+    runs made under the same setting, or within tolerances that either setting meets.
+    """
+    from parity_tests.harness import single_threaded_torch  # imported here: it loads JAX and PyTorch
+
+    with single_threaded_torch():
+        yield

@@ -29,7 +29,6 @@ import torch_ref.attacks as tattacks
 import torch_ref.train as ttrain
 from agp_common import Dataset, TrainConfig, parse_config
 from agp_common.attack_spec import Attack
-from tests._cli_fixtures import one_torch_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

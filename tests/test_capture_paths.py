@@ -15,7 +15,8 @@ from flax import nnx, struct
 
 from jax_impl import capture, capture_points, penalized_loss
 from jax_impl import nnx as jnnx
-from tests._model_fixtures import fast_jit, nnx_like, params_like
+from parity_tests.harness import fast_jit
+from tests._model_fixtures import nnx_like, params_like
 
 # Same arithmetic in another order (perturbation added by an interceptor vs by perturb): float64 rounding.
 RTOL = 1e-12

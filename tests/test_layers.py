@@ -24,7 +24,8 @@ from jax_impl.layers import (
     conv_kernel_grad,
     resolve_conv_impl,
 )
-from tests._model_fixtures import fast_jit, normal, params_like
+from parity_tests.harness import fast_jit
+from tests._model_fixtures import normal, params_like
 
 # float64 throughout: the implementations differ only in summation order, so
 # ~1e-13 relative differences are rounding; 1e-10 is the project's parity bar.

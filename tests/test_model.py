@@ -7,7 +7,8 @@ import pytest
 from flax import traverse_util
 
 from jax_impl import CAPTURE_NAMES, Net, penalized_loss
-from tests._model_fixtures import fast_jit, params_like
+from parity_tests.harness import fast_jit
+from tests._model_fixtures import params_like
 
 # conv1 5*5*3*32+32, conv2 5*5*32*64+64, linear 1600*10+10: the seed's model.
 NET_PARAMS = 2_432 + 51_264 + 16_010

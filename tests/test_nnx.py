@@ -10,7 +10,8 @@ from flax import nnx
 
 from jax_impl import Net, penalized_loss
 from jax_impl import nnx as jnnx
-from tests._model_fixtures import fast_jit, nnx_like, params_like
+from parity_tests.harness import fast_jit
+from tests._model_fixtures import nnx_like, params_like
 
 # Same function, same weights; XLA convolution (NNX) vs the Linen Net's backend choice: float64 rounding.
 RTOL = 1e-10

@@ -24,8 +24,9 @@ from jax_impl import (
     penalized_loss,
 )
 from jax_impl.penalty import per_example_cross_entropy, zero_perturbations
+from parity_tests.harness import fast_jit
 from parity_tests.models_jax import MLP, ResNet
-from tests._model_fixtures import fast_jit, params_like, variables_like
+from tests._model_fixtures import params_like, variables_like
 
 # Same math in another summation order: float64 rounding only.
 RTOL = 1e-10

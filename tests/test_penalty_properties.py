@@ -20,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jax_impl import CAPTURE_NAMES, Net, penalized_loss
-from tests._model_fixtures import fast_jit, params_like
+from parity_tests.harness import fast_jit
+from tests._model_fixtures import params_like
 
 # Summation order differs between the compared expressions; float64 rounding
 # on values of order 1 stays far below this.

@@ -10,7 +10,8 @@ import pytest
 from jax_impl import Net, jit_options, penalized_loss
 from jax_impl.conv_impl import ConvImpl
 from jax_impl.xla_options import CPU_COMPILER_OPTIONS
-from tests._model_fixtures import fast_jit, params_like
+from parity_tests.harness import fast_jit
+from tests._model_fixtures import params_like
 
 
 def test_cpu_gets_the_eigen_convolution_options_and_other_backends_none():
