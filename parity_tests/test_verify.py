@@ -356,7 +356,7 @@ def test_cli_exits_1_on_a_wrong_twin(capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["nosuchpackage.mod:Net", "examples.lenet_flax:LeNet"], "cannot import module 'nosuchpackage.mod'"),
-    (["examples.lenet_torch", "examples.lenet_flax:LeNet"], "expected 'package.module:ClassName'"),
+    (["examples.lenet_torch", "examples.lenet_flax:LeNet"], "expected 'package.module:Name'"),
     (["examples.lenet_torch:Nope", "examples.lenet_flax:LeNet"], "has no attribute 'Nope'"),
     (["examples.lenet_flax:LeNet", "examples.lenet_torch:LeNet"], "expected a subclass of torch.nn"),
 ], ids=["module", "no-colon", "attribute", "swapped"])
