@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertForSequenceClassification, FlaxBertForSequenceClassification
 
-from parity_tests.verify import Row, format_table, verdict, verify_pair
+from parity_tests.verify import Row, print_report, verify_pair
 
 #: Hidden size 16, 2 layers of 2 heads, a vocabulary of 50, 3 classes.
 CONFIG = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -85,10 +85,7 @@ def verify(steps: int = 2, seed: int = 0) -> list[Row]:
 
 
 def main() -> int:
-    rows = verify()
-    print(format_table(rows))
-    print(verdict(rows))
-    return 0 if all(r.passed for r in rows) else 1
+    return print_report(verify())
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from transformers import FlaxResNetForImageClassification, ResNetConfig, ResNetForImageClassification
 
-from parity_tests.verify import Row, format_table, verdict, verify_pair
+from parity_tests.verify import Row, print_report, verify_pair
 
 CONFIG = {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1],
           "num_labels": 3}
@@ -73,10 +73,7 @@ def verify(steps: int = 2, seed: int = 0) -> list[Row]:
 
 
 def main() -> int:
-    rows = verify()
-    print(format_table(rows))
-    print(verdict(rows))
-    return 0 if all(r.passed for r in rows) else 1
+    return print_report(verify())
 
 
 if __name__ == "__main__":

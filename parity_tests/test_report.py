@@ -39,4 +39,4 @@ def test_bad_learning_rate_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         report.main(["--trajectory-lr", "-1"])
     assert exit_info.value.code == 2
-    assert "--trajectory-lr must be positive, got -1.0" in capsys.readouterr().err
+    assert "--trajectory-lr must be in (0, 10], got -1.0" in capsys.readouterr().err

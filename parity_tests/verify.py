@@ -45,13 +45,14 @@ from parity_tests.verifier.rows import (
     displacement_tolerance,
     format_table,
     gradient_tolerance,
+    print_report,
     verdict,
 )
 
 __all__ = [
     "DEFAULT_LR", "DEFAULT_PENALTY_WEIGHT", "DEFAULT_STEPS", "EXACT", "FLAX_LAYOUTS", "LabelsOutOfRange",
     "Row", "Tolerance", "build_parser", "displacement_tolerance", "format_table", "gradient_tolerance",
-    "init_flax_variables", "main", "verdict", "verify_pair",
+    "init_flax_variables", "main", "print_report", "verdict", "verify_pair",
 ]
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from parity_tests.verifier.pair import (
     init_flax_variables,
     verify_pair,
 )
-from parity_tests.verifier.rows import Row, first_line, format_table, verdict
+from parity_tests.verifier.rows import Row, first_line, print_report
 
 #: Inputs larger than this (elements, all arrays together) are refused: 1e8 float64 values are 800 MB.
 MAX_INPUT_ELEMENTS = 10**8
@@ -117,9 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_error(error, args.debug)
     except (UsageError, ValueError) as e:
         return report_error(UsageError(str(e)) if isinstance(e, ValueError) else e, args.debug)
-    print(format_table(rows))
-    print(verdict(rows), flush=True)
-    return 0 if all(r.passed for r in rows) else 1
+    return print_report(rows)
 
 
 def run(args: argparse.Namespace) -> list[Row]:

@@ -140,6 +140,13 @@ def verdict(rows: Sequence[Row]) -> str:
     return line + "".join(f"; {reason}" for reason in reasons)
 
 
+def print_report(rows: Sequence[Row]) -> int:
+    """Print the table and the verdict line; the exit status: 0 when every row passes, 1 when not."""
+    print(format_table(rows))
+    print(verdict(rows), flush=True)
+    return 0 if all(r.passed for r in rows) else 1
+
+
 def first_line(error: BaseException | Warning | str) -> str:
     """The first line of an exception's (or warning's) message, for one-line errors and notes."""
     text = str(error).strip()
