@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
 
+from agp_app.augment import parse_augment
 from agp_app.data import MAX_CLASSES
 from agp_app.errors import UsageError
+from agp_app.model_spec import BUILTIN_MODELS, parse_model_spec
+from agp_app.schedules import SCHEDULES
 from agp_common.attack_spec import (
     ATTACKS,
     DEFAULT_EPS,
@@ -29,7 +34,15 @@ from agp_common.penalty_spec import PenaltyOptionError, PenaltyOptions
 
 DATASETS = ("digits", "cifar10", "npz", "synthetic")
 OPTIMIZERS = ("sgd", "momentum", "adam")
-DTYPES = ("float32", "float64")
+#: ``bfloat16``: mixed precision (float32 data, master weights and optimizer state; the forward, the
+#: penalty's double backprop and the gradients computed in bfloat16).
+DTYPES = ("float32", "float64", "bfloat16")
+#: ``--init``: each framework's own seeded initialisation, or the framework-free draw of
+#: ``agp_app.shared_init`` (the same weights in both CLIs for the built-in models).
+INITS = ("seeded", "shared")
+#: ``--weight-decay-form``: coupled (L2 in the gradient, ``torch.optim.SGD(weight_decay)``, Adam's
+#: ``weight_decay``) or decoupled (SGDW / AdamW); ``agp_app.optim`` gives both update rules.
+WEIGHT_DECAY_FORMS = ("coupled", "decoupled")
 #: The JAX model's convolution algorithms (``--conv-impl``): ``jax_impl.conv_impl.CONV_IMPLS``, kept
 #: here as a plain tuple so that the flags import no JAX (tests/test_layers.py checks they agree).
 CONV_IMPLS = ("auto", "xla", "canonical", "im2col", "onednn")
@@ -78,6 +91,9 @@ class TrainConfig:
     """
 
     dataset: str = "digits"
+    model: str = "cnn"
+    model_args: str | None = None
+    init: str = "seeded"
     data_dir: str | None = None
     synthetic_shape: tuple[int, int, int, int] = (512, 32, 32, 3)
     num_classes: int | None = None
@@ -86,6 +102,11 @@ class TrainConfig:
     batch_size: int = 32
     optimizer: str = "sgd"
     lr: float | None = None
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    weight_decay_form: str = "coupled"
+    augment: tuple[str, ...] = ()
     penalty_weight: float = 10.0
     penalty_layers: tuple[str, ...] | None = _PENALTY_DEFAULTS.layers
     penalty_normalization: str = _PENALTY_DEFAULTS.normalization
@@ -113,7 +134,12 @@ class TrainConfig:
     def __post_init__(self):
         if self.lr is None and self.optimizer in DEFAULT_LR:
             object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
-        for key in ("penalty_layers", "penalty_layer_weights", "eval_attacks", "eval_eps"):  # lists -> tuples
+        if self.model_args is not None:  # canonical JSON text: equivalent spellings are one run
+            object.__setattr__(self, "model_args", _canonical_args(self.model_args))
+        if isinstance(self.augment, str):
+            object.__setattr__(self, "augment", _augment(self.augment))
+        for key in ("penalty_layers", "penalty_layer_weights", "eval_attacks", "eval_eps",
+                    "augment"):  # lists -> tuples
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
                 object.__setattr__(self, key, tuple(tuple(v) if isinstance(v, list) else v for v in value))
@@ -122,6 +148,17 @@ class TrainConfig:
         """The penalty's options (all but its weight): the ``penalty_*`` fields as ``PenaltyOptions``."""
         return PenaltyOptions(**{f.name: getattr(self, PENALTY_PREFIX + f.name)
                                  for f in dataclasses.fields(PenaltyOptions)})
+
+    def model_spec(self):
+        """``agp_app.model_spec.ModelSpec`` of ``model`` and ``model_args``; ``UsageError`` if malformed."""
+        try:
+            return parse_model_spec(self.model, self.model_args)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+
+    def storage_dtype(self) -> str:
+        """The dtype of the data, the master weights and the optimizer state (float32 for bfloat16)."""
+        return "float32" if self.dtype == "bfloat16" else self.dtype
 
     def attacks(self) -> tuple[Attack, ...]:
         """Every (attack, eps) pair to evaluate (empty without ``eval_attacks``); ``UsageError`` if any
@@ -148,6 +185,25 @@ class TrainConfig:
         if values.get("synthetic_shape") is not None:
             values["synthetic_shape"] = tuple(values["synthetic_shape"])
         return cls(**values)
+
+
+def _canonical_args(text: str) -> str | None:
+    """``--model-args`` as canonical JSON (sorted keys, no spaces); ``None`` for ``{}``; text that is
+    not a JSON object is kept as given (``model_spec`` reports it)."""
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return text
+    if value == {}:
+        return None
+    return json.dumps(value, sort_keys=True, separators=(",", ":")) if isinstance(value, dict) else text
+
+
+def _augment(text: str) -> tuple[str, ...]:
+    try:
+        return parse_augment(text)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def _lists(value: Any) -> Any:
@@ -192,6 +248,20 @@ def validate_config(config: TrainConfig, capture_names: Sequence[str] | None = N
     _require(config.optimizer in OPTIMIZERS,
              f"--optimizer must be one of {list(OPTIMIZERS)}, got {config.optimizer!r}")
     _require(config.dtype in DTYPES, f"--dtype must be one of {list(DTYPES)}, got {config.dtype!r}")
+    _require(config.init in INITS, f"--init must be one of {list(INITS)}, got {config.init!r}")
+    _require(config.lr_schedule in SCHEDULES,
+             f"--lr-schedule must be one of {list(SCHEDULES)}, got {config.lr_schedule!r}")
+    _require(config.weight_decay_form in WEIGHT_DECAY_FORMS,
+             f"--weight-decay-form must be one of {list(WEIGHT_DECAY_FORMS)}, "
+             f"got {config.weight_decay_form!r}")
+    _require(math.isfinite(config.weight_decay) and config.weight_decay >= 0,
+             f"--weight-decay must be a finite number >= 0, got {config.weight_decay}")
+    _require(0 <= config.warmup_steps <= MAX_INT, f"--warmup-steps must be >= 0, got {config.warmup_steps}")
+    _augment(",".join(config.augment))
+    spec = config.model_spec()
+    _require(config.init == "seeded" or spec.is_builtin,
+             f"--init shared draws the weights of the built-in models ({', '.join(BUILTIN_MODELS)}); "
+             f"{config.model} is yours: use --init seeded")
     _require(config.conv_impl in CONV_IMPLS,
              f"--conv-impl must be one of {list(CONV_IMPLS)}, got {config.conv_impl!r}")
     _require(config.epochs is None or config.steps is None,
@@ -230,11 +300,6 @@ def validate_config(config: TrainConfig, capture_names: Sequence[str] | None = N
     _require(len(config.synthetic_shape) == 4 and all(d >= 1 for d in config.synthetic_shape),
              f"--synthetic-shape must be four positive sizes N,H,W,C, got {config.synthetic_shape}")
     if capture_names is not None:
-        known = (*capture_names, "input")
-        chosen = options.layers or ()
-        unknown = [name for name in chosen if name not in known]
-        _require(not unknown, f"unknown --penalty-layers {unknown}; the model's capture points are "
-                              f"{list(capture_names)} (or 'input', or 'all')")
         weighted = options.layers or tuple(capture_names)
         unknown = [name for name, _ in options.layer_weights or () if name not in weighted]
         _require(not unknown, f"--penalty-layer-weights names {unknown}, which are not penalised "
@@ -263,6 +328,8 @@ def trajectory_fields(config: TrainConfig, capture_points: Sequence[str] | None 
         values["penalty_layer_weights"] = None if all(w == 1 for _, w in weights) else frozenset(weights)
     if values["num_classes"] is None:
         values["num_classes"] = num_classes
+    if values["lr_schedule"] != "constant":  # the schedule spans the run: its length is part of it
+        values["length"] = (config.epochs, config.steps)
     return values
 
 
@@ -275,8 +342,9 @@ def check_resumable(saved: TrainConfig, current: TrainConfig, capture_points: Se
     """
     then = trajectory_fields(saved, capture_points, num_classes[0])
     now = trajectory_fields(current, capture_points, num_classes[1])
-    diffs = [f"{name}: saved {getattr(saved, name)!r}, now {getattr(current, name)!r}"
-             for name in then if then[name] != now[name]]
+    diffs = [f"{name}: saved {then[name]!r}, now {now[name]!r}" if name == "length" else
+             f"{name}: saved {getattr(saved, name)!r}, now {getattr(current, name)!r}"
+             for name in then if then.get(name) != now.get(name)]
     if diffs:
         raise UsageError("the workdir holds a run with a different config (" + "; ".join(diffs)
                          + "); use another --workdir or the same flags")
@@ -375,7 +443,8 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
     d = TrainConfig()
     p = OneLineErrorParser(
         prog=prog,
-        description=f"Train the seed CNN with the activation gradient penalty ({framework}): "
+        description=f"Train a network (the answer's CNN, a ResNet-18 or your own) with the activation "
+                    f"gradient penalty ({framework}): "
                     "total = loss + w * sum_l ||d loss / d a_l||^2. Running the same command on the "
                     "same --workdir resumes from its newest checkpoint.",
     )
@@ -393,11 +462,28 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
                       help="size of --dataset synthetic: training examples N (plus N/5 test ones), "
                            "height, width, channels" + _default(d.synthetic_shape))
 
-    model = p.add_argument_group("model and penalty", "the seed's CNN; the penalty's options "
+    model = p.add_argument_group("model and penalty", "the network; the penalty's options "
                                  "(see PenaltyOptions and docs/options.md)")
+    user_kind = "Flax module (linen)" if framework == "jax" else "torch.nn.Module"
+    model.add_argument("--model", default=d.model, metavar="cnn|resnet18|pkg.module:Name",
+                       help="cnn: the answer's CNN; resnet18: the CIFAR-style ResNet-18 (BatchNorm; same "
+                            f"layer names in both CLIs); pkg.module:Name: your {user_kind} class or factory, "
+                            "imported from the current folder or sys.path" + _default(d.model))
+    model.add_argument("--model-args", default=None, metavar="JSON",
+                       help="keyword arguments of the model as a JSON object, e.g. '{\"width\": 16}'")
+    model.add_argument("--init", choices=INITS, default=d.init,
+                       help="seeded: each framework's own initialisation from --seed; shared: the same "
+                            "framework-free draw in both CLIs (built-in models), so that a JAX and a "
+                            "PyTorch run start from identical weights" + _default(d.init))
     model.add_argument("--penalty-weight", type=_float, default=d.penalty_weight, metavar="W",
                        help="weight w of the penalty; 0 trains without it" + _default(d.penalty_weight))
     _add_penalty_flags(model)
+    for action in model._group_actions:  # --penalty-layers also takes module paths
+        if action.dest == "penalty_layers":
+            action.help += (". Any name that is not one of the model's capture() points is a module path "
+                            "(layer1.0 or layer1/0; list them with jax_impl.capture_points / "
+                            "torch_ref.capture_points); resnet18 and most own models have no capture() "
+                            "points and need paths")
 
     optim = p.add_argument_group("optimisation")
     length = optim.add_mutually_exclusive_group()
@@ -408,17 +494,34 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
     optim.add_argument("--batch-size", type=_int, default=d.batch_size,
                        help="global batch size, over all devices" + _default(d.batch_size))
     optim.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
-                       help=f"plain SGD as in the seed, SGD with momentum {MOMENTUM}, or Adam"
+                       help=f"plain SGD as in the answer, SGD with momentum {MOMENTUM}, or Adam"
                             + _default(d.optimizer))
     optim.add_argument("--lr", type=_float, default=None,
                        help="constant learning rate; not set: the optimizer's default, "
                             + ", ".join(f"{k} {v}" for k, v in DEFAULT_LR.items()))
+    optim.add_argument("--lr-schedule", choices=SCHEDULES, default=d.lr_schedule,
+                       help="learning rate per update: constant, cosine decay to 0, or step (x0.1 at 50%% "
+                            "and 75%% of the steps); after --warmup-steps of linear warm-up from 0"
+                            + _default(d.lr_schedule))
+    optim.add_argument("--warmup-steps", type=_int, default=d.warmup_steps, metavar="N",
+                       help="updates of linear learning-rate warm-up" + _default(d.warmup_steps))
+    optim.add_argument("--weight-decay", type=_float, default=d.weight_decay, metavar="WD",
+                       help="weight decay of every parameter" + _default(d.weight_decay))
+    optim.add_argument("--weight-decay-form", choices=WEIGHT_DECAY_FORMS, default=d.weight_decay_form,
+                       help="coupled: WD*p added to the gradient (torch.optim.SGD/Adam weight_decay, the "
+                            "CIFAR recipes' 5e-4); decoupled: p -= lr*WD*p beside the step (SGDW, AdamW)"
+                            + _default(d.weight_decay_form))
+    optim.add_argument("--augment", type=_augment_flag, default=d.augment, metavar="crop,flip",
+                       help="training-data augmentation: random crop (4-pixel zero padding) and/or "
+                            "horizontal flip, drawn from (--seed, step): a resumed run draws the same; "
+                            "none: off (default: none)")
     optim.add_argument("--seed", type=_int, default=d.seed,
                        help="seed of the initial weights and the batch order" + _default(d.seed))
 
     run = p.add_argument_group("run folder", "config.json, metrics.jsonl, checkpoints and plots")
     run.add_argument("--workdir", default=None,
-                     help=f"run folder; not set: runs/{framework}_DATASET")
+                     help=f"run folder; not set: runs/{framework}_DATASET_MODEL, plus _HASH of the flags "
+                          "that change the training when any differs from its default (default_workdir)")
     run.add_argument("--eval-every", type=_int, default=None,
                      help="evaluate on the test split every N steps; not set: after each epoch and at "
                           "the end")
@@ -452,7 +555,9 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
         "CUDA_VISIBLE_DEVICES; several hosts: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
         "JAX_PROCESS_ID); PyTorch uses the CPU")
     devices.add_argument("--dtype", choices=DTYPES, default=d.dtype,
-                         help="floating-point type of data and weights" + _default(d.dtype))
+                         help="floating-point type of data and weights; bfloat16: mixed precision (float32 "
+                              "data, weights and optimizer state; forward, penalty and gradients in "
+                              "bfloat16; evaluation in float32)" + _default(d.dtype))
     devices.add_argument("--cpu-devices", type=_cpu_devices, default=None, metavar="N|auto",
                          help="JAX on CPU: split the cores into N devices and the batch over them "
                               "(faster for large batches: XLA's CPU convolutions use several cores "
@@ -471,6 +576,31 @@ def parse_config(argv: Sequence[str] | None, prog: str, framework: str) -> Train
     """Parse flags into a ``TrainConfig`` (argparse exits 2 on malformed flags)."""
     args = build_parser(prog, framework).parse_args(argv)
     values = vars(args)
-    if values["workdir"] is None:
-        values["workdir"] = f"runs/{framework}_{values['dataset']}"
-    return TrainConfig(**values)
+    config = TrainConfig(**values)
+    if config.workdir is None:
+        config = dataclasses.replace(config, workdir=default_workdir(config, framework))
+    return config
+
+
+def _augment_flag(text: str) -> tuple[str, ...]:
+    try:
+        return parse_augment(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def default_workdir(config: TrainConfig, framework: str) -> str:
+    """``runs/<framework>_<dataset>_<model>``, plus ``_<hash>`` (8 hex digits of sha256) of the
+    trajectory-defining flags that differ from their defaults, when any does: runs of different
+    configs get different folders; a longer run (--epochs, --steps) of the same config resumes."""
+    model = config.model.rsplit(":", 1)[-1].lower()
+    name = f"runs/{framework}_{config.dataset}_{model}"
+    base = trajectory_fields(TrainConfig(dataset=config.dataset, model=config.model))
+    changed = {k: v for k, v in trajectory_fields(config).items() if base.get(k) != v}
+    for k in ("dataset", "model"):
+        changed.pop(k, None)
+    if changed:
+        text = json.dumps({k: sorted(map(str, v)) if isinstance(v, frozenset) else v
+                           for k, v in sorted(changed.items())}, sort_keys=True, default=str)
+        name += "_" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return name

@@ -327,6 +327,9 @@ def find_npz_file(data_dir: str | Path) -> Path:
     path = Path(data_dir)
     if path.is_file():
         return path
+    if path.exists() and not path.is_dir():  # a FIFO would block the read, a device never end it
+        raise UsageError(f"--data-dir {path}: not a regular file (a FIFO, device or socket); expected an "
+                         ".npz file or a folder holding one")
     if not path.is_dir():
         raise UsageError(f"--data-dir {path}: no such file or folder; expected an .npz file or a folder "
                          "holding one")
@@ -335,6 +338,34 @@ def find_npz_file(data_dir: str | Path) -> Path:
         raise UsageError(f"--data-dir {path}: expected exactly one .npz file in the folder, found "
                          f"{[p.name for p in found]}")
     return found[0]
+
+
+def npz_claimed_bytes(npz: np.lib.npyio.NpzFile) -> int:
+    """Bytes the arrays of ``npz`` claim in their ``.npy`` headers (shape x item size), read
+    without loading any array: a header may claim terabytes in a file of a few hundred bytes,
+    and ``np.load`` would try to allocate them. ``ValueError`` for a header that is not one."""
+    total = 0
+    for name in npz.zip.namelist():
+        with npz.zip.open(name) as member:
+            try:
+                version = np.lib.format.read_magic(member)
+            except ValueError:  # not an .npy member: np.load hands it over as its bytes
+                total += npz.zip.getinfo(name).file_size
+                continue
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(member)
+        total += int(np.prod(shape, dtype=object)) * dtype.itemsize
+    return total
+
+
+def check_npz_fits(path: Path, claimed: int) -> None:
+    """``UsageError`` before loading when the arrays of ``path`` claim more bytes than the memory."""
+    total = physical_memory()
+    if total is not None and claimed > total:
+        raise UsageError(f"{path}: its arrays' headers declare {claimed / 2**30:.3g} GiB, more than this "
+                         f"machine's {total / 2**30:.3g} GiB of memory; expected an .npz whose arrays fit "
+                         "in memory (the file may be damaged)")
 
 
 def load_npz(data_dir: str | Path, num_classes: int | None = None) -> Dataset:
@@ -354,6 +385,7 @@ def load_npz(data_dir: str | Path, num_classes: int | None = None) -> Dataset:
                 raise UsageError(f"{path}: a single .npy array, not an .npz archive; expected an .npz "
                                  "holding 'x' (N, H, W, C) and 'y' (N,), as np.savez(path, x=x, y=y) writes")
             with f:
+                check_npz_fits(path, npz_claimed_bytes(f))
                 arrays = {k: f[k] for k in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # truncated, corrupt, pickle
         raise UsageError(f"{path}: not a readable .npz file without pickles ({type(e).__name__}: {e})"
@@ -450,5 +482,22 @@ def load_dataset(config) -> Dataset:
     if num_classes is not None and ds.num_classes != num_classes:
         ds = dataclasses.replace(ds, num_classes=num_classes)
     validate_dataset(ds)
-    check_trainable(ds, config.dtype)
+    check_trainable(ds, config.storage_dtype())  # bfloat16 runs keep the data in float32
+    check_fd_step_flag(config)
     return ds
+
+
+def check_fd_step_flag(config) -> None:
+    """``UsageError`` when ``--penalty-approx finite_difference`` has a ``--penalty-fd-step`` too small
+    for ``--dtype`` (``agp_common.penalty_spec.check_fd_step``): checked with the data, before the
+    run folder is touched; the libraries would find it only when the step is traced (JAX) or never
+    (a penalty of 0)."""
+    if getattr(config, "penalty_approx", None) != "finite_difference":
+        return
+    from agp_common.penalty_spec import check_fd_step
+
+    dtype = np.dtype(config.dtype)
+    try:
+        check_fd_step(config.penalty_fd_step, float(np.finfo(dtype).eps), dtype.name)
+    except ValueError as e:
+        raise UsageError(f"--penalty-fd-step {config.penalty_fd_step}: {e}") from None

@@ -3,14 +3,17 @@
 ``UsageError``: a problem the user can fix (flags, data, workdir, checkpoint);
 ``main`` prints ``error: <message>`` on stderr and exits with ``EXIT_USAGE``
 (2, like argparse). ``ModelInputError`` (a ``ValueError`` raised by the
-library's input checks) is reported the same way. ``NonFiniteError``: training
+library's input checks) and ``PenaltyOptionsError`` (the penalty's options do not fit the model,
+found when a step is traced) are reported the same way. ``NonFiniteError``: training
 produced NaN/Inf; ``main`` prints the message and exits with
 ``EXIT_NON_FINITE`` (1). ``WriteFailed``: a file of the run (checkpoint,
 metrics.jsonl, config.json, a plot) could not be written, e.g. the disk is
 full; ``main`` prints what and where and exits with ``EXIT_NON_FINITE`` (1)
 too (the newest checkpoint on disk is intact). ``Interrupted``: SIGTERM or Ctrl-C stopped the run
 after a checkpoint was saved; ``main`` exits with ``128 + signal number``
-(143 for SIGTERM, 130 for Ctrl-C), the shell's convention. Anything else is a
+(143 for SIGTERM, 130 for Ctrl-C), the shell's convention. The same signals outside the
+training loop (start-up, final evaluation, plots: ``agp_app.interrupts.SignalStop``) are one
+``stopped:`` line with the same status (``report_signal_stop``). Anything else is a
 bug and keeps its traceback. ``--debug`` shows the traceback in every case.
 """
 
@@ -22,7 +25,7 @@ import signal
 import sys
 import traceback
 
-from agp_common.errors import ModelInputError
+from agp_common.errors import ModelInputError, PenaltyOptionsError
 
 #: Exit status of the CLIs for usage and input errors (argparse uses 2 as well).
 EXIT_USAGE = 2
@@ -83,7 +86,7 @@ class Interrupted(Exception):
 
 
 #: What a CLI reports as one line; anything else is a bug and keeps its traceback.
-REPORTED_ERRORS = (UsageError, ModelInputError, NonFiniteError, WriteFailed, Interrupted)
+REPORTED_ERRORS = (UsageError, ModelInputError, PenaltyOptionsError, NonFiniteError, WriteFailed, Interrupted)
 
 
 def report_error(error: BaseException, debug: bool = False) -> int:
@@ -99,3 +102,14 @@ def report_error(error: BaseException, debug: bool = False) -> int:
     if isinstance(error, Interrupted):
         return error.exit_status
     return EXIT_NON_FINITE if isinstance(error, NonFiniteError | WriteFailed) else EXIT_USAGE
+
+
+def report_signal_stop(signum: int, debug: bool = False, error: BaseException | None = None) -> int:
+    """One line for SIGTERM/SIGINT outside the training loop (start-up, final evaluation, plots);
+    returns ``128 + signum``. What was saved before is intact: every file is written atomically."""
+    if debug and error is not None:
+        traceback.print_exception(error)
+    print(f"stopped: by {signal.Signals(signum).name} before the command finished; what was saved before is "
+          "intact (every file is written whole or not at all): run the same command to go on",
+          file=sys.stderr, flush=True)
+    return 128 + signum

@@ -22,8 +22,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
+from agp_app.model_spec import ModelSpec, build_model
 from jax_impl.model import Net
+from jax_impl.module_capture import probe, runner
 from jax_impl.resnet import ResNet18
 
 #: Name of the collection that holds BatchNorm's running statistics.
@@ -49,3 +53,26 @@ def apply_kwargs(model: nn.Module, *, train: bool) -> dict[str, bool]:
 def mutable_collections(variables: Mapping[str, Any], *, train: bool) -> tuple[str, ...]:
     """``("batch_stats",)`` when training a model whose variables hold batch statistics, else ``()``."""
     return (BATCH_STATS,) if train and BATCH_STATS in variables else ()
+
+
+def build_jax_model(spec: ModelSpec, num_classes: int, conv_impl: str = "auto") -> nn.Module:
+    """The Flax module ``spec`` names (``build_model`` with ``jax_registry``); ``cnn`` uses ``conv_impl``
+    (``--conv-impl``); a user's class or factory also gets ``num_classes`` if its signature names it."""
+    registry = jax_registry(num_classes)
+    registry["cnn"] = functools.partial(Net, num_classes=num_classes, conv_impl=conv_impl)
+    return build_model(spec, registry, nn.Module, "Flax", data_kwargs={"num_classes": num_classes})
+
+
+def capture_names(model: nn.Module, image_shape: tuple[int, ...],
+                  capture_modules: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The model's ``capture()`` points for images of ``image_shape`` (H, W, C), in call order.
+
+    Traced only (``jax.eval_shape``: nothing is computed). ``capture_modules`` (``{name: path}``) are
+    checked too: ``ValueError`` (one line, listing the nearest paths) for a path the model never calls.
+    """
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    state = {k: v for k, v in variables.items() if k != "params"}
+    found = probe(runner(model, apply_kwargs=apply_kwargs(model, train=False)), variables["params"], state, x,
+                  capture_modules=capture_modules)
+    return tuple(name for name in found.capture_shapes if name not in (capture_modules or {}))

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from agp_app.optim import optimizer_rule
 from agp_app.schedules import STEP_FACTOR, STEP_MILESTONES, check_schedule, step_boundaries
 
 
@@ -89,4 +90,25 @@ def make_optimizer(learning_rate: float | jax.Array | optax.Schedule, *, momentu
     decay = optax.add_decayed_weights(weight_decay)
     trace = optax.trace(decay=momentum) if momentum is not None else optax.identity()
     parts = [trace, decay] if decoupled else [decay, trace]  # decoupled: the decay skips the momentum
+    return optax.chain(*parts, optax.scale_by_learning_rate(learning_rate))
+
+
+def named_optimizer(name: str, learning_rate: float | jax.Array | optax.Schedule, *,
+                    weight_decay: float | jax.Array = 0.0,
+                    decoupled: bool = False) -> optax.GradientTransformation:
+    """``--optimizer name`` (``agp_app.optim.optimizer_rule``: sgd, momentum, adam) with weight decay.
+
+    SGD kinds: ``make_optimizer``. Adam: ``optax.adam`` (betas 0.9/0.999, eps 1e-8, as
+    ``torch.optim.Adam``); with weight decay, coupled ``g + wd * p`` enters the moments
+    (``torch.optim.Adam(weight_decay=wd)``), decoupled ``p -= lr * (adam_update + wd * p)``
+    (``optax.adamw``, ``torch.optim.AdamW``). ``weight_decay == 0``: exactly ``optax.adam`` / ``optax.sgd``.
+    """
+    rule = optimizer_rule(name)
+    if rule.kind == "sgd":
+        return make_optimizer(learning_rate, momentum=rule.kwargs.get("momentum"), weight_decay=weight_decay,
+                              decoupled=decoupled)
+    if isinstance(weight_decay, int | float) and weight_decay == 0:
+        return optax.adam(learning_rate)
+    decay = optax.add_decayed_weights(weight_decay)
+    parts = [optax.scale_by_adam(), decay] if decoupled else [decay, optax.scale_by_adam()]
     return optax.chain(*parts, optax.scale_by_learning_rate(learning_rate))

@@ -94,8 +94,9 @@ def run_loop(
     ``handle_signals``: SIGTERM/SIGINT finish the current step, save its
     checkpoint and raise ``Interrupted`` (a second signal acts as usual).
     """
-    metrics = MetricsLog(workdir, resume_step=start_step, enabled=main_process)
-    board = TensorBoardLog(workdir) if config.tensorboard and main_process else None
+    metrics = MetricsLog(workdir, resume_step=start_step, enabled=main_process,
+                         eval_due=lambda s: is_due(s, config.eval_every, order.steps_per_epoch, total))
+    board = TensorBoardLog(workdir, start_step) if config.tensorboard and main_process else None
     progress = Progress(total, start_step, quiet=config.quiet, enabled=main_process)
     if start_step:
         progress.log(f"resuming from the checkpoint at step {start_step} in {workdir}")
@@ -111,7 +112,7 @@ def run_loop(
         per_step = (time.perf_counter() - t_pending) / len(pending)
         for (step, epoch, examples, _), values in zip(pending, fetched, strict=True):
             record = {"step": step, "epoch": epoch, "split": "train",
-                      **{k: float(v) for k, v in values.items()}, "lr": config.lr,
+                      **{k: float(v) for k, v in values.items()}, "lr": float(values.get("lr", config.lr)),
                       "examples": examples, "step_time_s": per_step,
                       "examples_per_s": examples / per_step if per_step > 0 else math.nan}
             if config.penalty_weight == 0:  # measured, not applied: marked so (runlog's docstring)

@@ -86,6 +86,10 @@ class ModelSpec:
         return cls(record["name"], dict(args) if isinstance(args, Mapping) else args)
 
 
+#: ``--model`` when not given: the answer's CNN.
+DEFAULT_MODEL = ModelSpec()
+
+
 def parse_model_spec(model: str, model_args: str | None = None) -> ModelSpec:
     """``--model`` and ``--model-args`` (JSON object text, or None/"" for none) -> ``ModelSpec``."""
     args: Any = {}

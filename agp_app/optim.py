@@ -1,10 +1,13 @@
 """The optimizers of ``--optimizer``, defined once for optax and ``torch.optim``.
 
-Each name maps to an update rule and its keywords; ``agp_app.jax_train.state.make_optimizer``
-and ``agp_app.torch_train.trainer.make_optimizer`` turn the rule into their library's optimizer,
-whose update rules agree: SGD ``p -= lr * g``; with momentum ``m = mu * m + g`` (no dampening),
-``p -= lr * m``; Adam with betas (0.9, 0.999) and eps 1e-8 added outside the square root,
-bias-corrected (``optax.adam`` and ``torch.optim.Adam`` with their defaults).
+Each name maps to an update rule and its keywords; ``agp_app.jax_recipe.named_optimizer`` (optax)
+and ``agp_app.torch_recipe.named_optimizer`` (``torch.optim``) turn the rule, with ``--weight-decay``
+in the ``--weight-decay-form`` (coupled, the CLI default, or decoupled; the two forms'
+update rules are in ``agp_app.jax_recipe``'s docstring), into their library's optimizer, the
+one place each framework builds one; their update rules agree: SGD ``p -= lr * g``; with
+momentum ``m = mu * m + g`` (no dampening), ``p -= lr * m``; Adam with betas (0.9, 0.999) and
+eps 1e-8 added outside the square root, bias-corrected (``optax.adam`` and ``torch.optim.Adam``
+with their defaults).
 """
 
 from __future__ import annotations

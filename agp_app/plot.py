@@ -17,7 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agp_app.errors import UsageError, WriteFailed, report_error
+from agp_app.errors import UsageError, WriteFailed, report_error, report_signal_stop
+from agp_app.interrupts import SignalStop, stop_on_signals
 from agp_app.io import JsonLinesError, atomic_write, read_jsonl
 from agp_app.runlog import METRICS_FILE, penalty_applied
 
@@ -53,6 +54,26 @@ def _save(fig, path: Path) -> None:
         raise WriteFailed("the plot", path, e) from None
 
 
+#: Keys (and key prefixes) of the records that the plots draw.
+PLOTTED_KEYS = ("loss", "total", "penalty", "accuracy", "eval_loss", "eval_accuracy")
+PLOTTED_PREFIXES = (GRAD_NORM_PREFIX, "eval_accuracy/")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_plottable(records: list[dict], path: Path) -> None:
+    """``UsageError`` naming the first record whose ``step`` or a plotted value is not a number (a
+    damaged or hand-edited log would otherwise be drawn as categories, or half drawn)."""
+    for n, record in enumerate(records, 1):
+        drawn = [(k, v) for k, v in record.items() if k in PLOTTED_KEYS or k.startswith(PLOTTED_PREFIXES)]
+        bad = next(((k, v) for k, v in [("step", record.get("step")), *drawn] if not _is_number(v)), None)
+        if bad is not None:
+            raise UsageError(f"{path} record {n}: {bad[0]} is {bad[1]!r}, expected a number; repair or "
+                             "delete that line")
+
+
 def plot_run(workdir: str | Path) -> list[Path]:
     """Write the three PNGs for ``workdir``; returns their paths. ``UsageError`` without metrics."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -69,6 +90,7 @@ def plot_run(workdir: str | Path) -> list[Path]:
     except OSError as e:  # a FIFO, a device, too large (read_regular_file)
         raise UsageError(f"{path}: unreadable ({e.strerror or e}); expected the metrics.jsonl of a "
                          "training run") from None
+    check_plottable(records, path)
     train = [r for r in records if r.get("split") == "train"]
     evals = [r for r in records if r.get("split") == "eval"]
     if not train:
@@ -131,10 +153,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m agp_app.plot"
     parser.add_argument("workdir", help="run folder written by jax_impl.train or torch_ref.train")
     args = parser.parse_args(argv)
     try:
-        for path in plot_run(args.workdir):
-            print(path)
+        with stop_on_signals():
+            for path in plot_run(args.workdir):
+                print(path)
     except (UsageError, WriteFailed) as e:
         return report_error(e)
+    except SignalStop as e:  # the plots already written are whole; the one being drawn is not there
+        return report_signal_stop(e.signum)
     return 0
 
 

@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -37,6 +37,7 @@ try:
 except ImportError:  # not POSIX: no workdir lock
     fcntl = None
 
+from agp_app.checkpoints import CHECKPOINT_DIR
 from agp_app.config import TrainConfig, check_resumable
 from agp_app.errors import UsageError, WriteFailed
 from agp_app.io import (
@@ -55,19 +56,47 @@ MAX_CONFIG_BYTES = 16 << 20
 
 
 def prepare_workdir(workdir: str | os.PathLike) -> Path:
-    """Create ``workdir`` if needed; ``UsageError`` if it is a file or cannot be written."""
+    """Create ``workdir`` if needed; ``UsageError`` if it is a file, cannot be written, or its path
+    is not UTF-8.
+
+    Writability is asked of the kernel (``os.access``, which also reports a read-only file
+    system) rather than probed with a file: nothing but the folder itself is created before the
+    run holds the folder's lock, so a run starting beside another never sees (or removes) a file
+    of the other's. The path must encode as UTF-8: orbax and tensorstore take paths as UTF-8
+    strings and would otherwise fail at the first checkpoint, after all the training before it.
+    """
     path = Path(workdir)
+    check_utf8_path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--workdir {path} is a file; expected a folder (new or from an earlier run)")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
     except OSError as e:
         raise UsageError(f"--workdir {path} is not writable ({e.strerror or e}); expected a folder you can "
                          "write to") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only_fs(path) else "permission denied"
+        raise UsageError(f"--workdir {path} is not writable ({reason}); expected a folder you can write to")
     return path
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def check_utf8_path(path: str | os.PathLike, flag: str = "--workdir") -> None:
+    """``UsageError`` naming ``flag`` unless the absolute ``path`` encodes as UTF-8 (a name with bytes
+    such as ``b'\\xff'`` decodes to lone surrogates, which orbax's checkpoint paths cannot hold)."""
+    text = str(Path(path).absolute())
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise UsageError(f"{flag} {shown} is not a UTF-8 path, which the checkpoints need; use a folder "
+                         "whose name (and parents' names) are UTF-8") from None
 
 
 @contextlib.contextmanager
@@ -194,13 +223,20 @@ def check_not_reset(workdir: Path, first_checkpoint: int) -> None:
                          "train from scratch in this folder, or use another --workdir")
 
 
-def check_config_file(workdir: Path, record: dict[str, Any]) -> None:
+def check_config_file(workdir: Path, record: dict[str, Any]) -> str | None:
     """Refuse to resume unless an existing config.json describes the same run and metrics.jsonl
-    can be read back (``check_metrics_file``); writes nothing."""
+    can be read back (``check_metrics_file``), and (with ``--tensorboard`` in ``record``) unless
+    WORKDIR/tensorboard can be a folder of event files (``check_tensorboard_dir``); writes nothing.
+
+    A config.json of another run is accepted when that run saved no checkpoint
+    (``has_saved_state``): the difference is returned (None when there is none) and the new
+    run starts over from step 0."""
     check_metrics_file(workdir)
+    if record.get("config", {}).get("tensorboard"):
+        check_tensorboard_dir(workdir)
     path = workdir / CONFIG_FILE
     if not path.exists():
-        return
+        return None
     try:
         saved = json.loads(read_regular_file(path, MAX_CONFIG_BYTES).decode())
     except OSError as e:  # also a FIFO, a device or too large (read_regular_file)
@@ -211,13 +247,32 @@ def check_config_file(workdir: Path, record: dict[str, Any]) -> None:
                          "run") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: unreadable ({e}); expected the JSON of an earlier run") from None
-    check_saved_config(saved, TrainConfig.from_json(record["config"]), record["framework"], str(path),
-                       record.get("dataset"))
+    try:
+        check_saved_config(saved, TrainConfig.from_json(record["config"]), record["framework"], str(path),
+                           record.get("dataset"))
+    except UsageError as e:
+        if has_saved_state(workdir):
+            raise
+        return str(e)  # nothing was saved under that config: this run starts over (write_config)
+    return None
+
+
+def has_saved_state(workdir: Path) -> bool:
+    """Whether WORKDIR/checkpoints holds any file: a run that stopped before its first checkpoint
+    (a NaN at step 2, a wrong flag found while tracing, a kill) saved no state, so a run with other
+    flags may start over there instead of being refused until the user deletes config.json.
+    ``check_not_reset`` still refuses a folder whose metrics show that checkpoints were removed."""
+    folder = workdir / CHECKPOINT_DIR
+    return folder.is_dir() and any(p.is_file() for p in folder.rglob("*"))
 
 
 def write_config(workdir: Path, record: dict[str, Any]) -> None:
-    """config.json (atomically), after checking that an existing one describes the same run."""
-    check_config_file(workdir, record)
+    """config.json (atomically), after checking that an existing one describes the same run, or one
+    that saved no checkpoint (replaced, with a note on stderr)."""
+    replaced = check_config_file(workdir, record)
+    if replaced is not None:
+        print(f"note: starting over: {workdir / CONFIG_FILE} described a run that saved no checkpoint "
+              f"({replaced.split(': ', 1)[-1]})", file=sys.stderr, flush=True)
     try:
         atomic_write_json(workdir / CONFIG_FILE, record)
     except OSError as e:
@@ -227,22 +282,31 @@ def write_config(workdir: Path, record: dict[str, Any]) -> None:
 class MetricsLog:
     """Appends one JSON line per record to metrics.jsonl (only on process 0 when multi-host)."""
 
-    def __init__(self, workdir: Path, *, resume_step: int, enabled: bool = True):
+    def __init__(self, workdir: Path, *, resume_step: int, enabled: bool = True,
+                 eval_due: Callable[[int], bool] | None = None):
         self.path = workdir / METRICS_FILE
         self.enabled = enabled
         self._file: TextIO | None = None
         if enabled:
-            self.truncate_after(resume_step)
+            self.truncate_after(resume_step, eval_due)
             try:
                 self._file = open(self.path, "a")
             except OSError as e:
                 raise WriteFailed("the metrics log", self.path, e) from None
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records newer than ``step`` (from a run that died after its last checkpoint), atomically."""
+    def truncate_after(self, step: int, eval_due: Callable[[int], bool] | None = None) -> None:
+        """Drop records newer than ``step`` (from a run that died after its last checkpoint), atomically.
+
+        ``eval_due(step)``: whether this run's schedule evaluates at ``step``; when it does not, an
+        eval record at ``step`` is dropped too. That is the final evaluation of a finished run now
+        extended (more --steps/--epochs): the extended run's evaluations are at its own eval steps,
+        so metrics.jsonl keeps one eval row per eval step of the run it describes.
+        """
         if not self.path.exists():
             return
-        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+        stale_eval = step > 0 and eval_due is not None and not eval_due(step)
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step
+                and not (stale_eval and r.get("step") == step and r.get("split") == "eval")]
         try:
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         except OSError as e:
@@ -282,16 +346,50 @@ class MetricsLog:
             self._file = None
 
 
-class TensorBoardLog:
-    """Scalars of every record as ``train/<key>`` and ``eval/<key>`` in WORKDIR/tensorboard."""
+TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_MISSING = ("--tensorboard needs tensorboardX: pip install "
+                       "'activation-gradient-penalty[tensorboard]'")
 
-    def __init__(self, workdir: Path):
+
+def check_tensorboard_dir(workdir: Path) -> None:
+    """``UsageError`` unless WORKDIR/tensorboard is a folder or absent, and tensorboardX is installed.
+
+    Checked before anything is written: otherwise a file at that name fails the run only when its
+    first event is written, after config.json.
+    """
+    path = workdir / TENSORBOARD_DIR
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--tensorboard: {path} is not a folder; move it away (the event files go in a "
+                         "folder of that name) or run without --tensorboard")
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--tensorboard: {path} is not writable; expected a folder you can write to")
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        raise UsageError(TENSORBOARD_MISSING) from None
+
+
+class TensorBoardLog:
+    """Scalars of every record as ``train/<key>`` and ``eval/<key>`` in WORKDIR/tensorboard.
+
+    ``resume_step``: the step of the restored checkpoint; the events of an earlier process past
+    it (written after that checkpoint, before a kill) are purged (tensorboardX's ``purge_step``,
+    the first step to drop), as metrics.jsonl is cut back, so no step is shown twice.
+    """
+
+    def __init__(self, workdir: Path, resume_step: int = 0):
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
-            raise UsageError("--tensorboard needs tensorboardX: pip install "
-                             "'activation-gradient-penalty[tensorboard]'") from None
-        self.writer = SummaryWriter(logdir=str(workdir / "tensorboard"))
+            raise UsageError(TENSORBOARD_MISSING) from None
+        try:
+            # Its own file name (events.out.tfevents.<seconds>.<host>.<pid>.<step>): a resume within
+            # the same second as the earlier process would otherwise reopen and overwrite its file.
+            self.writer = SummaryWriter(logdir=str(workdir / TENSORBOARD_DIR),
+                                        purge_step=resume_step + 1 if resume_step else None,
+                                        filename_suffix=f".{os.getpid()}.{resume_step}")
+        except OSError as e:
+            raise WriteFailed("the TensorBoard events", workdir / TENSORBOARD_DIR, e) from None
 
     def write(self, record: dict[str, Any]) -> None:
         prefix = record.get("split", "train")

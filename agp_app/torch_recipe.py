@@ -18,8 +18,12 @@ state and off-by-one conventions would be a second definition)::
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
+
+from agp_app.optim import optimizer_rule
 
 
 class DecoupledSGD(torch.optim.SGD):
@@ -54,8 +58,8 @@ class DecoupledSGD(torch.optim.SGD):
         return loss
 
 
-def make_optimizer(model: nn.Module, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                   decoupled: bool = True) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module | Iterable[torch.Tensor], *, lr: float, momentum: float = 0.0,
+                   weight_decay: float = 0.0, decoupled: bool = True) -> torch.optim.Optimizer:
     """SGD over all of ``model``'s parameters with weight decay in the form ``decoupled`` says.
 
     ``lr`` is the first rate; set each update's with ``set_learning_rate``. With
@@ -64,10 +68,27 @@ def make_optimizer(model: nn.Module, *, lr: float, momentum: float = 0.0, weight
     """
     if weight_decay < 0:
         raise ValueError(f"--weight-decay must be >= 0; got {weight_decay}")
-    params = model.parameters()
+    params = model.parameters() if isinstance(model, nn.Module) else model
     if weight_decay == 0 or not decoupled:
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     return DecoupledSGD(params, lr=lr, momentum=momentum, decoupled_weight_decay=weight_decay)
+
+
+def named_optimizer(name: str, params: nn.Module | Iterable[torch.Tensor], lr: float, *,
+                    weight_decay: float = 0.0, decoupled: bool = False) -> torch.optim.Optimizer:
+    """``--optimizer name`` (``agp_app.optim.optimizer_rule``: sgd, momentum, adam) with weight decay.
+
+    The update rules of ``agp_app.jax_recipe.named_optimizer``: SGD kinds ``make_optimizer``; Adam
+    ``torch.optim.Adam`` (coupled ``weight_decay``) or ``torch.optim.AdamW`` (decoupled).
+    """
+    rule = optimizer_rule(name)
+    if rule.kind == "sgd":
+        return make_optimizer(params, lr=lr, momentum=rule.kwargs.get("momentum", 0.0),
+                              weight_decay=weight_decay, decoupled=decoupled)
+    params = params.parameters() if isinstance(params, nn.Module) else params
+    if weight_decay and decoupled:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

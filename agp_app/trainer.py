@@ -31,7 +31,8 @@ from typing import Any, Protocol
 from agp_app.batching import BatchOrder, check_batch_fits
 from agp_app.config import TrainConfig, parse_config, total_steps, validate_config
 from agp_app.data import Dataset, load_dataset
-from agp_app.errors import REPORTED_ERRORS, UsageError, report_error
+from agp_app.errors import REPORTED_ERRORS, UsageError, report_error, report_signal_stop
+from agp_app.interrupts import SignalStop, stop_on_signals
 from agp_app.loop import run_loop
 from agp_app.plot import plot_run
 from agp_app.runlog import (
@@ -44,7 +45,13 @@ from agp_app.runlog import (
     summary_line,
     write_config,
 )
+from agp_app.schedules import check_schedule, learning_rate
 from agp_common.penalty_spec import INPUT
+
+#: Key of config.json's record of what the penalty acts on: ``{name: module path, or "capture()"}``.
+PENALISED = "penalised"
+#: Key of config.json's record of the network: ``ModelSpec.to_json()``.
+MODEL = "model"
 
 
 class Trainer(Protocol):
@@ -59,6 +66,8 @@ class Trainer(Protocol):
 
     framework: str
     capture_names: Sequence[str]
+    capture_modules: dict[str, str]
+    total_steps: int
     main_process: bool
     fetch: Callable[[list[Any]], list[dict[str, Any]]] | None
     fetch_every: int
@@ -103,6 +112,48 @@ class TrainResult:
     train_step_compilations: int | None = None
 
 
+def resolve_penalty_layers(config: TrainConfig, capture_names: Sequence[str]) -> dict[str, str]:
+    """``{name: module path}`` of the ``--penalty-layers`` that are not ``capture_names`` nor ``input``:
+    those are module paths, captured by forward hooks (PyTorch) or interception (Flax) under their
+    own spelling as name (``layer1.0``). ``UsageError`` when nothing would be penalised: a model
+    without ``capture()`` points (resnet18, most own models) and no ``--penalty-layers``."""
+    layers = config.penalty_layers
+    if layers is None:
+        if not capture_names:
+            raise UsageError(f"--model {config.model} has no capture() points: name the layers to penalise "
+                             "by module path with --penalty-layers (e.g. layer1.0,layer2.0 for resnet18; "
+                             "jax_impl.capture_points / torch_ref.capture_points list them)")
+        return {}
+    return {name: name for name in layers if name not in capture_names and name != INPUT}
+
+
+def unknown_layers(names: Sequence[str], capture_names: Sequence[str], detail: str) -> str:
+    """The one-line error for ``--penalty-layers`` ``names`` that are neither capture points nor called
+    module paths; ``detail``: the framework's word on the paths (the nearest ones)."""
+    return (f"unknown --penalty-layers {list(names)}: not among the model's capture() points "
+            f"{list(capture_names)} (or 'input', or 'all') nor a module path it calls; {detail}")
+
+
+def penalised_record(config: TrainConfig, capture_names: Sequence[str],
+                     capture_modules: dict[str, str]) -> dict[str, str]:
+    """config.json's ``penalised``: each penalised name -> its module path, ``"capture()"`` or ``"input"``."""
+    names = config.penalty_layers if config.penalty_layers is not None else tuple(capture_names)
+    return {name: capture_modules.get(name, INPUT if name == INPUT else "capture()") for name in names}
+
+
+def scheduled_lr(config: TrainConfig, total: int) -> Callable[[int], float]:
+    """The learning rate of the 0-based update ``t`` (``--lr-schedule``, ``--warmup-steps``);
+    ``UsageError`` when the schedule does not fit the run (warm-up not shorter than the run)."""
+    keywords = {"base_lr": config.lr, "schedule": config.lr_schedule, "total_steps": total,
+                "warmup_steps": config.warmup_steps}
+    try:
+        check_schedule(**keywords)
+    except ValueError as error:
+        raise UsageError(f"--lr-schedule {config.lr_schedule} --warmup-steps {config.warmup_steps} over "
+                         f"{total} steps: {error}") from None
+    return lambda t: learning_rate(t, **keywords)
+
+
 def check_end(start: int, total: int, workdir: Path) -> None:
     """``UsageError`` when the run folder's checkpoint is already past the requested end."""
     if start > total:
@@ -121,16 +172,21 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None, t
     flags, the data, config.json and the newest checkpoint have all been checked.
     """
     t_start = time.perf_counter()
-    validate_config(config, (*trainer.capture_names, INPUT))
+    validate_config(config)
     ds = load_dataset(config)
     check_batch_fits(config.batch_size, len(ds.y_train))
     trainer.prepare(config, ds)
+    validate_config(config, (*trainer.capture_names, *trainer.capture_modules, INPUT))
     order = BatchOrder(config.seed, len(ds.y_train), config.batch_size)
     total = total_steps(config, order.steps_per_epoch)
+    scheduled_lr(config, total)  # UsageError before anything is written
 
     workdir = prepare_workdir(workdir or config.workdir)
     record = config_record(config, trainer.framework, ds.info(), trainer.capture_names)
+    record[MODEL] = config.model_spec().to_json()
+    record[PENALISED] = penalised_record(config, trainer.capture_names, trainer.capture_modules)
     check_config_file(workdir, record)  # written only once the checkpoint is known to fit
+    trainer.total_steps = total
     trainer.init(params)
     main_process = trainer.main_process
     # One run per workdir, and everything it writes (config.json, metrics, checkpoints, plots) is
@@ -142,7 +198,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None, t
             check_not_reset(workdir, min(total, config.checkpoint_every or order.steps_per_epoch))
         if main_process:
             write_config(workdir, record)
-        loop = run_loop(config, workdir, order, start, total, train_step=trainer.step,
+        penalty_steps = PenaltySteps(config, start, trainer.step)
+        loop = run_loop(config, workdir, order, start, total, train_step=penalty_steps.step,
                         evaluate=trainer.evaluate, save=lambda step: trainer.save(step, record),
                         main_process=main_process, handle_signals=handle_signals, fetch=trainer.fetch,
                         fetch_every=trainer.fetch_every)
@@ -152,9 +209,63 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None, t
             plot_paths = plot_run(workdir)
     wall = time.perf_counter() - t_start
     step, final_params = trainer.final()
+    last_penalty = penalty_steps.last(trainer.fetch)
+    line = summary_line(trainer.framework, total, wall, loop.last_train, final_eval, workdir, plot_paths)
     return TrainResult(step, final_params, loop.last_train, final_eval, wall,
-                       summary_line(trainer.framework, total, wall, loop.last_train, final_eval, workdir,
-                                    plot_paths))
+                       run_summary(line, config, start, total, loop.steps_run, wall, last_penalty))
+
+
+class PenaltySteps:
+    """Wraps ``Trainer.step`` to keep the metrics of the last step that carried the penalty
+    (``--penalty-every k``: the 0-based steps 0, k, 2k, ...), for the summary."""
+
+    def __init__(self, config: TrainConfig, start: int, step: Callable[[Any], Any]):
+        self.every, self.t, self._step = config.penalty_every, start, step
+        self.metrics: Any = None
+        self.step_number: int | None = None
+
+    def step(self, indices: Any) -> Any:
+        metrics = self._step(indices)
+        if self.t % self.every == 0:
+            self.metrics, self.step_number = metrics, self.t + 1
+        self.t += 1
+        return metrics
+
+    def last(self, fetch: Callable[[list[Any]], list[dict[str, Any]]] | None) -> tuple[int, float] | None:
+        """(1-based step, penalty) of the last penalty step this process ran, or None."""
+        if self.metrics is None:
+            return None
+        metrics = fetch([self.metrics])[0] if fetch is not None else self.metrics
+        return self.step_number, float(metrics["penalty"])
+
+
+def run_summary(line: str, config: TrainConfig, start: int, total: int, steps_run: int, wall: float,
+                last_penalty: tuple[int, float] | None) -> str:
+    """``summary_line`` with its head saying what this process did ("already complete at step N",
+    "resumed at step S, trained N steps in T s", "N steps in T s") and, with ``--penalty-every k``
+    (k > 1), which steps carried the penalty and its last value on one of them."""
+    head, sep, rest = line.partition("; ")
+    framework = head.split(":", 1)[0]
+    if steps_run == 0:
+        head = f"{framework}: already complete at step {total} (nothing left to train; {wall:.1f}s)"
+    elif start:
+        head = f"{framework}: resumed at step {start}, trained {steps_run} steps in {wall:.1f}s"
+    else:
+        head = f"{framework}: {steps_run} steps in {wall:.1f}s"
+    every = config.penalty_every
+    if every > 1 and config.penalty_weight > 0:
+        parts = [p for p in rest.split("; ") if p]
+        parts = [p.split(", penalty ")[0] if p.startswith("last train loss") else p for p in parts]
+        where = (f"last {last_penalty[1]:.3e} at step {last_penalty[0]}" if last_penalty is not None
+                 else "none in this process")
+        parts.insert(len(parts) - 1, f"penalty on every {_ordinal(every)} step ({where})")
+        rest = "; ".join(parts)
+    return head + sep + rest
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def run_cli(argv: Sequence[str] | None, prog: str, framework: str,
@@ -167,9 +278,12 @@ def run_cli(argv: Sequence[str] | None, prog: str, framework: str,
     """
     config = parse_config(argv, prog=prog, framework=framework)
     try:
-        summary = train(config)
+        with stop_on_signals():  # start-up, final evaluation, plots: one line, 128 + signum
+            summary = train(config)
     except REPORTED_ERRORS as e:
         return report_error(e, config.debug)
+    except SignalStop as e:
+        return report_signal_stop(e.signum, config.debug, e)
     if summary is not None:
         print(summary, flush=True)
     return 0

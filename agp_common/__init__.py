@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 
 from agp_common.errors import ModelInputError as ModelInputError
+from agp_common.errors import PenaltyOptionsError as PenaltyOptionsError
 from agp_common.penalty_spec import PenaltyOptions as PenaltyOptions
 
 #: Names re-exported from the applications (``agp_app.<module>``), loaded on first use.
@@ -54,4 +55,4 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_APPLICATION_NAMES})
 
 
-__all__ = sorted(["ModelInputError", "PenaltyOptions", *_APPLICATION_NAMES])
+__all__ = sorted(["ModelInputError", "PenaltyOptions", "PenaltyOptionsError", *_APPLICATION_NAMES])

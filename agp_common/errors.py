@@ -18,6 +18,15 @@ class ModelInputError(ValueError):
     """
 
 
+class PenaltyOptionsError(ValueError):
+    """The penalty's options do not fit the model or its dtype (a ``ValueError``): no capture points,
+    ``fd_step`` lost in rounding, finite differences per example over interacting examples.
+
+    Raised by ``agp_common.penalty_spec``'s checks, often only when a step is traced; the CLIs
+    report it like a ``UsageError`` (one line, exit 2).
+    """
+
+
 def __getattr__(name: str):
     """The CLI errors (``UsageError``, ``report_error``, ...) from ``agp_app.errors``, on first use."""
     if name.startswith("__"):

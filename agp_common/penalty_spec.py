@@ -17,6 +17,8 @@ import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from agp_common.errors import PenaltyOptionsError
+
 #: Name of the input capture point (the input-gradient penalty of double backprop).
 INPUT = "input"
 NORMALIZATIONS = ("batch_mean", "per_example")
@@ -245,9 +247,10 @@ def check_fd_step(fd_step: float, eps: float, dtype_name: str) -> None:
     """Raise a one-line ``ValueError`` when ``fd_step`` is below ``min_fd_step(eps)`` for ``dtype_name``."""
     low = min_fd_step(eps)
     if fd_step < low:
-        raise ValueError(f"fd_step={fd_step!r} is too small for {dtype_name} activations: the finite "
-                         f"difference would be rounding noise; use fd_step >= {low:.2g} (100 x machine "
-                         f"epsilon; about {math.sqrt(eps):.1g} is best for unit-scale activations)")
+        raise PenaltyOptionsError(
+            f"fd_step={fd_step!r} is too small for {dtype_name} activations: the finite difference would be "
+            f"rounding noise; use fd_step >= {low:.2g} (100 x machine epsilon; about {math.sqrt(eps):.1g} is "
+            "best for unit-scale activations)")
 
 
 def select_layers(available: Sequence[str], layers: Sequence[str] | str | None) -> tuple[str, ...]:
@@ -261,7 +264,7 @@ def select_layers(available: Sequence[str], layers: Sequence[str] | str | None) 
     """
     if layers is None:
         if not available:
-            raise ValueError(NO_CAPTURE_POINTS)
+            raise PenaltyOptionsError(NO_CAPTURE_POINTS)
         return tuple(available)
     layers = _layer_names(layers)
     unknown = [name for name in layers if name not in available and name != INPUT]
@@ -281,7 +284,8 @@ def check_layer_weights(options: PenaltyOptions, layers: Sequence[str]) -> None:
     """Raise a ``ValueError`` when ``layer_weights`` names a layer that is not penalised."""
     unknown = [name for name, _ in options.layer_weights or () if name not in layers]
     if unknown:
-        raise ValueError(f"layer_weights names {unknown} that are not penalised layers {list(layers)}")
+        raise PenaltyOptionsError(
+            f"layer_weights names {unknown} that are not penalised layers {list(layers)}")
 
 
 def check_examples_interact(options: PenaltyOptions, examples_interact: bool) -> None:
@@ -291,7 +295,7 @@ def check_examples_interact(options: PenaltyOptions, examples_interact: bool) ->
     when an example's loss does not depend on the others' activations (no train-mode BatchNorm).
     """
     if options.approx == "finite_difference" and options.normalization == "per_example" and examples_interact:
-        raise ValueError(
+        raise PenaltyOptionsError(
             "approx='finite_difference' with normalization='per_example' needs independent examples; "
             "with interacting examples (BatchNorm in train mode) use approx='exact'"
         )

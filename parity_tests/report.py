@@ -96,6 +96,10 @@ def per_case_rows(rows: Rows) -> Rows:
     return {(f"{c.case}: {c.quantity}", c.dtype): [c] for comps in rows.values() for c in comps}
 
 
+#: Largest ``--trajectory-lr``: the trajectory compares SGD steps, which above this leave float32's range.
+MAX_TRAJECTORY_LR = 10.0
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m parity_tests.report", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small subset (batch 1, 2 steps, ...)")
@@ -103,8 +107,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--trajectory-lr", type=float, default=cmp.TRAJECTORY_LR,
                         help=f"SGD learning rate of the trajectory (default {cmp.TRAJECTORY_LR})")
     args = parser.parse_args(argv)
-    if not args.trajectory_lr > 0:
-        parser.error(f"--trajectory-lr must be positive, got {args.trajectory_lr}")
+    if not 0 < args.trajectory_lr <= MAX_TRAJECTORY_LR:  # also NaN and inf
+        parser.exit(2, f"{parser.prog}: error: --trajectory-lr must be in (0, {MAX_TRAJECTORY_LR:g}], got "
+                       f"{args.trajectory_lr} (larger steps leave float32 and compare nothing; "
+                       f"default {cmp.TRAJECTORY_LR})\n")
     return args
 
 

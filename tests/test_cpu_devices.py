@@ -16,6 +16,7 @@ import pytest
 from agp_common import TrainConfig
 from agp_common.config import parse_config
 from agp_common.errors import UsageError
+from jax_impl import onednn_conv
 from jax_impl.train import auto_cpu_devices, choose_cpu_devices, configure_cpu_devices, usable_cores
 
 SMALL_RUN = ["--dataset", "synthetic", "--synthetic-shape", "128,16,16,1", "--steps", "1", "--quiet"]
@@ -36,10 +37,12 @@ def test_auto_gives_each_device_64_examples_one_device_per_core_and_divides_the_
 
 
 def test_auto_keeps_one_device_for_onednn_several_processes_or_a_device_count_in_xla_flags():
-    big = TrainConfig(batch_size=256)
+    big = TrainConfig(batch_size=256, conv_impl="canonical")
     assert auto_cpu_devices(big, 4, "", distributed=False) == 4
     assert auto_cpu_devices(big, 4, "--xla_cpu_enable_fast_math=false", distributed=False) == 4
     assert auto_cpu_devices(TrainConfig(batch_size=256, conv_impl="onednn"), 4, "", distributed=False) == 1
+    auto = 1 if onednn_conv.library_built() else 4  # auto runs oneDNN where its library is built
+    assert auto_cpu_devices(TrainConfig(batch_size=256), 4, "", distributed=False) == auto
     assert auto_cpu_devices(big, 4, "", distributed=True) == 1
     assert auto_cpu_devices(big, 4, "--xla_force_host_platform_device_count=3", distributed=False) == 1
 
@@ -73,7 +76,7 @@ def _cli(*flags: str, tmp_path) -> subprocess.CompletedProcess:
 @pytest.mark.slow  # a real 2-device compile (~10 s); auto's choice itself is tested as a table above
 @pytest.mark.skipif(usable_cores() < 2, reason="auto uses one device on a single core")
 def test_auto_splits_a_batch_of_128_over_two_devices_and_says_so(tmp_path):
-    proc = _cli("--batch-size", "128", tmp_path=tmp_path)
+    proc = _cli("--batch-size", "128", "--conv-impl", "canonical", tmp_path=tmp_path)  # oneDNN: 1 device
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "the batch of 128 is split over 2 devices" in proc.stdout
     assert "--cpu-devices 1 turns this off" in proc.stdout

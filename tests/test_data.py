@@ -235,7 +235,7 @@ def test_parser_defaults_and_frozen_config_round_trip():
     config = parse_config([], prog="p", framework="jax")
     assert (config.dataset, config.optimizer, config.penalty_weight, config.penalty_layers) == (
         "digits", "sgd", 10.0, None)
-    assert config.workdir == "runs/jax_digits"
+    assert config.workdir == "runs/jax_digits_cnn"
     with pytest.raises(AttributeError):
         config.lr = 1.0  # frozen
     custom = parse_config(["--penalty-layers", "relu2", "--synthetic-shape", "4x16x16x1"], "p", "torch")

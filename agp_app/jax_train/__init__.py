@@ -2,9 +2,11 @@
 
 One job per module, as in Flax's examples/imagenet:
 
-* ``state``: ``TrainState``, ``Hyperparams``, ``make_optimizer``, ``init_params``;
+* ``state``: ``TrainState`` (with the model's ``batch_stats``), ``Hyperparams``, ``make_optimizer``
+  (``agp_app.jax_recipe.named_optimizer``), ``init_params``, ``init_variables`` (``--init``);
 * ``steps``: the pure ``train_step``, ``eval_step``, ``attack_eval_step``;
 * ``mesh``: the 1-D ``"data"`` mesh, its shardings, ``put_batch``;
+* ``feeding``: each step's batch onto the devices, gathered there from a kept copy or put from the host;
 * ``compile``: the steps compiled once per process and key (``compiled_steps``);
 * ``evaluation``: test loss and accuracy, accuracy under attack;
 * ``checkpoints``: orbax save and restore;
@@ -38,6 +40,7 @@ from agp_app.jax_train.cpu_devices import (
 )
 from agp_app.jax_train.distributed import distributed_launch, maybe_initialize_distributed
 from agp_app.jax_train.evaluation import evaluate, evaluate_attacks
+from agp_app.jax_train.feeding import FEEDS, DeviceFeeder, HostFeeder, choose_feed, make_feeder
 from agp_app.jax_train.main import main
 from agp_app.jax_train.mesh import (
     DATA_AXIS,
@@ -54,19 +57,23 @@ from agp_app.jax_train.state import (
     create_train_state,
     hyperparams,
     init_params,
+    init_variables,
     make_optimizer,
 )
-from agp_app.jax_train.steps import attack_eval_step, eval_step, train_step
+from agp_app.jax_train.steps import attack_eval_step, eval_step, train_step, variables_of
 from agp_app.jax_train.trainer import METRICS_EVERY, JaxTrainer, train_and_evaluate
 from agp_app.trainer import TrainResult
 
 __all__ = [
     "DATA_AXIS",
     "EXAMPLES_PER_CPU_DEVICE",
+    "FEEDS",
     "FORCE_DEVICE_COUNT_FLAG",
     "FRAMEWORK",
     "METRICS_EVERY",
     "CountingJit",
+    "DeviceFeeder",
+    "HostFeeder",
     "Hyperparams",
     "JaxTrainer",
     "Params",
@@ -79,6 +86,7 @@ __all__ = [
     "check_batch_size",
     "checkpoint_manager",
     "choose_cpu_devices",
+    "choose_feed",
     "compiled_attack_eval",
     "compiled_steps",
     "configure_cpu_devices",
@@ -90,8 +98,10 @@ __all__ = [
     "evaluate_attacks",
     "hyperparams",
     "init_params",
+    "init_variables",
     "main",
     "make_eval_step",
+    "make_feeder",
     "make_optimizer",
     "make_train_step",
     "maybe_initialize_distributed",
@@ -102,4 +112,5 @@ __all__ = [
     "train_and_evaluate",
     "train_step",
     "usable_cores",
+    "variables_of",
 ]

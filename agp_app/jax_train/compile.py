@@ -8,8 +8,10 @@ from collections.abc import Callable
 import jax
 from jax.sharding import Mesh
 
+from agp_app.jax_models import build_jax_model
 from agp_app.jax_train.mesh import batch_sharded, data_mesh, replicated
 from agp_app.jax_train.steps import attack_eval_step, eval_step, train_step
+from agp_app.model_spec import DEFAULT_MODEL, ModelSpec
 from agp_common.attack_spec import Attack
 from agp_common.penalty_spec import PenaltyOptions
 from jax_impl.model import Net
@@ -40,48 +42,59 @@ class CountingJit:
 
 
 def make_train_step(model: Net, optimizer: str, layers: tuple[str, ...] | None, mesh: Mesh, *,
-                    options: PenaltyOptions | None = None) -> CountingJit:
+                    options: PenaltyOptions | None = None, **step_options) -> CountingJit:
     """``train_step`` compiled for ``mesh``: state replicated and donated, batch sharded, ``Hyperparams``
     replicated and traced; with ``jit_options()``.
 
     The loss and penalty are those of the global batch (XLA inserts the
     cross-device reductions), so results match one device up to rounding.
-    The result's ``traces`` counts its compilations.
+    The result's ``traces`` counts its compilations. ``step_options``: ``train_step``'s
+    ``capture_modules``, ``weight_decay``, ``decoupled``, ``compute_dtype``.
     """
-    step = functools.partial(train_step, model=model, optimizer=optimizer, layers=layers, options=options)
+    step = functools.partial(train_step, model=model, optimizer=optimizer, layers=layers, options=options,
+                             **step_options)
     return CountingJit(step, in_shardings=(replicated(mesh), batch_sharded(mesh), replicated(mesh)),
                        out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0,
-                       **jit_options(conv_impl=model.conv_impl))
+                       **jit_options(conv_impl=getattr(model, "conv_impl", "auto")))
 
 
 def make_eval_step(model: Net, mesh: Mesh):
     """``eval_step`` compiled for ``mesh`` (params replicated, batch sharded), with ``jit_options()``."""
     return jax.jit(functools.partial(eval_step, model=model),
                    in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh),
-                   **jit_options(conv_impl=model.conv_impl))
+                   **jit_options(conv_impl=getattr(model, "conv_impl", "auto")))
 
 
 @functools.lru_cache(maxsize=16)
 def compiled_steps(num_classes: int, optimizer: str, devices: tuple[jax.Device, ...],
-                   options: PenaltyOptions | None = None, conv_impl: str = "auto"):
+                   options: PenaltyOptions | None = None, conv_impl: str = "auto", *,
+                   model: ModelSpec = DEFAULT_MODEL, capture_modules: tuple[tuple[str, str], ...] = (),
+                   weight_decay: float = 0.0, decoupled: bool = False, compute_dtype: str | None = None):
     """``(model, mesh, train_step_fn, eval_step_fn)`` for a run, built once per process and key.
 
     Runs in one process with the same model, optimizer, penalty options and devices (tests, sweeps)
     share one jitted step whatever their learning rate and penalty weight, so XLA compiles each
     (shape, dtype) only once. ``conv_impl``: ``Net``'s convolution algorithm (``--conv-impl``).
+    ``model``: the ``--model`` spec (``agp_app.jax_models.build_jax_model``); ``capture_modules``:
+    ``(name, module path)`` pairs penalised by path; ``weight_decay``, ``decoupled``: the optimizer's;
+    ``compute_dtype`` ``"bfloat16"``: mixed precision (``train_step``).
     """
-    model, mesh = Net(num_classes=num_classes, conv_impl=conv_impl), data_mesh(devices)
-    step_fn = make_train_step(model, optimizer, None, mesh, options=options)
-    return model, mesh, step_fn, make_eval_step(model, mesh)
+    net, mesh = build_jax_model(model, num_classes, conv_impl), data_mesh(devices)
+    compute = None if compute_dtype is None else jax.numpy.dtype(compute_dtype)
+    step_fn = make_train_step(net, optimizer, None, mesh, options=options,
+                              capture_modules=dict(capture_modules), weight_decay=weight_decay,
+                              decoupled=decoupled, compute_dtype=compute)
+    return net, mesh, step_fn, make_eval_step(net, mesh)
 
 
 @functools.lru_cache(maxsize=16)
 def compiled_attack_eval(num_classes: int, attacks: tuple[Attack, ...], clip: tuple[float, float],
-                         devices: tuple[jax.Device, ...], conv_impl: str = "auto"):
+                         devices: tuple[jax.Device, ...], conv_impl: str = "auto", *,
+                         model: ModelSpec = DEFAULT_MODEL):
     """``attack_eval_step`` compiled for the mesh of ``devices`` (params replicated, batch sharded), once
     per process and key (a sweep's runs share it)."""
     mesh = data_mesh(devices)
-    model = Net(num_classes=num_classes, conv_impl=conv_impl)
-    step = functools.partial(attack_eval_step, model=model, attacks=attacks, clip=clip)
+    net = build_jax_model(model, num_classes, conv_impl)
+    step = functools.partial(attack_eval_step, model=net, attacks=attacks, clip=clip)
     return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh),
                    **jit_options(conv_impl=conv_impl))

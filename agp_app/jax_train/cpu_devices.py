@@ -8,6 +8,7 @@ import jax
 
 from agp_app.config import TrainConfig
 from agp_app.errors import UsageError
+from jax_impl import onednn_conv
 
 #: ``--cpu-devices auto`` gives each JAX CPU device at least this many examples of the batch: at
 #: batch 128 two devices on two cores beat one (XLA's CPU convolutions use two cores poorly), at
@@ -27,9 +28,11 @@ def choose_cpu_devices(batch_size: int, cores: int) -> int:
 def auto_cpu_devices(config: TrainConfig, cores: int, xla_flags: str, distributed: bool) -> int:
     """``--cpu-devices auto``: ``choose_cpu_devices``, or 1 where splitting would not help or is not
     ours to do: several processes train together, the user's ``xla_flags`` set the device count, or
-    the convolutions are oneDNN's (their custom calls have no sharding rule, so XLA would gather the
-    whole batch on every device; they thread over the batch themselves)."""
-    if distributed or config.conv_impl == "onednn" or FORCE_DEVICE_COUNT_FLAG in xla_flags:
+    the convolutions are oneDNN's, named or chosen by ``auto`` (its library is built: checked without
+    starting JAX) - their custom calls have no sharding rule, so XLA would gather the whole batch on
+    every device (1.7x slower at batch 128 on 2 cores); they thread over the batch themselves."""
+    onednn = config.conv_impl == "onednn" or (config.conv_impl == "auto" and onednn_conv.library_built())
+    if distributed or onednn or FORCE_DEVICE_COUNT_FLAG in xla_flags:
         return 1
     return choose_cpu_devices(config.batch_size, cores)
 

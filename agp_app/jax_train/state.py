@@ -10,18 +10,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from agp_app.optim import optimizer_rule
+from agp_app.jax_models import BATCH_STATS
+from agp_app.jax_recipe import named_optimizer as make_optimizer  # the one optax home, re-exported
+from agp_app.shared_init import draw_shared_variables
 from jax_impl.model import Net
 
 Params = Any
 
+__all__ = ["Hyperparams", "Params", "TrainState", "create_train_state", "hyperparams", "init_params",
+           "init_variables", "make_optimizer"]
+
 
 class TrainState(NamedTuple):
-    """Everything a step changes: ``step`` () int32 (optimizer steps done), ``params``, ``opt_state``."""
+    """Everything a step changes: ``step`` () int32 (optimizer steps done), ``params``, ``opt_state``, and
+    ``model_state``, the model's other variable collections (``{"batch_stats": ...}`` for BatchNorm;
+    ``{}`` for a model without), updated by the train step and used as is by evaluation."""
 
     step: jax.Array
     params: Params
     opt_state: Any
+    model_state: Any = {}  # noqa: RUF012 (never mutated; a NamedTuple default)
 
 
 class Hyperparams(NamedTuple):
@@ -36,32 +44,37 @@ def hyperparams(lr: float, penalty_weight: float, dtype) -> Hyperparams:
     return Hyperparams(jnp.asarray(lr, dtype), jnp.asarray(penalty_weight, dtype))
 
 
-#: ``agp_app.optim``'s rule kinds as optax optimizers.
-_OPTAX = {"sgd": optax.sgd, "adam": optax.adam}
-
-
-def make_optimizer(name: str, lr: float | jax.Array) -> optax.GradientTransformation:
-    """``sgd`` (the seed's ``torch.optim.SGD``), ``momentum`` (SGD, momentum 0.9) or ``adam``.
-
-    Same update rules as ``torch.optim.SGD(lr[, momentum])`` and ``torch.optim.Adam(lr)`` with
-    their defaults (``agp_app.optim``). ``lr`` may be traced; the optimizer state does not depend on it.
-    """
-    rule = optimizer_rule(name)
-    return _OPTAX[rule.kind](lr, **rule.kwargs)
-
-
 @functools.cache
 def _compiled_init(model: Net):
     # One compilation instead of dozens of small op-by-op ones (seconds on a 2-core CPU); same values.
     return jax.jit(model.init)
 
 
-def init_params(model: Net, image_shape: Sequence[int], seed: int, dtype) -> Params:
+def init_params(model, image_shape: Sequence[int], seed: int, dtype) -> Params:
     """Fresh parameters for images of ``image_shape`` (H, W, C), cast to ``dtype``."""
     params = _compiled_init(model)(jax.random.key(seed), jnp.zeros((1, *image_shape), dtype))["params"]
     return jax.tree.map(lambda p: p.astype(dtype), params)
 
 
-def create_train_state(params: Params, tx: optax.GradientTransformation) -> TrainState:
-    """Step 0: ``params`` and a fresh optimizer state."""
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+def init_variables(model, image_shape: Sequence[int], seed: int, dtype, init: str = "seeded"
+                   ) -> tuple[Params, dict[str, Any]]:
+    """``(params, model_state)`` of ``model`` for images of ``image_shape`` (H, W, C), cast to ``dtype``.
+
+    ``init="seeded"``: ``model.init`` with ``jax.random.key(seed)``; ``"shared"``:
+    ``agp_app.shared_init.draw_shared_variables`` of the shapes ``model.init`` would give (the same
+    numbers the PyTorch CLI loads). ``model_state`` keeps only ``batch_stats`` (or is ``{}``).
+    """
+    x = jnp.zeros((1, *image_shape), dtype)
+    if init == "shared":
+        variables = draw_shared_variables(jax.eval_shape(model.init, jax.random.key(seed), x), seed)
+    else:
+        variables = _compiled_init(model)(jax.random.key(seed), x)
+    variables = jax.tree.map(lambda p: jnp.asarray(p, dtype), dict(variables))
+    model_state = {BATCH_STATS: variables[BATCH_STATS]} if BATCH_STATS in variables else {}
+    return variables["params"], model_state
+
+
+def create_train_state(params: Params, tx: optax.GradientTransformation,
+                       model_state: dict[str, Any] | None = None) -> TrainState:
+    """Step 0: ``params``, a fresh optimizer state and ``model_state`` (default ``{}``)."""
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), model_state or {})

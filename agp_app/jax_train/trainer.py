@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,16 +30,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from agp_app import trainer as skeleton
-from agp_app.batching import padded_batch
 from agp_app.config import TrainConfig
 from agp_app.data import Dataset
+from agp_app.errors import UsageError
+from agp_app.jax_models import capture_names
 from agp_app.jax_train.checkpoints import FRAMEWORK, checkpoint_manager, restore_checkpoint, save_checkpoint
 from agp_app.jax_train.compile import compiled_attack_eval, compiled_steps
 from agp_app.jax_train.evaluation import evaluate, evaluate_attacks
-from agp_app.jax_train.mesh import check_batch_size, put_batch, replicated
-from agp_app.jax_train.state import Params, create_train_state, hyperparams, init_params, make_optimizer
-from agp_app.trainer import TrainResult
-from jax_impl.model import CAPTURE_NAMES
+from agp_app.jax_train.feeding import augment_transform, make_feeder
+from agp_app.jax_train.mesh import check_batch_size, replicated
+from agp_app.jax_train.state import Params, create_train_state, hyperparams, init_variables, make_optimizer
+from agp_app.jax_train.steps import variables_of
+from agp_app.trainer import TrainResult, resolve_penalty_layers, scheduled_lr, unknown_layers
 
 #: Steps between two fetches of the metrics from the device (fewer host-device syncs; a NaN stops the
 #: run at the next fetch at the latest, with the state of the step before it).
@@ -46,39 +49,73 @@ METRICS_EVERY = 20
 
 
 class JaxTrainer:
-    """``agp_app.trainer.Trainer`` for ``jax_impl.Net``, data-parallel over ``devices`` (default: all)."""
+    """``agp_app.trainer.Trainer`` for the ``--model`` Flax module, data-parallel over ``devices``
+    (default: all)."""
 
     framework = FRAMEWORK
-    capture_names = CAPTURE_NAMES
+    capture_names: tuple[str, ...] = ()
+    capture_modules: dict[str, str] = {}  # noqa: RUF012 (replaced, never mutated)
     fetch = staticmethod(jax.device_get)
     fetch_every = METRICS_EVERY
 
-    def __init__(self, devices: Sequence[jax.Device] | None = None):
+    def __init__(self, devices: Sequence[jax.Device] | None = None, feed: str = "auto"):
         self.devices = tuple(jax.devices() if devices is None else devices)
+        self.feed = feed  # how batches reach the devices (``feeding.FEEDS``; same numbers either way)
         self.main_process = jax.process_index() == 0
         self.compilations = 0  # of the train step, counted from ``prepare`` on
+        self.total_steps = 0
 
     def prepare(self, config: TrainConfig, ds: Dataset) -> None:
-        self.config, self.ds, self.dtype = config, ds, np.dtype(config.dtype)
+        self.config, self.ds, self.dtype = config, ds, np.dtype(config.storage_dtype())
+        spec = config.model_spec()
+        compiled = compiled_steps(ds.num_classes, config.optimizer, self.devices, config.penalty_options(),
+                                  config.conv_impl, model=spec)  # the model, to find its capture points
+        try:
+            self.capture_names = capture_names(compiled[0], ds.image_shape)
+        except ValueError as error:
+            raise UsageError(f"--model {config.model}: {error}") from None
+        self.capture_modules = resolve_penalty_layers(config, self.capture_names)
+        errors = {}
+        for name, path in self.capture_modules.items():  # every path must be called by the model
+            try:
+                capture_names(compiled[0], ds.image_shape, {name: path})
+            except ValueError as error:
+                errors[name] = str(error)
+        if errors:
+            raise UsageError(unknown_layers(list(errors), self.capture_names, next(iter(errors.values()))))
+        compute = "bfloat16" if config.dtype == "bfloat16" else None
         self.model, self.mesh, self.step_fn, self.eval_fn = compiled_steps(
-            ds.num_classes, config.optimizer, self.devices, config.penalty_options(), config.conv_impl)
+            ds.num_classes, config.optimizer, self.devices, config.penalty_options(), config.conv_impl,
+            model=spec, capture_modules=tuple(sorted(self.capture_modules.items())),
+            weight_decay=config.weight_decay, decoupled=config.weight_decay_form == "decoupled",
+            compute_dtype=compute)
         self._traces_before = self.step_fn.traces
         attacks = config.attacks()
         self.attack_fn = (compiled_attack_eval(ds.num_classes, attacks, ds.input_range(),
-                                               tuple(self.mesh.devices.flat), config.conv_impl)
+                                               tuple(self.mesh.devices.flat), config.conv_impl, model=spec)
                           if attacks else None)
         check_batch_size(config.batch_size, self.mesh, len(ds.y_train))
+        transform = augment_transform(config.augment, config.seed) if config.augment else None
+        self.feeder = make_feeder(self.feed, ds, config.batch_size, self.dtype, self.mesh, transform)
 
     def init(self, params: Params | None) -> None:
         config, dtype = self.config, self.dtype
+        seeded, model_state = init_variables(self.model, self.ds.image_shape, config.seed, dtype, config.init)
         if params is None:
-            params = init_params(self.model, self.ds.image_shape, config.seed, dtype)
+            params = seeded
         else:
             params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
-        tx = make_optimizer(config.optimizer, config.lr)
-        self.state = jax.device_put(create_train_state(params, tx), replicated(self.mesh))
-        self.hparams = jax.device_put(hyperparams(config.lr, config.penalty_weight, dtype),
-                                      replicated(self.mesh))
+        tx = make_optimizer(config.optimizer, config.lr, weight_decay=config.weight_decay,
+                            decoupled=config.weight_decay_form == "decoupled")
+        self.state = jax.device_put(create_train_state(params, tx, model_state), replicated(self.mesh))
+        self.lr_at = scheduled_lr(config, self.total_steps)
+        self.constant_lr = config.lr_schedule == "constant" and config.warmup_steps == 0
+        self.hparams = self._hparams(config.lr)
+        self.t = 0  # 0-based index of the next update (the schedule's and the augmentation's step)
+        self.t_first: int | None = None
+
+    def _hparams(self, lr: float):
+        return jax.device_put(hyperparams(lr, self.config.penalty_weight, self.dtype), replicated(self.mesh))
 
     @contextlib.contextmanager
     def checkpoints(self, workdir: Path) -> Iterator[None]:
@@ -89,16 +126,27 @@ class JaxTrainer:
         restored = restore_checkpoint(self.manager, self.state, self.config, record["dataset"])
         if restored is not None:
             self.state = restored
-        return int(jax.device_get(self.state.step))
+        self.t = int(jax.device_get(self.state.step))
+        return self.t
 
     def step(self, indices: np.ndarray) -> dict[str, jax.Array]:
-        ds, config = self.ds, self.config
-        batch = padded_batch(ds.x_train, ds.y_train, indices, config.batch_size, self.dtype, ds.pixel_scale)
-        self.state, metrics = self.step_fn(self.state, put_batch(batch, self.mesh), self.hparams)
+        config, t = self.config, self.t
+        batch = self.feeder(indices, t)  # on the devices; --augment: feeding.augment_transform, (seed, t)
+        if not self.constant_lr:
+            self.hparams = self._hparams(self.lr_at(t))
+        if self.t_first is None:  # the first call compiles (seconds): say so where no progress bar shows
+            self.t_first = t
+            if self.main_process and self.step_fn.traces == 0 and not sys.stdout.isatty():
+                print(f"compiling the train step ({config.model}, batch {config.batch_size}) ...", flush=True)
+        self.state, metrics = self.step_fn(self.state, batch, self.hparams)
+        self.t = t + 1
+        if not self.constant_lr:  # the scheduled rate into metrics.jsonl (else the loop logs --lr)
+            metrics = {**metrics, "lr": self.hparams.lr}
         return metrics  # on the device until the loop fetches it
 
     def evaluate(self) -> dict[str, float]:
-        args = (self.state.params, self.ds, self.config.batch_size, self.dtype, self.mesh)
+        args = (variables_of(self.state.params, self.state.model_state), self.ds, self.config.batch_size,
+                self.dtype, self.mesh)
         result = evaluate(self.eval_fn, *args)
         if self.attack_fn is not None:  # --eval-attacks: accuracy under attack beside the clean one
             result.update(evaluate_attacks(self.attack_fn, *args))

@@ -30,7 +30,9 @@ input-gradient RMS, mean and median against w, one line per layer set,
 shaded from the lowest to the highest seed), ``grad_norm_vs_weight.png`` (per-layer gradient sizes), and
 ``convention.json`` (the size of the seed's batch-mean penalty next to the
 loss, at initialisation and after unpenalised training). Each run's own
-folder (metrics, config) is ``OUT/runs/<layers>_<normalization>_w<weight>_s<seed>``.
+folder (metrics, config) is ``OUT/runs/<layers>_<normalization>_w<weight>_s<seed>`` (``weight_label``:
+``:g``, or the exact ``repr`` where ``:g`` would merge two weights); ``--weights`` (and ``--noise``,
+``--eval-eps``) must not repeat a value.
 
 The default grid (3 seeds x (1 + 4 layer sets x 3 weights) = 39 runs of 6
 epochs, about 25 s each) took 21.5 minutes on a 2-core CPU shared with other
@@ -41,7 +43,7 @@ Modules: ``grid`` (``SweepConfig``, labels, each run's ``TrainConfig``), ``measu
 ``runner`` (``run_sweep``), ``tables``, ``figures``, ``cli`` (flags, ``main``).
 """
 
-from agp_app.sweep.cli import build_parser, main, parse_sweep
+from agp_app.sweep.cli import build_parser, main, parse_sweep, prepare_out
 from agp_app.sweep.figures import plot_results
 from agp_app.sweep.grid import (
     ATTACKED_PREFIX,
@@ -58,6 +60,7 @@ from agp_app.sweep.grid import (
     layers_label,
     run_label,
     train_config,
+    weight_label,
 )
 from agp_app.sweep.measures import convention_numbers, measure, noise_draws
 from agp_app.sweep.runner import run_sweep
@@ -86,9 +89,11 @@ __all__ = [
     "noise_draws",
     "parse_sweep",
     "plot_results",
+    "prepare_out",
     "run_label",
     "run_sweep",
     "summarize",
     "train_config",
+    "weight_label",
     "write_tables",
 ]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from agp_app.config import OneLineErrorParser, _names
-from agp_app.errors import UsageError, report_error
+from agp_app.errors import REPORTED_ERRORS, UsageError, WriteFailed, report_error, report_signal_stop
+from agp_app.interrupts import SignalStop, stop_on_signals
+from agp_app.runlog import check_utf8_path
 from agp_app.sweep.figures import plot_results
 from agp_app.sweep.grid import MEASURED_LAYERS, NONE, SweepConfig, train_config
 from agp_app.sweep.runner import run_sweep
@@ -25,6 +28,10 @@ def _floats(text: str) -> tuple[float, ...]:
             f"expected comma-separated numbers such as 0,1,10, got {text!r}") from None
     if any(not math.isfinite(v) or v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected finite numbers >= 0, got {text!r}")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:  # one run (or measure) per value: a repeat would be counted twice as if independent
+        raise argparse.ArgumentTypeError(f"expected distinct numbers, got {text!r} "
+                                         f"(repeated: {', '.join(map(repr, repeated))})")
     return values
 
 
@@ -106,6 +113,9 @@ def parse_sweep(argv: Sequence[str] | None) -> SweepConfig:
         raise UsageError(f"--epochs and --batch-size must be >= 1, got {args.epochs} and {args.batch_size}")
     if not args.weights:
         raise UsageError("--weights is empty; give at least one penalty weight")
+    if dataset in ("npz", "cifar10") and not args.data_dir:
+        what = "the .npz file or a folder holding one" if dataset == "npz" else "the CIFAR-10 folder"
+        raise UsageError(f"--dataset {dataset} needs --data-dir ({what})")
     sweep = SweepConfig(
         dataset=dataset, data_dir=args.data_dir, layer_sets=args.layers, weights=args.weights,
         normalizations=args.normalizations, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size,
@@ -118,18 +128,39 @@ def parse_sweep(argv: Sequence[str] | None) -> SweepConfig:
     return sweep
 
 
+def prepare_out(out: str) -> Path:
+    """The ``--out`` folder, created; ``UsageError`` naming ``--out`` when it cannot be (checked before
+    the first run rather than when the first run's folder is made, or the tables are written)."""
+    path = Path(out)
+    check_utf8_path(path, "--out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {path} cannot be created ({e.strerror or e}); expected a folder you can "
+                         "write to") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {path} is not a writable folder; expected a folder you can write to")
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: parse, run the grid, write tables and plots; usage errors are one line and exit 2."""
     try:
-        sweep = parse_sweep(argv)
-        t0 = time.perf_counter()
-        rows = run_sweep(sweep)
-        wall = time.perf_counter() - t0
-        out = Path(sweep.out)
-        write_tables(rows, out, sweep, wall)
-        plot_results(rows, out)
-    except UsageError as e:
+        with stop_on_signals():  # one line, 128 + signum; a run stopped mid-way starts again on rerun
+            sweep = parse_sweep(argv)
+            out = prepare_out(sweep.out)
+            t0 = time.perf_counter()
+            rows = run_sweep(sweep)
+            wall = time.perf_counter() - t0
+            try:
+                write_tables(rows, out, sweep, wall)
+                plot_results(rows, out)
+            except OSError as e:  # the runs' own folders hold every run: rerunning only measures again
+                raise WriteFailed("the sweep's results in", out, e) from None
+    except REPORTED_ERRORS as e:
         return report_error(e)
+    except SignalStop as e:
+        return report_signal_stop(e.signum)
     print(f"sweep: {len(rows)} runs in {wall:.0f} s; table {out / 'results.md'}, "
           f"figure {out / 'robustness_vs_weight.png'}")
     print((out / "results.md").read_text(), end="")

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from agp_app.io import atomic_write
 from agp_app.sweep.grid import ATTACKED_PREFIX, NONE
 from agp_app.sweep.tables import COLUMN_NAMES, INPUT_GRADIENT_MEASURES, summarize
 
@@ -58,7 +59,7 @@ def plot_results(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.set_visible(False)
         fig.suptitle(title, fontsize=11)
         fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
+        atomic_write(out / name, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
         plt.close(fig)
         return out / name
 

@@ -64,10 +64,17 @@ def layers_label(layers: tuple[str, ...] | None) -> str:
     return NONE if layers is None else "+".join(layers)
 
 
+def weight_label(weight: float) -> str:
+    """``3`` for 3.0, ``0.1``: the short form (``:g``) when it reads back as ``weight``, else the exact
+    ``repr`` (``1.0000001``), so that distinct weights never share a run folder or a row label."""
+    short = f"{weight:g}"
+    return short if float(short) == weight else repr(float(weight))
+
+
 def run_label(layers: tuple[str, ...] | None, normalization: str, weight: float, seed: int) -> str:
     if layers is None:
         return f"none_w0_s{seed}"
-    return f"{layers_label(layers)}_{normalization}_w{weight:g}_s{seed}"
+    return f"{layers_label(layers)}_{normalization}_w{weight_label(weight)}_s{seed}"
 
 
 def train_config(sweep: SweepConfig, seed: int, layers: tuple[str, ...] | None, normalization: str,

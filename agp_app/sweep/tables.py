@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agp_app.sweep.grid import ATTACKED_PREFIX, SweepConfig
+from agp_app.io import atomic_write_text
+from agp_app.sweep.grid import ATTACKED_PREFIX, SweepConfig, weight_label
 
 GROUP_KEYS = ("layers", "normalization", "penalty_weight")
 #: Column titles of results.md (the attacked and noisy accuracies are titled by their label).
@@ -55,21 +57,23 @@ def _markdown_columns(summary: list[dict[str, Any]]) -> list[str]:
 
 def write_tables(rows: list[dict[str, Any]], out: Path, sweep: SweepConfig,
                  wall_s: float | None = None) -> None:
-    """results.json (settings, rows, summary), results.csv (one row per run), results.md (over seeds)."""
+    """results.json (settings, rows, summary), results.csv (one row per run), results.md (over seeds);
+    each written whole or not at all (``atomic_write_text``)."""
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows)
-    (out / "results.json").write_text(json.dumps(
+    atomic_write_text(out / "results.json", json.dumps(
         {"sweep": dataclasses.asdict(sweep), "wall_s": wall_s, "rows": rows, "summary": summary},
         indent=2, default=float) + "\n")
     conv = [r["convention"] for r in rows if "convention" in r]
     if conv:
-        (out / "convention.json").write_text(json.dumps(conv[0], indent=2) + "\n")
+        atomic_write_text(out / "convention.json", json.dumps(conv[0], indent=2) + "\n")
     cols = list(dict.fromkeys(["layers", "normalization", "penalty_weight", "seed", "status",
                                *(k for r in rows for k in r if k != "convention")]))
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=cols, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "results.csv", table.getvalue())
 
     measures = _markdown_columns(summary)
     names = [COLUMN_NAMES.get(m, m.removeprefix(ATTACKED_PREFIX).replace("noisy_accuracy@", "noise "))
@@ -87,6 +91,7 @@ def write_tables(rows: list[dict[str, Any]], out: Path, sweep: SweepConfig,
                 sd = f" ± {e[m]['sd']:.3f}" if e["seeds_ok"] > 1 else ""
                 cells.append(f"{e[m]['mean']:.3f}{sd}")
         seeds = f"{e['seeds_ok']}" if e["seeds_ok"] == e["seeds"] else f"{e['seeds_ok']} of {e['seeds']}"
-        lines.append(f"| {e['layers']} | {e['normalization']} | {e['penalty_weight']:g} | {seeds} | "
+        weight = weight_label(e["penalty_weight"])
+        lines.append(f"| {e['layers']} | {e['normalization']} | {weight} | {seeds} | "
                      + " | ".join(cells) + " |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")

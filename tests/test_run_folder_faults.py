@@ -1,4 +1,4 @@
-"""Reliability, round 2 (issue 10), on both training CLIs: resume on other data, unbounded labels,
+"""Run-folder faults on both training CLIs (issue 10): resume on other data, unbounded labels,
 damaged logs, a full disk, inputs that used to crash with a traceback, and the library's own checks.
 
 Every failure a user can cause is one line naming the thing and the fix, exit 2 (exit 1 when it
