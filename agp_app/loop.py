@@ -115,7 +115,9 @@ def run_loop(
                       **{k: float(v) for k, v in values.items()}, "lr": float(values.get("lr", config.lr)),
                       "examples": examples, "step_time_s": per_step,
                       "examples_per_s": examples / per_step if per_step > 0 else math.nan}
-            if config.penalty_weight == 0:  # measured, not applied: marked so (runlog's docstring)
+            if config.penalty_weight == 0 or (step - 1) % config.penalty_every:
+                # measured but not applied (w = 0), or a plain step of --penalty-every k (no penalty
+                # computed): marked so (runlog's docstring), and the progress lines leave it out
                 record[PENALTY_APPLIED] = False
             check_finite(step, record, last_saved)
             last_train = record

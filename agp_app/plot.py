@@ -8,6 +8,11 @@ writes, next to metrics.jsonl:
 * ``grad_norms.png``: ||d loss / d a_l|| per capture point (log axis);
 * ``accuracy.png``: train accuracy (per step) and test accuracy (clean, and under each attack of
   ``--eval-attacks``).
+
+``python -m jax_impl.plot RUN_A RUN_B ... [--out DIR]`` overlays several runs instead (one colour
+per run, labelled by its folder name): ``compare_loss.png`` (train loss, moving average, and test
+loss), ``compare_accuracy.png`` (test accuracy) and ``compare_grad_norms.png`` in ``DIR`` (default:
+the current folder). Legends sit outside the axes, so they never cover a curve.
 """
 
 from __future__ import annotations
@@ -74,12 +79,8 @@ def check_plottable(records: list[dict], path: Path) -> None:
                              "delete that line")
 
 
-def plot_run(workdir: str | Path) -> list[Path]:
-    """Write the three PNGs for ``workdir``; returns their paths. ``UsageError`` without metrics."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-
-    workdir = Path(workdir)
+def load_run(workdir: Path) -> tuple[list[dict], list[dict]]:
+    """The train and eval records of ``workdir``'s metrics.jsonl; ``UsageError`` when there are none."""
     path = workdir / METRICS_FILE
     if not path.is_file():
         raise UsageError(f"{path}: not found; expected the metrics.jsonl of a training run")
@@ -95,14 +96,42 @@ def plot_run(workdir: str | Path) -> list[Path]:
     evals = [r for r in records if r.get("split") == "eval"]
     if not train:
         raise UsageError(f"{path}: no training records to plot")
+    return train, evals
 
-    def figure():
-        fig = Figure(figsize=(7, 4.2), layout="constrained")
-        FigureCanvasAgg(fig)
-        return fig, fig.add_subplot()
 
+def _figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    fig = Figure(figsize=(8, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _legend(fig, *axes) -> None:
+    """One legend for the figure's axes, outside them on the right: it never covers a curve."""
+    handles, labels = [], []
+    for ax in axes:
+        h, lab = ax.get_legend_handles_labels()
+        handles += h
+        labels += lab
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", fontsize="small")
+
+
+def _penalty_records(train: list[dict]) -> list[dict]:
+    """The train records whose penalty was computed: all of them with w = 0 (measured only), else the
+    penalty steps (``--penalty-every k`` leaves the others at 0, which a log axis cannot show)."""
+    applied = [r for r in train if penalty_applied(r)]
+    return applied or train
+
+
+def plot_run(workdir: str | Path) -> list[Path]:
+    """Write the three PNGs for ``workdir``; returns their paths. ``UsageError`` without metrics."""
+    workdir = Path(workdir)
+    train, evals = load_run(workdir)
     outputs = []
-    fig, ax = figure()
+    fig, ax = _figure()
     _plot_train(ax, *_series(train, "loss"), "train loss")
     ax.plot(*_smooth(*_series(train, "total")), lw=1, ls="--", label="train total (loss + w * penalty)")
     if evals:
@@ -110,28 +139,28 @@ def plot_run(workdir: str | Path) -> list[Path]:
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy")
     ax2 = ax.twinx()
-    _plot_train(ax2, *_series(train, "penalty"), "penalty", color="tab:red")
+    _plot_train(ax2, *_series(_penalty_records(train), "penalty"), "penalty", color="tab:red")
     ax2.set_yscale("log")
     measured_only = not any(penalty_applied(r) for r in train)  # --penalty-weight 0
     ax2.set_ylabel("penalty sum_l ||dL/da_l||^2" + (" (not applied, w = 0)" if measured_only else ""),
                    color="tab:red")
-    ax.legend(loc="upper right")
+    _legend(fig, ax, ax2)
     ax.set_title("loss and penalty")
     outputs.append(workdir / "loss.png")
     _save(fig, outputs[-1])
 
-    fig, ax = figure()
+    fig, ax = _figure()
     for key in sorted({k for r in train for k in r if k.startswith(GRAD_NORM_PREFIX)}):
         _plot_train(ax, *_series(train, key), key.removeprefix(GRAD_NORM_PREFIX))
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("||d loss / d a||")
-    ax.legend()
+    _legend(fig, ax)
     ax.set_title("activation gradient norm per capture point")
     outputs.append(workdir / "grad_norms.png")
     _save(fig, outputs[-1])
 
-    fig, ax = figure()
+    fig, ax = _figure()
     _plot_train(ax, *_series(train, "accuracy"), "train (batch, moving average)")
     if evals:
         ax.plot(*_series(evals, "eval_accuracy"), "o-", label="test")
@@ -140,21 +169,76 @@ def plot_run(workdir: str | Path) -> list[Path]:
     ax.set_ylim(0, 1)
     ax.set_xlabel("step")
     ax.set_ylabel("accuracy")
-    ax.legend(loc="lower right")
+    _legend(fig, ax)
     ax.set_title("accuracy")
     outputs.append(workdir / "accuracy.png")
     _save(fig, outputs[-1])
     return outputs
 
 
+def plot_runs(workdirs: Sequence[str | Path], out: str | Path = ".") -> list[Path]:
+    """Overlay several runs (module docstring): three PNGs in ``out``; returns their paths."""
+    runs = [(Path(w).resolve().name or str(w), *load_run(Path(w))) for w in workdirs]
+    out = Path(out)
+    if not out.is_dir():
+        raise UsageError(f"--out {out}: not a folder; create it or name an existing one")
+    outputs = []
+    fig, ax = _figure()
+    for name, train, evals in runs:
+        xs, ys = _smooth(*_series(train, "loss"))
+        (line,) = ax.plot(xs, ys, lw=1.2, label=f"{name}: train loss")
+        if evals:
+            ax.plot(*_series(evals, "eval_loss"), "o--", color=line.get_color(), label=f"{name}: test loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax.set_title("loss")
+    _legend(fig, ax)
+    outputs.append(out / "compare_loss.png")
+    _save(fig, outputs[-1])
+
+    fig, ax = _figure()
+    for name, train, evals in runs:
+        if evals:
+            ax.plot(*_series(evals, "eval_accuracy"), "o-", label=f"{name}: test")
+        else:
+            ax.plot(*_smooth(*_series(train, "accuracy")), lw=1.2, label=f"{name}: train (moving average)")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy")
+    ax.set_title("accuracy")
+    _legend(fig, ax)
+    outputs.append(out / "compare_accuracy.png")
+    _save(fig, outputs[-1])
+
+    fig, ax = _figure()
+    for name, train, _ in runs:
+        for key in sorted({k for r in train for k in r if k.startswith(GRAD_NORM_PREFIX)}):
+            ax.plot(*_smooth(*_series(train, key)), lw=1.2,
+                    label=f"{name}: {key.removeprefix(GRAD_NORM_PREFIX)}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("||d loss / d a||")
+    ax.set_title("activation gradient norm per capture point")
+    _legend(fig, ax)
+    outputs.append(out / "compare_grad_norms.png")
+    _save(fig, outputs[-1])
+    return outputs
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "python -m agp_app.plot") -> int:
-    """CLI: plot WORKDIR's metrics.jsonl; exit 2 with one line on a usage error."""
-    parser = argparse.ArgumentParser(prog=prog, description="Plot a run folder's metrics.jsonl as PNGs.")
-    parser.add_argument("workdir", help="run folder written by jax_impl.train or torch_ref.train")
+    """CLI: plot WORKDIR's metrics.jsonl, or overlay several runs; exit 2 with one line on a usage error."""
+    parser = argparse.ArgumentParser(prog=prog, description="Plot a run folder's metrics.jsonl as PNGs, "
+                                     "or overlay several runs.")
+    parser.add_argument("workdirs", nargs="+", metavar="WORKDIR",
+                        help="run folder(s) written by jax_impl.train or torch_ref.train; with several, "
+                             "their curves are overlaid")
+    parser.add_argument("--out", default=".", help="folder for the overlay PNGs (several runs; default .)")
     args = parser.parse_args(argv)
     try:
         with stop_on_signals():
-            for path in plot_run(args.workdir):
+            runs = args.workdirs
+            paths = plot_run(runs[0]) if len(runs) == 1 else plot_runs(runs, args.out)
+            for path in paths:
                 print(path)
     except (UsageError, WriteFailed) as e:
         return report_error(e)

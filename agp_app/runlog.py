@@ -17,7 +17,9 @@ With ``--penalty-weight 0`` the penalty is still measured (``penalty``,
 ``penalty/<layer>`` and ``act_grad_norm/<layer>`` are diagnostics of the
 unpenalised model) but not part of the objective: every train record then
 carries ``"penalty_applied": false`` (records of runs with w > 0 have no such
-key), and the printed progress and summary lines leave the penalty out.
+key), and the printed progress and summary lines leave the penalty out. With
+``--penalty-every k`` (k > 1) the steps between penalty steps compute no
+penalty at all (their ``penalty`` is 0): they carry the same flag.
 """
 
 from __future__ import annotations

@@ -128,13 +128,14 @@ class PenaltyOptions:
     """
 
     layers: tuple[str, ...] | None = _option(
-        None, "comma-separated capture points to penalise, e.g. relu1,relu2 or input; not set: every "
-              "capture point of the model (relu1,relu2 for the seed's Net), not the input", metavar="NAMES")
+        None, "comma-separated capture points or module paths to penalise, e.g. relu1,relu2, input or "
+              "layer1.0,layer2.0; not set: every capture point of the model (relu1,relu2 for the answer's "
+              "CNN), not the input", metavar="NAMES")
     normalization: str = _option(
-        "batch_mean", "batch_mean: gradients of the batch-mean loss (the seed's); per_example: mean over "
+        "batch_mean", "batch_mean: gradients of the batch-mean loss (the answer's); per_example: mean over "
                       "examples of each example's own gradient norm (B times stronger)",
         choices=NORMALIZATIONS)
-    norm: str = _option("squared_l2", "norm of each activation gradient: squared L2 (the seed's) or L2",
+    norm: str = _option("squared_l2", "norm of each activation gradient: squared L2 (the answer's) or L2",
                         choices=NORMS)
     layer_weights: tuple[tuple[str, float], ...] | None = _option(
         None, "per-layer weights lambda_l as name=value pairs, e.g. relu1=1,relu2=0.5; not set: all 1",

@@ -212,3 +212,32 @@ def test_a_config_that_means_another_run_is_still_refused(six_step_run, tmp_path
     config = TrainConfig(**{**SIX_STEPS.__dict__, "penalty_layers": ("relu1",)})
     with pytest.raises(UsageError, match=r"penalty_layers: saved None, now \('relu1',\)"):
         torch_ref.train.train_and_evaluate(config, run, plots=False)
+
+
+def test_plain_steps_of_a_lazy_penalty_are_marked_and_print_no_penalty(tmp_path, capsys):
+    import torch_ref.train
+
+    workdir = tmp_path / "run"
+    assert torch_ref.train.main([*SIX_STEPS_ARGV, "--steps", "4", "--penalty-every", "2", "--workdir",
+                                 str(workdir)]) == 0
+    train = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["split"] == "train"]
+    # steps 1 and 3 (updates 0 and 2) carry the penalty; 2 and 4 compute none (their penalty is 0)
+    assert [r.get("penalty_applied", True) for r in train] == [True, False, True, False]
+    assert all(r["penalty"] > 0 for r in train[::2]) and all(r["penalty"] == 0 for r in train[1::2])
+    assert "penalty" not in describe(train[1]) and "penalty" in describe(train[0])
+
+
+def test_several_runs_are_overlaid_in_one_set_of_plots(six_step_run, tmp_path, capsys):
+    from agp_app.plot import main as plot_main
+
+    other = tmp_path / "other"
+    shutil.copytree(six_step_run, other)
+    out = tmp_path / "plots"
+    out.mkdir()
+    assert plot_main([str(six_step_run), str(other), "--out", str(out)]) == 0
+    names = ("compare_loss.png", "compare_accuracy.png", "compare_grad_norms.png")
+    assert capsys.readouterr().out.split() == [str(out / name) for name in names]
+    assert all((out / name).read_bytes()[:4] == b"\x89PNG" for name in names)
+    assert plot_main([str(six_step_run), str(other), "--out", str(tmp_path / "missing")]) == 2
+    assert "not a folder" in capsys.readouterr().err
