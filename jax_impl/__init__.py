@@ -22,26 +22,40 @@ measured fastest on the backend at hand (``jax_impl.xla_options``).
 This package never imports PyTorch.
 """
 
-from agp_common.attack_spec import Attack
-from agp_common.penalty_spec import PenaltyOptions
-from jax_impl.attacks import adversarial_correct, adversarial_examples, fgsm, input_gradient, pgd
-from jax_impl.conv_impl import ConvImpl
-from jax_impl.fast_conv import fast_convolutions
-from jax_impl.layers import Conv2D, Dense, capture, max_pool_2x2
-from jax_impl.model import CAPTURE_NAMES, Net
-from jax_impl.module_capture import capture_points
-from jax_impl.penalty import (
-    INPUT,
-    cross_entropy_loss,
-    is_penalty_step,
-    lazy_penalty_weight,
-    lazy_value_and_grad,
-    linen_forward,
-    penalized_loss,
-    penalized_loss_from_forward,
-    zero_perturbations,
-)
-from jax_impl.xla_options import jit_options
+from agp_common.lazy import lazy_exports
+
+#: Public name -> the module that defines it; imported on first use (``agp_common.lazy``), so that
+#: ``import jax_impl`` is instant and JAX/PyTorch load when the first name is used.
+_EXPORTS = {
+    "Attack": "agp_common.attack_spec",
+    "PenaltyOptions": "agp_common.penalty_spec",
+    "adversarial_correct": "jax_impl.attacks",
+    "adversarial_examples": "jax_impl.attacks",
+    "fgsm": "jax_impl.attacks",
+    "input_gradient": "jax_impl.attacks",
+    "pgd": "jax_impl.attacks",
+    "ConvImpl": "jax_impl.conv_impl",
+    "fast_convolutions": "jax_impl.fast_conv",
+    "Conv2D": "jax_impl.layers",
+    "Dense": "jax_impl.layers",
+    "capture": "jax_impl.layers",
+    "max_pool_2x2": "jax_impl.layers",
+    "CAPTURE_NAMES": "jax_impl.model",
+    "Net": "jax_impl.model",
+    "capture_points": "jax_impl.module_capture",
+    "INPUT": "jax_impl.penalty",
+    "cross_entropy_loss": "jax_impl.penalty",
+    "is_penalty_step": "jax_impl.penalty",
+    "lazy_penalty_weight": "jax_impl.penalty",
+    "lazy_value_and_grad": "jax_impl.penalty",
+    "linen_forward": "jax_impl.penalty",
+    "penalized_loss": "jax_impl.penalty",
+    "penalized_loss_from_forward": "jax_impl.penalty",
+    "zero_perturbations": "jax_impl.penalty",
+    "jit_options": "jax_impl.xla_options",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "CAPTURE_NAMES",

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import sys
 
+if __name__ == "__main__":  # before the heavy imports below: a Ctrl-C during them is one line
+    from agp_app.launch import run
+
+    sys.exit(run("agp_app.sweep"))
+
 from agp_app import sweep as _sweep
 from agp_app.sweep import *  # noqa: F403
-from agp_app.sweep import main
 
 __all__ = _sweep.__all__
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 from pathlib import Path
 
@@ -355,3 +356,20 @@ def test_penalty_options_found_wrong_while_tracing_are_one_line(cli, data, tmp_p
              "--penalty-normalization", "per_example", "--steps", "1", "--batch-size", "2"]
     status, err = run_main(cli, [*cli_args(npz_config(data), tmp_path / "run"), *flags], capsys)
     assert_one_line_error(status, err, "needs independent examples")
+
+
+@pytest.mark.parametrize("module", ["jax_impl.train", "torch_ref.train"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_cli_imports_its_framework_is_one_line(module, signum, tmp_path):
+    # 0.5 s after start the CLI is importing JAX or PyTorch (1.5-2 s on a quiet 2-core machine):
+    # the entry point's handlers are installed within ~0.1 s, before those imports.
+    workdir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", module, "--dataset", "synthetic", "--workdir",
+                                str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, err
+    assert "Traceback" not in err and err.strip().splitlines() == [err.strip()]
+    assert err.startswith(f"stopped: by {signal.Signals(signum).name}")
+    assert not workdir.exists()

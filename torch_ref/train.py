@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import sys
 
+if __name__ == "__main__":  # before the heavy imports below: a Ctrl-C during them is one line
+    from agp_app.launch import run
+
+    sys.exit(run("agp_app.torch_train"))
+
 from agp_app.config import TrainConfig, parse_config, total_steps, validate_config
 from agp_app.torch_train import *  # noqa: F403
 from agp_app.torch_train import __all__ as _trainer_names
-from agp_app.torch_train import main
 from torch_ref.model import CAPTURE_NAMES, Net
 
 __all__ = [*_trainer_names, "CAPTURE_NAMES", "Net", "TrainConfig", "parse_config", "total_steps",
            "validate_config"]
-
-if __name__ == "__main__":
-    sys.exit(main())
