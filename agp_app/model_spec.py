@@ -90,19 +90,27 @@ class ModelSpec:
 DEFAULT_MODEL = ModelSpec()
 
 
+def parse_json_object(text: str | None, flag: str, example: str = '{"width": 64}') -> dict[str, Any]:
+    """A flag's JSON object text (``None``/"" for none -> ``{}``); one-line ``ValueError`` otherwise.
+
+    The one reader of JSON-object flags: ``--model-args`` here, the verifier's ``--torch-kwargs``,
+    ``--flax-kwargs``, ``--flax-apply-kwargs`` and ``--name-map``.
+    """
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} must be a JSON object such as '{example}' ({e.msg} at character {e.pos}); "
+                         f"got {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object such as '{example}'; got {text!r}")
+    return value
+
+
 def parse_model_spec(model: str, model_args: str | None = None) -> ModelSpec:
     """``--model`` and ``--model-args`` (JSON object text, or None/"" for none) -> ``ModelSpec``."""
-    args: Any = {}
-    if model_args:
-        try:
-            args = json.loads(model_args)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--model-args must be a JSON object such as '{{\"width\": 64}}' ({e.msg} at "
-                             f"character {e.pos}); got {model_args!r}") from None
-        if not isinstance(args, dict):
-            raise ValueError(f"--model-args must be a JSON object such as '{{\"width\": 64}}'; "
-                             f"got {model_args!r}")
-    return ModelSpec(model, args)
+    return ModelSpec(model, parse_json_object(model_args, "--model-args"))
 
 
 def import_object(path: str, what: str = "--model") -> Any:

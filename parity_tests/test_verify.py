@@ -370,7 +370,7 @@ def test_cli_bad_class_path_exits_2_with_one_line(args, message, capsys):
 @pytest.mark.parametrize("flag, value, message", [
     ("--input-shape", "8,x,28", "--input-shape: expected positive integers"),
     ("--captures", "tanh1=", "--captures: expected 'torch.module.path' or 'name=torch.module.path"),
-    ("--torch-kwargs", "{num_classes: 3}", "--torch-kwargs: expected a JSON object"),
+    ("--torch-kwargs", "{num_classes: 3}", "--torch-kwargs must be a JSON object"),
 ], ids=["shape", "captures", "json"])
 def test_cli_bad_values_exit_2_with_one_line(flag, value, message, capsys):
     argv = ["examples.lenet_torch:LeNet", "examples.lenet_flax:LeNet", "--input-shape", "8,1,28,28",

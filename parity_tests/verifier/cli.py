@@ -22,7 +22,6 @@ traceback), never a traceback alone.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import zipfile
@@ -37,6 +36,7 @@ from torch import nn
 from agp_app.config import OneLineErrorParser
 from agp_app.errors import UsageError, report_error
 from agp_app.model_spec import import_object
+from agp_app.model_spec import parse_json_object as json_object
 from parity_tests.harness import DTYPES, single_threaded_torch
 from parity_tests.verifier.flax_twin import is_pretrained_wrapper
 from parity_tests.verifier.inputs import FLAX_LAYOUTS
@@ -281,16 +281,11 @@ def parse_captures_flag(text: str) -> dict[str, str]:
 
 
 def parse_json_object(text: str | None, flag: str) -> dict:
-    if text is None:
-        return {}
+    """``agp_app.model_spec.parse_json_object`` with its error as a ``UsageError``."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{flag}: expected a JSON object like '{{\"features\": 8}}', got {text!r} "
-                         f"({e})") from e
-    if not isinstance(value, dict):
-        raise UsageError(f"{flag}: expected a JSON object like '{{\"features\": 8}}', got {text!r}")
-    return value
+        return json_object(text, flag, '{"features": 8}')
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------ models
