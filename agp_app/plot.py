@@ -126,6 +126,21 @@ def _penalty_records(train: list[dict]) -> list[dict]:
     return applied or train
 
 
+def _grad_norm_keys(train: list[dict]) -> list[str]:
+    return sorted({k for r in train for k in r if k.startswith(GRAD_NORM_PREFIX)})
+
+
+def _finish(fig, ax, path: Path, title: str, ylabel: str, *legend_axes) -> Path:
+    """Label the step axis and ``ax``, title, one legend outside the axes (``ax`` and
+    ``legend_axes``), then write the PNG to ``path``; returns ``path``."""
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    _legend(fig, ax, *legend_axes)
+    _save(fig, path)
+    return path
+
+
 def plot_run(workdir: str | Path) -> list[Path]:
     """Write the three PNGs for ``workdir``; returns their paths. ``UsageError`` without metrics."""
     workdir = Path(workdir)
@@ -136,29 +151,20 @@ def plot_run(workdir: str | Path) -> list[Path]:
     ax.plot(*_smooth(*_series(train, "total")), lw=1, ls="--", label="train total (loss + w * penalty)")
     if evals:
         ax.plot(*_series(evals, "eval_loss"), "o-", label="test loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
     ax2 = ax.twinx()
     _plot_train(ax2, *_series(_penalty_records(train), "penalty"), "penalty", color="tab:red")
     ax2.set_yscale("log")
     measured_only = not any(penalty_applied(r) for r in train)  # --penalty-weight 0
     ax2.set_ylabel("penalty sum_l ||dL/da_l||^2" + (" (not applied, w = 0)" if measured_only else ""),
                    color="tab:red")
-    _legend(fig, ax, ax2)
-    ax.set_title("loss and penalty")
-    outputs.append(workdir / "loss.png")
-    _save(fig, outputs[-1])
+    outputs.append(_finish(fig, ax, workdir / "loss.png", "loss and penalty", "cross-entropy", ax2))
 
     fig, ax = _figure()
-    for key in sorted({k for r in train for k in r if k.startswith(GRAD_NORM_PREFIX)}):
+    for key in _grad_norm_keys(train):
         _plot_train(ax, *_series(train, key), key.removeprefix(GRAD_NORM_PREFIX))
     ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("||d loss / d a||")
-    _legend(fig, ax)
-    ax.set_title("activation gradient norm per capture point")
-    outputs.append(workdir / "grad_norms.png")
-    _save(fig, outputs[-1])
+    outputs.append(_finish(fig, ax, workdir / "grad_norms.png", "activation gradient norm per capture point",
+                           "||d loss / d a||"))
 
     fig, ax = _figure()
     _plot_train(ax, *_series(train, "accuracy"), "train (batch, moving average)")
@@ -167,12 +173,7 @@ def plot_run(workdir: str | Path) -> list[Path]:
     for key in sorted({k for r in evals for k in r if k.startswith("eval_accuracy/")}):  # --eval-attacks
         ax.plot(*_series(evals, key), ".--", label=f"test, {key.split('/', 1)[1]}")
     ax.set_ylim(0, 1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("accuracy")
-    _legend(fig, ax)
-    ax.set_title("accuracy")
-    outputs.append(workdir / "accuracy.png")
-    _save(fig, outputs[-1])
+    outputs.append(_finish(fig, ax, workdir / "accuracy.png", "accuracy", "accuracy"))
     return outputs
 
 
@@ -185,16 +186,10 @@ def plot_runs(workdirs: Sequence[str | Path], out: str | Path = ".") -> list[Pat
     outputs = []
     fig, ax = _figure()
     for name, train, evals in runs:
-        xs, ys = _smooth(*_series(train, "loss"))
-        (line,) = ax.plot(xs, ys, lw=1.2, label=f"{name}: train loss")
+        (line,) = ax.plot(*_smooth(*_series(train, "loss")), lw=1.2, label=f"{name}: train loss")
         if evals:
             ax.plot(*_series(evals, "eval_loss"), "o--", color=line.get_color(), label=f"{name}: test loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
-    ax.set_title("loss")
-    _legend(fig, ax)
-    outputs.append(out / "compare_loss.png")
-    _save(fig, outputs[-1])
+    outputs.append(_finish(fig, ax, out / "compare_loss.png", "loss", "cross-entropy"))
 
     fig, ax = _figure()
     for name, train, evals in runs:
@@ -203,25 +198,16 @@ def plot_runs(workdirs: Sequence[str | Path], out: str | Path = ".") -> list[Pat
         else:
             ax.plot(*_smooth(*_series(train, "accuracy")), lw=1.2, label=f"{name}: train (moving average)")
     ax.set_ylim(0, 1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("accuracy")
-    ax.set_title("accuracy")
-    _legend(fig, ax)
-    outputs.append(out / "compare_accuracy.png")
-    _save(fig, outputs[-1])
+    outputs.append(_finish(fig, ax, out / "compare_accuracy.png", "accuracy", "accuracy"))
 
     fig, ax = _figure()
     for name, train, _ in runs:
-        for key in sorted({k for r in train for k in r if k.startswith(GRAD_NORM_PREFIX)}):
+        for key in _grad_norm_keys(train):
             ax.plot(*_smooth(*_series(train, key)), lw=1.2,
                     label=f"{name}: {key.removeprefix(GRAD_NORM_PREFIX)}")
     ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("||d loss / d a||")
-    ax.set_title("activation gradient norm per capture point")
-    _legend(fig, ax)
-    outputs.append(out / "compare_grad_norms.png")
-    _save(fig, outputs[-1])
+    outputs.append(_finish(fig, ax, out / "compare_grad_norms.png",
+                           "activation gradient norm per capture point", "||d loss / d a||"))
     return outputs
 
 
