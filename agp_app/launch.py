@@ -7,7 +7,7 @@ which imports the CLI's module with handlers that print ``report_signal_stop``'s
 the process at once with status 128 + signum. Ending at once is safe there: nothing has been
 written yet. (Raising from the handler is not: a signal that lands while a garbage-collection
 callback runs, as JAX's does during its import, has its exception printed and ignored.) This
-module imports only the standard library and ``agp_app.errors``.
+module imports only the standard library, ``agp_app.errors`` and ``agp_app.interrupts``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import threading
 from collections.abc import Iterator
 
 from agp_app.errors import report_signal_stop
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+from agp_app.interrupts import STOP_SIGNALS
 
 
 def _exit_now(signum, frame) -> None:
