@@ -12,10 +12,9 @@ jax_impl`` or ``import torch_ref`` loads no flag, dataset or run-folder code.
 
 from __future__ import annotations
 
-import importlib
-
 from agp_common.errors import ModelInputError as ModelInputError
 from agp_common.errors import PenaltyOptionsError as PenaltyOptionsError
+from agp_common.lazy import lazy_exports
 from agp_common.penalty_spec import PenaltyOptions as PenaltyOptions
 
 #: Names re-exported from the applications (``agp_app.<module>``), loaded on first use.
@@ -43,16 +42,8 @@ _APPLICATION_NAMES = {
 }
 
 
-def __getattr__(name: str):
-    """``from agp_common import TrainConfig`` and the like: the name from ``agp_app``, on first use."""
-    module = _APPLICATION_NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module 'agp_common' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"agp_app.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_APPLICATION_NAMES})
+__getattr__, __dir__ = lazy_exports(
+    __name__, {name: f"agp_app.{module}" for name, module in _APPLICATION_NAMES.items()})
 
 
 __all__ = sorted(["ModelInputError", "PenaltyOptions", "PenaltyOptionsError", *_APPLICATION_NAMES])
