@@ -115,10 +115,12 @@ def write_cifar_python_folder(folder, per_batch=8, seed=0):
 
 
 def test_resnet18_trains_on_a_cifar10_folder_with_augmentation_and_a_cosine_schedule(tmp_path, capsys):
+    # Two stages of one block each: the full depth costs ~30 s of XLA compilation here, and its
+    # penalty gradients are proven against PyTorch in parity_tests/test_resnet18_twins.py.
     data = tmp_path / "cifar-10-batches-py"
     write_cifar_python_folder(data)
     workdir = tmp_path / "run"
-    argv = ["--model", "resnet18", "--model-args", '{"width": 2}', "--dataset", "cifar10", "--data-dir",
+    argv = ["--model", "resnet18", "--model-args", '{"width": 2, "blocks": [1, 1]}', "--dataset", "cifar10", "--data-dir",
             str(data), "--augment", "crop,flip", "--lr-schedule", "cosine", "--warmup-steps", "1",
             "--penalty-layers", "layer1.0,layer2.0", "--steps", "3", "--batch-size", "8", "--quiet",
             "--workdir", str(workdir)]

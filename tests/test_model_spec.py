@@ -167,6 +167,22 @@ def test_jax_registry_builds_the_builtins_and_detects_train_and_batch_stats():
     assert mutable_collections({"params": {}}, train=True) == ()
 
 
+def test_json_arrays_in_model_args_reach_a_flax_module_as_tuples_so_it_hashes_and_applies():
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from agp_app.jax_models import jax_registry
+
+    spec = parse_model_spec("resnet18", '{"width": 2, "blocks": [1, 1]}')
+    resnet = build_model(spec, jax_registry(3), nn.Module, "Flax")
+    assert resnet.blocks == (1, 1)
+    hash(resnet)  # linen hashes a module when it is applied; a list attribute cannot hash
+    variables = resnet.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
+    assert resnet.apply(variables, jnp.zeros((1, 16, 16, 3)), train=False).shape == (1, 3)
+    assert spec.to_json()["args"]["blocks"] == [1, 1]  # config.json keeps the JSON the user wrote
+
+
 def test_torch_registry_builds_the_builtins_for_the_datas_sizes():
     import torch
 
