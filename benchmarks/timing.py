@@ -4,7 +4,12 @@ Timing (``measure``): ``warmup`` untimed calls first (JAX compiles in the
 first); then ``repeats`` rounds, each timing a block of consecutive steps per
 runner (block length chosen so that one block lasts >= ``min_block_ms``); the
 runners are interleaved round by round (in rotating order) so that load from
-other processes hits all of them alike. Reported (``Result``): median ms per
+other processes hits all of them alike. Each block starts with one untimed
+step: the first step after another runner's block shares the cores with that
+runner's idle threads, which spin before they sleep (PyTorch's OpenMP threads
+for ~10-20 ms after each step: a JAX step right after a PyTorch one measured
++4-8 ms of its ~20 ms at batch 32 on a 2-core CPU, none after a 20 ms pause),
+a cost a program running one framework never pays. Reported (``Result``): median ms per
 step over rounds, the interquartile range and the minimum, examples/s, the
 achieved GFLOP/s of the analytic count (``step_runners.step_flops``) and the
 peak memory.
@@ -67,6 +72,7 @@ def measure(runners: Sequence[Runner], repeats: int, warmup: int, min_block_ms: 
         order = list(range(len(runners)))
         order = order[r % len(order):] + order[: r % len(order)]
         for i in order:
+            runners[i].run()  # untimed: lets the previous runner's spinning threads go idle (docstring)
             samples[i].append(time_block(runners[i].run, steps[i]) * 1e3)
     results = []
     for runner, n, ms in zip(runners, steps, samples, strict=True):
