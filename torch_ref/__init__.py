@@ -35,8 +35,8 @@ _EXPORTS = {
     "lazy_penalty_weight": "torch_ref.penalty",
     "penalized_loss": "torch_ref.penalty",
     "question_step": "torch_ref.penalty",
-    "stored_captures": "torch_ref.penalty",
     "train_step": "torch_ref.penalty",
+    "stored_captures": "torch_ref.penalty_forward",
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -11,11 +11,13 @@ Answer (the reference)::
 
 The answer also passes ``only_inputs=True``; current PyTorch ignores that
 argument (deprecated), so it is left out here.
+
+The forward pass with its capture points is in ``torch_ref.penalty_forward``;
+the error of a second derivative PyTorch lacks, in ``torch_ref.double_backward_errors``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,161 +33,33 @@ from agp_common.penalty_spec import (
     select_layers,
     wants_input,
 )
-from torch_ref.capture import call_model, forward_with_perturbations, output_logits, running_stats_frozen
-from torch_ref.model import CAPTURE_NAMES
-from torch_ref.validation import (
-    ModelInputError,
-    check_labels,
-    check_labels_fit_logits,
-    check_loss_inputs,
-    describe_input,
-    first_input_tensor,
-    input_tensors,
+from torch_ref.capture import output_logits, running_stats_frozen
+from torch_ref.double_backward_errors import explain_missing_second_derivatives, second_derivative_hint
+from torch_ref.penalty_forward import (
+    check_some_capture_points,
+    forward_pass,
+    replace_first_tensor,
+    stored_captures,
+    with_input_leaf,
 )
+from torch_ref.validation import check_labels, check_labels_fit_logits, check_loss_inputs
+
+__all__ = [
+    "has_interacting_examples",
+    "is_penalty_step",
+    "lazy_penalized_loss",
+    "lazy_penalty_weight",
+    "penalized_loss",
+    "question_step",
+    "second_derivative_hint",
+    "stored_captures",
+    "train_step",
+]
 
 
 def has_interacting_examples(model: nn.Module) -> bool:
     """True when a BatchNorm layer in train mode makes each example's loss depend on the others."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
-
-
-def stored_captures(model: nn.Module, layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """The activations ``model.forward`` stored as attributes, by capture name (the seed answer's way).
-
-    ``model.captures()`` when the model has it (``torch_ref.Net``); otherwise
-    ``getattr(model, name)`` for each name in ``layers`` (default: the seed's
-    ``relu1``, ``relu2``; ``"input"`` is not an attribute and is skipped).
-    """
-    if callable(getattr(model, "captures", None)):
-        return model.captures()
-    names = [name for name in (CAPTURE_NAMES if layers is None else layers) if name != INPUT]
-    captured = {}
-    for name in names:
-        value = getattr(model, name, None)
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(
-                f"capture point {name!r}: {type(model).__name__}.forward did not store a tensor "
-                f"self.{name}; store the activation as the seed answer does (self.{name} = ...), or pass "
-                f"capture_modules={{{name!r}: 'module.path'}} (forward hooks)"
-            )
-        captured[name] = value
-    return captured
-
-
-def _forward(model, input, capture_modules, layers, shifts=None):
-    """``(output, {name: activation}, {name: tensor to differentiate})`` of one forward pass.
-
-    Without ``capture_modules``: the attributes ``forward`` stores, differentiated
-    directly (the seed answer's way); with it: forward hooks, each hooked output
-    perturbed by a zero leaf ``z`` (``torch_ref.capture.forward_with_perturbations``).
-    """
-    if capture_modules is None:
-        if shifts:
-            raise ValueError(
-                "shifting activations (approx='finite_difference') needs capture_modules (forward hooks); "
-                "for torch_ref.Net or the seed's Net pass capture_modules=torch_ref.NET_CAPTURE_MODULES"
-            )
-        output = call_model(model, input)
-        captured = stored_captures(model, layers)
-        return output, captured, dict(captured)
-    return forward_with_perturbations(model, input, capture_modules, shifts)
-
-
-def _check_some_capture_points(names: Sequence[str]) -> None:
-    """A penalty over zero capture points would be a silent 0: refuse it."""
-    if not names:
-        raise ValueError("the model has no capture points: nothing to penalise; pass capture_modules="
-                         "{name: 'module.path'} (torch_ref.capture_points(model, x) lists them) or put "
-                         f"{INPUT!r} in layers")
-
-
-def _with_input_leaf(input: Any) -> tuple[Any, torch.Tensor]:
-    """``(input with its first tensor replaced by a leaf, that leaf)``, for the ``"input"`` capture point.
-
-    The input gradient is taken with respect to the first tensor of ``input``
-    (the tensor itself, a tuple's first, a dict's first value), which must be
-    floating-point: token ids have no gradient.
-    """
-    first = first_input_tensor(input)
-    if not first.is_floating_point():
-        raise ModelInputError(
-            f"penalized_loss: the {INPUT!r} capture point needs a floating-point input tensor (its "
-            f"gradient), got {first.dtype} as the first input tensor of {describe_input(input)}; drop "
-            f"{INPUT!r} from layers and capture the embeddings module instead (capture_modules=...)")
-    leaf = first.detach().requires_grad_(True)
-    return _replace_first_tensor(input, leaf), leaf
-
-
-def _replace_first_tensor(input: Any, new: torch.Tensor) -> Any:
-    """``input`` with its first tensor (``first_input_tensor``) replaced by ``new``."""
-    if isinstance(input, torch.Tensor):
-        return new
-    first = input_tensors(input)[0]
-    if isinstance(input, Mapping):
-        key = next(k for k, v in input.items() if v is first)
-        return {**input, key: new}
-    index = next(i for i, v in enumerate(input) if v is first)
-    return (*input[:index], new, *input[index + 1:])
-
-
-#: A RuntimeError of a missing second derivative, and the fused attention kernels that raise it.
-_NO_DERIVATIVE = re.compile(r"derivative for .* is not implemented")
-_FUSED_ATTENTION = re.compile(r"scaled_dot_product|_efficient_attention|flash|cudnn_attention", re.IGNORECASE)
-
-
-def second_derivative_hint(message: str) -> str | None:
-    """The fix for a "derivative for ... is not implemented" error of the double backward, or None.
-
-    Fused attention kernels (``F.scaled_dot_product_attention``'s flash,
-    memory-efficient and cuDNN backends; Hugging Face's default
-    ``attn_implementation="sdpa"``) have no second derivative; the exact
-    penalty needs one, the finite-difference penalty does not.
-    """
-    if not _NO_DERIVATIVE.search(message):
-        return None
-    if _FUSED_ATTENTION.search(message):
-        return ("the penalty's gradient needs the second derivative of fused scaled-dot-product attention, "
-                "which PyTorch does not implement: load the model with attn_implementation=\"eager\" "
-                "(Hugging Face) or avoid F.scaled_dot_product_attention, or pass "
-                f"approx=\"finite_difference\" (first derivatives only) [{message}]")
-    return ("the penalty's gradient needs a second derivative that PyTorch does not implement for an op of "
-            "this model: pass approx=\"finite_difference\" (first derivatives only), or replace the op "
-            f"[{message}]")
-
-
-def _explain_missing_second_derivatives(grads: Sequence[torch.Tensor]) -> None:
-    """Make ``backward`` through the penalty name the fix where a second derivative is missing.
-
-    ``autograd.grad(..., create_graph=True)`` succeeds even when an op's
-    backward has no derivative itself; autograd puts a ``NotImplemented`` node
-    in the graph, which raises only later, in ``total.backward()``. A pre-hook
-    on each such node runs it and re-raises its error with
-    ``second_derivative_hint`` (``raise ... from err``). The graph is walked
-    once; its node types are read, nothing of PyTorch is changed.
-    """
-    stack = [g.grad_fn for g in grads if g.grad_fn is not None]
-    seen = set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if node.name() == "torch::autograd::NotImplemented":
-            node.register_prehook(_reraise_with_hint(node))
-        stack.extend(next_node for next_node, _ in node.next_functions)
-
-
-def _reraise_with_hint(node):
-    def prehook(grad_outputs):
-        try:
-            node(*grad_outputs)  # NotImplemented always raises: the error PyTorch would give
-        except RuntimeError as err:
-            hint = second_derivative_hint(str(err))
-            if hint is None:
-                raise
-            raise RuntimeError(hint) from err
-
-    return prehook
 
 
 def _activation_grads(target: torch.Tensor, acts: Sequence[torch.Tensor], names: Sequence[str], *,
@@ -297,7 +171,7 @@ def _seed_penalized_loss(model, input, label, penalty_weight, layers):
     loss = nn.CrossEntropyLoss()(output, label)
     captures = stored_captures(model, layers)
     names = select_layers(tuple(captures), layers)
-    _check_some_capture_points(names)
+    check_some_capture_points(names)
     grads = torch.autograd.grad(loss, [captures[n] for n in names], create_graph=True)
     terms = {n: g.pow(2).sum() for n, g in zip(names, grads, strict=True)}
     grad_norm = 0
@@ -322,10 +196,10 @@ def _penalized_loss_options(model, input, label, penalty_weight, opts: PenaltyOp
     if examples_interact is None:
         examples_interact = has_interacting_examples(model)
     check_examples_interact(opts, examples_interact)
-    x, leaf = _with_input_leaf(input) if wants_input(opts.layers) else (input, None)
-    output, _, wrt = _forward(model, x, capture_modules, opts.layers)
+    x, leaf = with_input_leaf(input) if wants_input(opts.layers) else (input, None)
+    output, _, wrt = forward_pass(model, x, capture_modules, opts.layers)
     names = select_layers(tuple(wrt), opts.layers)
-    _check_some_capture_points(names)
+    check_some_capture_points(names)
     wrt = {**wrt, INPUT: leaf}
     check_layer_weights(opts, names)
     weights = {n: opts.weight_of(n) for n in names}
@@ -346,7 +220,7 @@ def _penalized_loss_options(model, input, label, penalty_weight, opts: PenaltyOp
         rows = [_activation_grads(losses[i], acts, names, create_graph=True) for i in range(losses.shape[0])]
         grads = [torch.stack([rows[i][k][i] for i in range(len(rows))]) for k in range(len(acts))]
     if exact:
-        _explain_missing_second_derivatives(grads)
+        explain_missing_second_derivatives(grads)
     grads = dict(zip(names, grads, strict=True))
     if per_example:
         terms = {n: _phi(_per_example_squares(g), norm).mean() for n, g in grads.items()}
@@ -401,9 +275,9 @@ def _finite_difference_penalty(
         for n in group:
             scale = inv_len.reshape((-1,) + (1,) * (grads[n].dim() - 1)) if per_example else inv_len
             shifts[n] = fd_step * lam[n] * scale * grads[n]
-        shifted_input = _replace_first_tensor(input, leaf + shifts.pop(INPUT)) if INPUT in shifts else input
+        shifted_input = replace_first_tensor(input, leaf + shifts.pop(INPUT)) if INPUT in shifts else input
         with running_stats_frozen(model):
-            output, _, _ = _forward(model, shifted_input, capture_modules, tuple(grads), shifts)
+            output, _, _ = forward_pass(model, shifted_input, capture_modules, tuple(grads), shifts)
         losses = loss_fn(output, label)
         shifted = losses if per_example else losses.mean()
         d = (shifted - base) / fd_step
@@ -452,7 +326,7 @@ def lazy_penalized_loss(
     if is_penalty_step(step, every):
         return penalized_loss(model, input, label, penalty_weight * every, layers, options=opts, **keywords)
     layers = resolve_options(opts, layers).layers
-    output, captures, _ = _forward(model, input, keywords.get("capture_modules"), layers)
+    output, captures, _ = forward_pass(model, input, keywords.get("capture_modules"), layers)
     loss_fn = keywords.get("loss_fn")
     if loss_fn is None:
         logits = output_logits(output)
@@ -462,7 +336,7 @@ def lazy_penalized_loss(
         loss = loss_fn(output, label).mean()
     zero = torch.zeros((), dtype=loss.dtype)
     names = select_layers(tuple(captures), layers)
-    _check_some_capture_points(names)
+    check_some_capture_points(names)
     terms = dict.fromkeys(names, zero)
     return loss, {"loss": loss, "penalty": zero, "penalty_terms": terms, "logits": output_logits(output),
                   "outputs": output}
