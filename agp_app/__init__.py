@@ -3,9 +3,11 @@
 The libraries (``jax_impl``, ``torch_ref``, ``agp_common``) are the ground floor and import nothing
 from here; this package sits on top and holds what does not depend on the framework once:
 
-* ``config``: the frozen ``TrainConfig`` and the flag parser both training CLIs share;
-* ``data``, ``batching``: datasets (digits, CIFAR-10, npz, synthetic) and the seeded batch order;
-* ``runlog``, ``io``: the run folder (config.json, metrics.jsonl, lock, progress, TensorBoard);
+* ``config``, ``flags``: the frozen ``TrainConfig`` (its checks) and the flag parser both CLIs share;
+* ``data``, ``dataset``, ``data_files``, ``batching``: datasets by name (digits, synthetic), the
+  ``Dataset`` type and its checks, the file readers (CIFAR-10, npz), and the seeded batch order;
+* ``run_folder``, ``runlog``, ``io``: the run folder (config.json, lock, resume checks) and its logs
+  (metrics.jsonl, progress, TensorBoard);
 * ``loop``, ``interrupts``: the outer loop (schedule, logging, finite checks, SIGTERM/Ctrl-C);
 * ``trainer``: the trainer skeleton both frameworks share (validate, load, resume, loop, summary);
 * ``optim``: the optimizers' rules, one definition for optax and ``torch.optim``;

@@ -22,7 +22,8 @@ if __name__ == "__main__":  # before the heavy imports below: a Ctrl-C during th
 
     sys.exit(run("agp_app.jax_train"))
 
-from agp_app.config import TrainConfig, parse_config, total_steps, validate_config
+from agp_app.config import TrainConfig, total_steps, validate_config
+from agp_app.flags import parse_config
 from agp_app.jax_train import *  # noqa: F403
 from agp_app.jax_train import __all__ as _trainer_names
 from jax_impl.model import CAPTURE_NAMES, Net

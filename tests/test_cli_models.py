@@ -120,10 +120,10 @@ def test_resnet18_trains_on_a_cifar10_folder_with_augmentation_and_a_cosine_sche
     data = tmp_path / "cifar-10-batches-py"
     write_cifar_python_folder(data)
     workdir = tmp_path / "run"
-    argv = ["--model", "resnet18", "--model-args", '{"width": 2, "blocks": [1, 1]}', "--dataset", "cifar10", "--data-dir",
-            str(data), "--augment", "crop,flip", "--lr-schedule", "cosine", "--warmup-steps", "1",
-            "--penalty-layers", "layer1.0,layer2.0", "--steps", "3", "--batch-size", "8", "--quiet",
-            "--workdir", str(workdir)]
+    argv = ["--model", "resnet18", "--model-args", '{"width": 2, "blocks": [1, 1]}', "--dataset", "cifar10",
+            "--data-dir", str(data), "--augment", "crop,flip", "--lr-schedule", "cosine",
+            "--warmup-steps", "1", "--penalty-layers", "layer1.0,layer2.0", "--steps", "3",
+            "--batch-size", "8", "--quiet", "--workdir", str(workdir)]
     assert jax_train.main(argv) == 0, capsys.readouterr().err
     train = records(workdir)
     # warm-up from 0, then cosine from --lr 0.05 to 0 over the 2 remaining updates
@@ -163,7 +163,7 @@ def test_summaries_say_already_complete_and_which_steps_carried_the_lazy_penalty
 
 
 def test_the_default_workdir_differs_for_different_configs():
-    from agp_app.config import parse_config
+    from agp_app.flags import parse_config
 
     def workdir(*argv):
         return parse_config(list(argv), "prog", "jax").workdir

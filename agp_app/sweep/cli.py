@@ -9,8 +9,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from agp_app.config import OneLineErrorParser, _names
 from agp_app.errors import REPORTED_ERRORS, UsageError, WriteFailed, report_error, report_signal_stop
+from agp_app.flags import OneLineErrorParser, _names
 from agp_app.interrupts import SignalStop, stop_on_signals
 from agp_app.runlog import check_utf8_path
 from agp_app.sweep.figures import plot_results

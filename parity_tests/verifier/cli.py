@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from agp_app.config import OneLineErrorParser
 from agp_app.errors import UsageError, report_error
+from agp_app.flags import OneLineErrorParser
 from agp_app.model_spec import import_object
 from agp_app.model_spec import parse_json_object as json_object
 from parity_tests.harness import DTYPES, single_threaded_torch
