@@ -26,8 +26,8 @@ from flax import traverse_util
 from torch import nn as tnn
 
 import torch_ref
+from parity_tests.convert_twins import assert_bit_exact, assert_twins
 from parity_tests.harness import compare, fast_jit, jax_dtype, to_numpy
-from parity_tests.test_convert import assert_bit_exact, assert_twins
 from torch_ref.convert import PaddingIdxWarning
 
 # ----------------------------------------------------------------------- ecosystem rules

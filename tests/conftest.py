@@ -26,6 +26,13 @@ def existing_run(template, tmp_path) -> Path:
     return Path(shutil.copytree(run, tmp_path / "run"))
 
 
+@pytest.fixture(params=["jax", "torch"])
+def cli(request) -> str:
+    """Each test that takes ``cli`` runs with the JAX and with the PyTorch training CLI: the keys of
+    ``tests.cli_runs.MAINS`` (``run_main(cli, argv, capsys)`` runs it in the test process)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """PyTorch's CPU kernels on one thread for the module (parity_tests.harness.single_threaded_torch).
@@ -40,3 +47,13 @@ def one_torch_thread():
 
     with single_threaded_torch():
         yield
+
+
+@pytest.fixture
+def compile_counter():
+    """A ``tests.compile_counter.CompileCounter`` active for the test: ``compile_counter.compilations(
+    "train_step")`` is how many times the train step was compiled since the test started."""
+    from tests.compile_counter import CompileCounter  # imports JAX: only for the tests that use it
+
+    with CompileCounter() as counter:
+        yield counter

@@ -2,9 +2,9 @@
 anything is written, signals outside the training loop reported as one line with ``128 + signum``,
 and a run folder whose logs stay one row per step across kills, resumes and extensions.
 
-The training CLIs run in-process through their ``main(argv)`` on the tiny .npz data of
-tests/npz_runs.py; the cases that stop before training cost no compilation. The one SIGTERM case
-runs in a child process (a regression would otherwise end the test process itself).
+The training CLIs run in-process through their ``main(argv)`` (tests/cli_runs.py) on the tiny
+.npz data of tests/npz_runs.py; the cases that stop before training cost no compilation. The one
+SIGTERM case runs in a child process (a regression would otherwise end the test process itself).
 """
 
 from __future__ import annotations
@@ -24,35 +24,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import jax_impl.train as jax_train
-import torch_ref.train as torch_train
 from agp_app import runlog
 from agp_app.sweep.cli import main as sweep_main
 from agp_app.sweep.cli import parse_sweep
 from agp_app.sweep.grid import run_label
+from tests.cli_runs import TRAINS, run_main
 from tests.npz_runs import assert_one_line_error, cli_args, good_arrays, npz_config, write_npz
 
-MAINS = {"jax": jax_train.main, "torch": torch_train.main}
-TRAINS = {"jax": jax_train.train_and_evaluate, "torch": torch_train.train_and_evaluate}
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(params=list(MAINS))
-def cli(request) -> str:
-    return request.param
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_npz(tmp_path_factory.mktemp("data") / "data.npz", **good_arrays())
-
-
-def run_main(cli: str, argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        status = MAINS[cli](argv)
-    except SystemExit as e:  # argparse: malformed flags
-        status = e.code
-    return status, capsys.readouterr().err
 
 
 def entries(folder: Path) -> list[str]:
