@@ -42,7 +42,9 @@ train=True)``), or a Hugging Face ``FlaxPreTrainedModel`` (an object with a
 Linen ``.module``; called as ``model(*inputs, params=params)``, which fills
 in default attention masks and position ids). Inputs ``x``: one array
 (``apply(variables, x)``), a tuple (positional inputs, ``apply(variables,
-*x)``) or a dict (keyword inputs, ``apply(variables, **x)``).
+*x)``) or a dict (keyword inputs, ``apply(variables, **x)``). How each is
+called is ``jax_impl.model_runner``; where the activation sits in a
+structured output is ``jax_impl.outputs``.
 
 Importing: in the package namespace ``jax_impl.capture`` is the function
 ``layers.capture``; take this module's names with
@@ -53,21 +55,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
-import numpy as np
 from flax import traverse_util
 
 from agp_common.penalty_spec import INPUT
 from jax_impl.layers import INTERMEDIATES, PERTURBATIONS
+from jax_impl.model_runner import Runner, call_with_inputs, is_hf_model, runner
+from jax_impl.model_runner import apply_fn as apply_fn  # re-exported (its home before model_runner.py)
+from jax_impl.outputs import _array_fields, first_element, replace_first
+from jax_impl.outputs import model_logits as model_logits  # re-exported (its home before outputs.py)
 
 SEP = "/"
-#: ``run(params, model_state, perturbation_tree | None, x, mutable) -> (outputs, new collections | None)``.
-Runner = Callable[..., tuple[Any, Any]]
 
 __all__ = ["SEP", "capture_points", "first_element", "parse_capture_modules", "replace_first"]
 
@@ -123,146 +125,6 @@ def path_name(path: Sequence[str], k: int = 0) -> str:
     """The spec of call ``k`` of the module at ``path``: ``"a/b"`` for k = 0, else ``"a/b:k"``."""
     joined = SEP.join(path)
     return joined if k == 0 else f"{joined}:{k}"
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def _is_array(value: Any) -> bool:
-    return isinstance(value, jax.Array | np.ndarray)
-
-
-def _first_key(output: Any) -> Any:
-    """Field name (dataclass) or key (mapping) of ``output``'s first non-None entry, or ``None``."""
-    if dataclasses.is_dataclass(output) and not isinstance(output, type):
-        for field in dataclasses.fields(output):
-            if getattr(output, field.name) is not None:
-                return field.name
-        return None
-    if isinstance(output, Mapping):
-        return next((k for k, v in output.items() if v is not None), None)
-    return None
-
-
-def _array_fields(output: Any) -> list[str]:
-    """Names of the array fields of a dataclass or mapping output (``[]`` for arrays, tuples, lists)."""
-    if dataclasses.is_dataclass(output) and not isinstance(output, type):
-        return [f.name for f in dataclasses.fields(output) if _is_array(getattr(output, f.name))]
-    if isinstance(output, Mapping):
-        return [str(k) for k, v in output.items() if _is_array(v)]
-    return []
-
-
-def first_element(output: Any) -> Any:
-    """The activation a module's output contributes: the output itself if it is an array, else its
-    first element (tuple/list: ``output[0]``; dataclass, e.g. a Hugging Face ``ModelOutput``: its first
-    non-None field; mapping: its first non-None value). ``None`` when that is not an array."""
-    if _is_array(output):
-        return output
-    if isinstance(output, tuple | list):
-        value = output[0] if output else None
-    else:
-        key = _first_key(output)
-        if key is None:
-            return None
-        value = getattr(output, key) if dataclasses.is_dataclass(output) else output[key]
-    return value if _is_array(value) else None
-
-
-def replace_first(output: Any, value: jax.Array) -> Any:
-    """``output`` with its first element (as ``first_element`` finds it) replaced by ``value``."""
-    if _is_array(output):
-        return value
-    if isinstance(output, tuple):
-        rest = tuple(output[1:])
-        return type(output)(value, *rest) if hasattr(output, "_fields") else (value, *rest)
-    if isinstance(output, list):
-        return [value, *output[1:]]
-    key = _first_key(output)
-    if dataclasses.is_dataclass(output):
-        return dataclasses.replace(output, **{key: value})
-    replaced = {**output, key: value}
-    return replaced if type(output) is dict else type(output)(replaced)
-
-
-def model_logits(outputs: Any) -> Any:
-    """The logits in a model's outputs: ``outputs.logits`` where the output has that attribute (Hugging
-    Face ``FlaxSequenceClassifierOutput``), else ``outputs[0]`` of a tuple or list, else ``outputs``."""
-    logits = getattr(outputs, "logits", None)
-    if logits is not None:
-        return logits
-    if isinstance(outputs, tuple | list) and outputs:
-        return outputs[0]
-    return outputs
-
-
-# --------------------------------------------------------------------------- inputs and models
-
-
-def call_with_inputs(fn: Callable[..., Any], x: Any, *leading: Any, **keywords: Any) -> Any:
-    """``fn(*leading, x)``; ``fn(*leading, *x)`` for a tuple; ``fn(*leading, **x)`` for a dict."""
-    if isinstance(x, Mapping):
-        return fn(*leading, **x, **keywords)
-    if isinstance(x, tuple):
-        return fn(*leading, *x, **keywords)
-    return fn(*leading, x, **keywords)
-
-
-def is_hf_model(model: Any) -> bool:
-    """True for a Hugging Face ``FlaxPreTrainedModel`` (duck-typed: a callable object with a Linen ``.module``
-    and ``.params``), which this module runs as ``model(*inputs, params=params)``."""
-    return (not isinstance(model, nn.Module) and callable(model)
-            and isinstance(getattr(model, "module", None), nn.Module) and hasattr(type(model), "params"))
-
-
-def apply_fn(model: Any, apply_kwargs: Mapping | None = None, rngs: Any = None) -> Callable[..., Any]:
-    """``model.apply`` for a Linen module (or ``model`` itself, a function like it), with bound keywords.
-
-    ``apply_kwargs`` / ``rngs`` are the older spelling of
-    ``functools.partial(model.apply, **apply_kwargs, rngs=rngs)`` and still work.
-    """
-    apply = model.apply if isinstance(model, nn.Module) else model
-    if not callable(apply):
-        raise TypeError("model must be a flax.linen Module, an apply function or a Hugging Face Flax model, "
-                        f"got {type(model).__name__}")
-    kwargs = dict(apply_kwargs or {})
-    if rngs is not None:
-        kwargs["rngs"] = rngs
-    return functools.partial(apply, **kwargs) if kwargs else apply
-
-
-def runner(model: Any, *, apply_kwargs: Mapping | None = None, rngs: Any = None) -> Runner:
-    """``run(params, model_state, perturbations, x, mutable) -> (outputs, new collections or None)``.
-
-    Linen module or apply function: ``apply({"params": params, **model_state,
-    "perturbations": tree}, *inputs, mutable=...)``. Hugging Face model:
-    ``model(*inputs, params=params, **apply_kwargs)``, which has no other
-    collections (its own ``params`` tree holds BatchNorm statistics, used in eval mode).
-    """
-    if is_hf_model(model):
-        kwargs = dict(apply_kwargs or {})
-        if rngs is not None:
-            kwargs["dropout_rng"] = rngs["dropout"] if isinstance(rngs, Mapping) else rngs
-
-        def run_hf(params, model_state, perturbations, x, mutable):
-            if model_state or mutable:
-                raise ValueError("a Hugging Face model is run as model(*inputs, params=params): model_state "
-                                 "and mutable do not apply; for train-mode BatchNorm pass "
-                                 "functools.partial(model.module.apply, ...) as model instead")
-            return call_with_inputs(model, x, params=params, **kwargs), None
-
-        return run_hf
-    apply = apply_fn(model, apply_kwargs, rngs)
-
-    def run(params, model_state, perturbations, x, mutable):
-        variables = {"params": params, **(model_state or {})}
-        if perturbations is not None:
-            variables[PERTURBATIONS] = perturbations
-        if mutable:
-            return call_with_inputs(apply, x, variables, mutable=list(mutable))
-        return call_with_inputs(apply, x, variables), None
-
-    return run
 
 
 # --------------------------------------------------------------------------- interception

@@ -52,6 +52,11 @@ module; ``jax_impl.nnx`` for an NNX one), so models with other collections
 (BatchNorm's ``batch_stats``, dropout) need no special keywords beyond
 ``model_state`` / ``mutable``; anything else ``apply`` needs is bound with
 ``functools.partial(model.apply, train=True, rngs=...)`` passed as ``model``.
+
+The pieces live in their own modules: the loss and its batch mean in
+``jax_impl.losses``, the model as ``forward`` in ``jax_impl.forward``, the
+per-layer terms and the finite-difference estimate in
+``jax_impl.penalty_terms``; their public names are importable from here too.
 """
 
 from __future__ import annotations
@@ -62,7 +67,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from agp_common.penalty_spec import (
     INPUT,
@@ -72,9 +76,19 @@ from agp_common.penalty_spec import (
     resolve_options,
     select_layers,
 )
-from jax_impl.fast_conv import fast_convolutions as _fast_convolutions
+
+# ``linen_forward``, ``zero_perturbations``, ``cross_entropy_loss`` and ``per_example_cross_entropy``
+# moved out of this module; ``x as x`` re-exports them so that ``from jax_impl.penalty import ...`` works.
+from jax_impl.forward import Apply, Forward, Params, _chosen_zeros, _linen_forward_and_zeros, _perturbed
+from jax_impl.forward import linen_forward as linen_forward
+from jax_impl.forward import zero_perturbations as zero_perturbations
+from jax_impl.losses import _batch_loss, default_loss, weighted_mean
+from jax_impl.losses import cross_entropy_loss as cross_entropy_loss
+from jax_impl.losses import per_example_cross_entropy as per_example_cross_entropy
+from jax_impl.model_runner import apply_fn
 from jax_impl.module_capture import SEP as SEP  # re-exported: jax_impl.nnx and callers use penalty.SEP
-from jax_impl.module_capture import Runner, apply_fn, intercepted, is_hf_model, model_logits, probe, runner
+from jax_impl.outputs import model_logits
+from jax_impl.penalty_terms import _exact_terms, _finite_difference_penalty
 from jax_impl.validation import (
     check_example_weights,
     check_fd_step,
@@ -83,161 +97,10 @@ from jax_impl.validation import (
     check_penalized_loss_args,
 )
 
-Params = Any
-
-#: ``forward(perturbations, x) -> (outputs, updated_state_or_None)``; the
-#: perturbations are a flat ``{capture name: array}`` dict of the model's
-#: capture points (never ``"input"``, which is added to ``x`` by the caller).
-Forward = Callable[[dict[str, jax.Array], Any], tuple[Any, Any]]
-#: ``apply(variables, x, mutable=...)``: ``Module.apply``, or a function with its signature.
-Apply = Callable[..., Any]
-
-
-def per_example_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Softmax cross-entropy of each example: (B, K), (B,) -> (B,)."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
-def weighted_mean(per_example: jax.Array, example_weights: jax.Array | None = None) -> jax.Array:
-    """``mean(l)``, or ``sum_i m_i l_i / sum_i m_i`` with example weights ``m`` (B,)."""
-    if example_weights is None:
-        return per_example.mean()
-    weights = example_weights.astype(per_example.dtype)
-    return jnp.sum(weights * per_example) / jnp.sum(weights)
-
-
-def cross_entropy_loss(
-    logits: jax.Array, labels: jax.Array, example_weights: jax.Array | None = None
-) -> jax.Array:
-    """Mean softmax cross-entropy, PyTorch's ``nn.CrossEntropyLoss()``: (B, K), (B,) -> ().
-
-    With ``example_weights`` m (B,) it is ``sum_i m_i CE_i / sum_i m_i``; a 0/1
-    mask makes it the mean over the real examples of a zero-padded batch (the
-    training loop pads its last partial batch so the step is not recompiled).
-    """
-    return weighted_mean(per_example_cross_entropy(logits, labels), example_weights)  # (B,) -> ()
-
 
 def _apply_fn(model: nn.Module | Apply, apply_kwargs: Mapping | None = None, rngs: Any = None) -> Apply:
     """``model.apply`` with bound keywords (``module_capture.apply_fn``; kept for callers of this name)."""
     return apply_fn(model, apply_kwargs, rngs)
-
-
-def linen_forward(
-    model: nn.Module | Apply,
-    params: Params,
-    *,
-    model_state: Mapping | None = None,
-    mutable: Sequence[str] = (),
-    apply_kwargs: Mapping | None = None,
-    rngs: Any = None,
-    capture_modules: Mapping[str, str] | None = None,
-) -> Forward:
-    """``forward(perturbations, x)`` for a Linen module: ``model.apply`` with the perturbations.
-
-    ``model`` is a Linen module, an ``apply`` function with ``Module.apply``'s
-    signature (e.g. ``functools.partial(model.apply, train=True)``) or a
-    Hugging Face Flax model (``jax_impl.capture``). ``x`` is one array, a
-    tuple (positional inputs) or a dict (keyword inputs).
-    Variables are ``{"params": params, **model_state, "perturbations": ...}``;
-    the perturbations of ``capture_modules`` names (``{name: "path/to/module[:k]"}``)
-    are added to those modules' outputs instead (``jax_impl.capture``).
-    Returns ``(outputs, updated collections)`` when ``mutable`` names
-    collections (e.g. ``["batch_stats"]``), else ``(outputs, None)``.
-    """
-    return _forward_of(runner(model, apply_kwargs=apply_kwargs, rngs=rngs), params, model_state, mutable,
-                       capture_modules)
-
-
-def _forward_of(run: Runner, params, model_state, mutable, capture_modules) -> Forward:
-    """``forward(perturbations, x)`` from ``module_capture.runner``'s ``run``, capture by path outermost."""
-    run = intercepted(run, capture_modules)
-    mutable = list(mutable)
-
-    def forward(perturbations: dict[str, jax.Array], x: Any):
-        return run(params, model_state, perturbations, x, mutable)
-
-    return forward
-
-
-def zero_perturbations(
-    model: nn.Module | Apply,
-    params: Params,
-    x: Any,
-    *,
-    model_state: Mapping | None = None,
-    mutable: Sequence[str] = (),
-    apply_kwargs: Mapping | None = None,
-    rngs: Any = None,
-    capture_modules: Mapping[str, str] | None = None,
-) -> dict[str, jax.Array]:
-    """Zero perturbations for every capture point of ``model`` at the batch ``x``.
-
-    Returns a flat dict ``{"relu1": zeros(B, 14, 14, 32), ...}`` keyed by capture
-    name (nested modules give ``"block/relu"``), then the ``capture_modules``
-    names (zeros shaped like those modules' outputs, first element of a tuple).
-    Shapes come from tracing only (``jax.eval_shape``), so this is free under
-    ``jit`` and always matches the batch size of ``x``, not the one the model
-    was initialised with. ``model`` and the keywords are as in ``linen_forward``.
-    Raises a one-line ``ValueError`` for a ``capture()`` name reached twice
-    and for a ``capture_modules`` path that is not called (listing the nearest).
-    """
-    return _zeros_of(runner(model, apply_kwargs=apply_kwargs, rngs=rngs), params, x, model_state, mutable,
-                     capture_modules, hf=is_hf_model(model))
-
-
-def _zeros_of(run: Runner, params, x, model_state, mutable, capture_modules, *, hf: bool):
-    found = probe(run, params, model_state, x, mutable, capture_modules, with_collections=not hf)
-    shapes = {**found.capture_shapes, **found.path_shapes}
-    return {name: jnp.zeros(s.shape, s.dtype) for name, s in shapes.items()}
-
-
-def _chosen_zeros(
-    zeros: Mapping[str, jax.Array], x: jax.Array, layers: Sequence[str]
-) -> dict[str, jax.Array]:
-    """The perturbations that are differentiated: the chosen capture points, and ``x`` for ``"input"``."""
-    return {name: (jnp.zeros_like(x) if name == INPUT else zeros[name]) for name in layers}
-
-
-def _perturbed(forward: Forward, zeros: Mapping[str, jax.Array], x: jax.Array, reduce):
-    """``chosen -> (reduce(outputs), (outputs, state))`` with the chosen perturbations applied.
-
-    ``chosen`` holds perturbations of some capture points (added where the
-    model marks them) and, under ``"input"``, one added to ``x``.
-    """
-
-    def run(chosen: Mapping[str, jax.Array]):
-        inner = {**zeros, **{k: v for k, v in chosen.items() if k != INPUT}}
-        inputs = x + chosen[INPUT] if INPUT in chosen else x
-        outputs, state = forward(inner, inputs)
-        return reduce(outputs), (outputs, state)
-
-    return run
-
-
-def default_loss(outputs: Any, labels: jax.Array) -> jax.Array:
-    """Per-example softmax cross-entropy of the model's logits (``model_logits``: ``outputs.logits``,
-    else element 0 of a tuple, else the outputs): (B, K), (B,) -> (B,)."""
-    return per_example_cross_entropy(model_logits(outputs), labels)
-
-
-def _batch_loss(loss_fn, y, example_weights):
-    return lambda outputs: weighted_mean(loss_fn(outputs, y), example_weights)
-
-
-def _sum_over_examples(v: jax.Array) -> jax.Array:
-    """Per-example sum of squares over all non-batch axes: (B, ...) -> (B,)."""
-    return jnp.sum(jnp.square(v).reshape(v.shape[0], -1), axis=1)
-
-
-def _safe_sqrt(s: jax.Array) -> jax.Array:
-    """``sqrt(s)`` whose derivative at ``s == 0`` is 0 instead of inf (so 0 * inf never makes NaN)."""
-    positive = s > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, s, 1.0)), 0.0)
-
-
-def _apply_norm(squared: jax.Array, norm: str) -> jax.Array:
-    return squared if norm == "squared_l2" else _safe_sqrt(squared)
 
 
 def penalized_loss_from_forward(
@@ -324,72 +187,6 @@ def penalized_loss_from_forward(
     if state is not None:
         aux["model_state"] = state
     return total, aux
-
-
-def _exact_terms(grads, norm, per_example, example_weights):
-    """Per-layer terms before ``layer_weights``: ``phi(||g_l||^2)`` or ``mean_i phi(||G_{l,i}||^2)``."""
-    if not per_example:
-        return {name: _apply_norm(jnp.sum(jnp.square(g)), norm) for name, g in grads.items()}
-    return {
-        name: weighted_mean(_apply_norm(_sum_over_examples(g), norm), example_weights)
-        for name, g in grads.items()
-    }
-
-
-def _finite_difference_penalty(
-    forward, zeros, x, y, loss_fn, example_weights, grads, base_loss, options: PenaltyOptions,
-):
-    """Finlay & Oberman (2019): ``phi(||g||^2)`` from a directional finite difference.
-
-    With ``g`` detached, ``v = Lambda g / sqrt(g^T Lambda g)`` and
-    ``d = (loss(a + h v) - loss(a)) / h = sqrt(g^T Lambda g) + O(h)``, the
-    squared-L2 penalty ``sum_l lambda_l ||g_l||^2`` is estimated by ``d^2``
-    (one joint shift of all layers), the L2 one by ``sum_l lambda_l d_l`` (one
-    shift per layer, ``v_l = g_l / ||g_l||``). Differentiating ``d`` w.r.t. the
-    parameters is ordinary backprop, and
-    ``grad_theta d^2 = 2 (dg/dtheta)^T Lambda g + O(h)``: the exact gradient up
-    to O(h). Per example the same holds example by example, with every
-    example shifted along its own direction in one forward pass (exact only
-    when examples do not interact).
-    """
-    norm, fd_step = options.norm, options.fd_step
-    per_example = options.normalization == "per_example"
-    weights = {name: options.weight_of(name) for name in grads}
-    groups = [tuple(grads)] if norm == "squared_l2" else [(name,) for name in grads]
-    per_loss = (lambda out: loss_fn(out, y)) if per_example else _batch_loss(loss_fn, y, example_weights)
-    run = _perturbed(forward, zeros, x, per_loss)
-    if base_loss is None:
-        base, _ = run({name: jnp.zeros_like(g) for name, g in grads.items()})  # (B,)
-    else:
-        base = base_loss
-    penalty = 0.0
-    for group in groups:
-        # Squared length of the weighted direction, per example (B,) or for the batch ().
-        # (squared L2: g^T Lambda g over the group; L2: the one layer's ||g_l||^2, unweighted).
-        lam = weights if norm == "squared_l2" else dict.fromkeys(weights, 1.0)
-        if per_example:
-            sq = sum(lam[n] * _sum_over_examples(grads[n]) for n in group)  # (B,)
-        else:
-            sq = sum(lam[n] * jnp.sum(jnp.square(grads[n])) for n in group)  # ()
-        positive = sq > 0
-        inv_len = jnp.where(positive, jax.lax.rsqrt(jnp.where(positive, sq, 1.0)), 0.0)
-        shifts = {}
-        for name, g in grads.items():
-            if name not in group:
-                shifts[name] = jnp.zeros_like(g)
-                continue
-            scale = inv_len.reshape((-1,) + (1,) * (g.ndim - 1)) if per_example else inv_len
-            shifts[name] = fd_step * lam[name] * scale * g
-        shifted, _ = run(shifts)
-        d = (shifted - base) / fd_step  # (B,) or ()
-        if norm == "squared_l2":
-            contribution = jnp.square(d)
-        else:
-            contribution = weights[group[0]] * d
-        if per_example:
-            contribution = weighted_mean(contribution, example_weights)
-        penalty = penalty + contribution
-    return penalty
 
 
 def penalized_loss(
@@ -502,32 +299,6 @@ def penalized_loss(
         example_weights=example_weights, examples_interact=examples_interact, loss_fn=loss_fn,
         **option_keywords,
     )
-
-
-def _linen_forward_and_zeros(params, model, x, model_state, mutable, keywords: dict,
-                             fast: bool | None = False):
-    """The forward closure and zero perturbations of a Linen model (pops ``apply_kwargs``, ``rngs``,
-    ``capture_modules`` from ``keywords``); ``fast``: ``jax_impl.fast_conv.fast_convolutions``'s flag.
-
-    The fast convolutions are entered inside each model run, so that capture by path
-    (``jax_impl.capture``) intercepts first: an interceptor that replaces ``nn.Conv``'s computation
-    ends the chain, and one entered before it would hide the ``nn.Conv`` calls from the capture.
-    """
-    run = runner(model, apply_kwargs=keywords.pop("apply_kwargs", None), rngs=keywords.pop("rngs", None))
-    capture_modules = keywords.pop("capture_modules", None)
-    if fast is not False:
-        run = _with_fast_convolutions(run, fast)
-    forward = _forward_of(run, params, model_state, mutable, capture_modules)
-    zeros = _zeros_of(run, params, x, model_state, mutable, capture_modules, hf=is_hf_model(model))
-    return forward, zeros
-
-
-def _with_fast_convolutions(run: Runner, enabled: bool | None) -> Runner:
-    def run_fast(*args):
-        with _fast_convolutions(enabled):
-            return run(*args)
-
-    return run_fast
 
 
 def is_penalty_step(step: jax.Array | int, every: int) -> jax.Array:
