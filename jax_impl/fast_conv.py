@@ -62,13 +62,27 @@ the first time) inside it; ``penalized_loss`` enters it itself. Its
 interceptor computes the convolution and does not call the ones entered
 inside it: enter other interceptors that must see ``nn.Conv`` calls (capture
 by path, ``jax_impl.capture``) outside it, as ``penalized_loss`` does.
-``nnx.Conv`` is not intercepted (NNX has no method interceptors).
+
+``flax.nnx.Conv`` gets the same computation (``nnx_conv_call``, the same
+cases by ``intercepts``) from ``jax_impl.nnx.fast_convolutions(model)``
+(NNX has no method interceptors: the convolutions' classes are swapped for
+subclasses for the duration), which ``jax_impl.nnx.penalized_loss`` enters
+on CPU by default on the copy of the model it runs.
+
+Tiny channel widths: no crossover where XLA's own convolutions win was found
+(penalised gradient, ``layers="input"``, of three 3x3 SAME convolutions,
+float32, 2-core EPYC under load 4-6, medians of interleaved rounds, ms;
+fast path / flax's): batch 8 at 32x32, widths 4, 8, 16, 32: 6.9/15.3,
+6.4/13.0, 18.9/28.3, 41.9/50.7; the middle one strided 2, widths 2-32:
+2.5/4.0 ... 13.8/40.8; batch 1 at 16x16, widths 2, 32: 0.52/0.58, 1.54/1.92.
+Only at 8x8 inputs (the patches route), widths 32 and 64: 2.9/2.5, 8.4/8.0.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -76,6 +90,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from flax.linen.linear import canonicalize_padding
 
 from jax_impl import layers
@@ -89,6 +104,7 @@ __all__ = [
     "fast_convolutions",
     "grouped_products",
     "intercepts",
+    "nnx_conv_call",
     "polyphase_conv",
     "space_to_depth",
 ]
@@ -326,20 +342,45 @@ def _as_tuple(value: int | Sequence[int] | None, rank: int) -> tuple[int, ...]:
     return (value,) * rank if isinstance(value, int) else tuple(value)
 
 
-def intercepts(module: nn.Module, inputs: Any) -> bool:
-    """Whether ``fast_convolutions`` computes ``module(inputs)`` itself (else flax's ``__call__`` runs).
+#: Attribute set (True) on a ``__call__`` that wraps (``functools.wraps``) the one of the class it
+#: subclasses and passes its computation through: ``jax_impl.nnx``'s hooks (capture by path, which
+#: add a perturbation to the output, and this module's fast path).
+PASSES_CALL_THROUGH = "_agp_passes_call_through"
 
-    True for an ``nn.Conv`` (or a subclass that keeps its ``__call__``) with
-    a 1-D or 2-D kernel, no ``input_dilation``, no ``mask``, no
-    ``conv_general_dilated`` override, float inputs (any number of batch
+
+def _calls_flax(cls: type, base: type) -> bool:
+    """Whether instances of ``cls`` compute ``base.__call__``: ``cls`` keeps it, or only ``jax_impl.nnx``'s
+    hooks wrap it (``PASSES_CALL_THROUGH``; any other override, decorated or not, is the user's own)."""
+    return inspect.unwrap(cls.__call__, stop=lambda f: not getattr(f, PASSES_CALL_THROUGH, False)) \
+        is base.__call__
+
+
+def intercepts(module: nn.Module | nnx.Module, inputs: Any) -> bool:
+    """Whether the fast path computes ``module(inputs)`` itself (else flax's ``__call__`` runs).
+
+    True for a ``flax.linen.Conv`` (under ``fast_convolutions``) or a
+    ``flax.nnx.Conv`` (under ``jax_impl.nnx.fast_convolutions``), or a
+    subclass that keeps its ``__call__``, with a 1-D or 2-D kernel, no
+    ``input_dilation``, no ``mask``, flax's own convolution function (Linen:
+    no ``conv_general_dilated`` override; NNX: ``lax.conv_general_dilated``
+    and no ``preferred_element_type``), float inputs (any number of batch
     axes, none included), channels divisible by ``feature_group_count``, a
     padding form flax accepts, and ``precision=None`` off CPU (on CPU,
     where float32 is always computed in full, ``precision`` is ignored).
     """
-    if not isinstance(module, nn.Conv) or type(module).__call__ is not nn.Conv.__call__:
+    if isinstance(module, nn.Conv):
+        if type(module).__call__ is not nn.Conv.__call__ or module.conv_general_dilated is not None \
+                or module.conv_general_dilated_cls is not None:
+            return False
+        features = module.features
+    elif isinstance(module, nnx.Conv):
+        if not _calls_flax(type(module), nnx.Conv) or module.preferred_element_type is not None \
+                or module.conv_general_dilated is not jax.lax.conv_general_dilated:
+            return False
+        features = module.out_features
+    else:
         return False
-    if module.mask is not None or module.conv_general_dilated is not None \
-            or module.conv_general_dilated_cls is not None:
+    if module.mask is not None:
         return False
     rank = 1 if isinstance(module.kernel_size, int) else len(module.kernel_size)
     if rank not in (1, 2) or any(d != 1 for d in _as_tuple(module.input_dilation, rank)):
@@ -349,8 +390,10 @@ def intercepts(module: nn.Module, inputs: Any) -> bool:
     if not jnp.issubdtype(inputs.dtype, jnp.floating):
         return False
     groups = module.feature_group_count
-    if inputs.shape[-1] % groups or module.features % groups:
+    if inputs.shape[-1] % groups or features % groups:
         return False  # flax's own call raises its error
+    if isinstance(module, nnx.Conv) and inputs.shape[-1] // groups != module.kernel_shape[-2]:
+        return False  # the kernel was built for other channels: flax's own call raises its error
     if module.precision is not None and jax.default_backend() != "cpu":
         return False  # only XLA's CPU convolutions ignore ``precision`` (float32 is computed in full)
     try:
@@ -360,29 +403,64 @@ def intercepts(module: nn.Module, inputs: Any) -> bool:
     return not (module.padding == "CAUSAL" and rank != 1)
 
 
-def _conv_call(module: nn.Conv, inputs: jax.Array, impl: Any) -> jax.Array:
-    """``nn.Conv.__call__`` computed with ``conv_explicit`` (same parameters, same values)."""
+def _geometry(module: nn.Conv | nnx.Conv) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(kernel_size, strides, kernel_dilation)`` of a Linen or NNX ``Conv`` as tuples of its rank."""
     kernel_size = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
     rank = len(kernel_size)
-    strides, dilation = _as_tuple(module.strides, rank), _as_tuple(module.kernel_dilation, rank)
-    batch_shape = inputs.shape[: inputs.ndim - rank - 1]
-    x = inputs.reshape((-1, *inputs.shape[len(batch_shape):]))  # (B, *spatial, C): flax flattens batch axes
+    return kernel_size, _as_tuple(module.strides, rank), _as_tuple(module.kernel_dilation, rank)
+
+
+def _conv_flat(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array | None, module: nn.Conv | nnx.Conv, impl: Any
+) -> jax.Array:
+    """(B, *spatial, C) -> (B, *spatial', O): the convolution of ``module`` (its geometry, padding and
+    groups) with ``kernel`` and ``bias`` already promoted, by ``conv_explicit``."""
+    kernel_size, strides, dilation = _geometry(module)
+    rank = len(kernel_size)
     mode, pads = explicit_padding(module.padding, x.shape[1:-1], kernel_size, strides, dilation)
+    if rank == 1:  # a 1-D convolution is a 2-D one over a unit height
+        x, kernel = x[:, None], kernel[None]
+        strides, dilation, pads = (1, *strides), (1, *dilation), ((0, 0), *pads)
+    y = conv_explicit(x, kernel, strides=strides, padding=(mode, pads), kernel_dilation=dilation,
+                      feature_group_count=module.feature_group_count, impl=impl)  # (B, [1,] Ho, Wo, O)
+    if rank == 1:
+        y = y[:, 0]
+    return y if bias is None else y + bias
+
+
+def _flatten_batch(inputs: jax.Array, rank: int) -> tuple[tuple[int, ...], jax.Array]:
+    """``(batch_shape, x)``: the batch axes of ``inputs`` (none, one or several) flattened into one, as
+    flax does (``x`` is (B, *spatial, C))."""
+    batch_shape = inputs.shape[: inputs.ndim - rank - 1]
+    return batch_shape, inputs.reshape((-1, *inputs.shape[len(batch_shape):]))
+
+
+def _conv_call(module: nn.Conv, inputs: jax.Array, impl: Any) -> jax.Array:
+    """``nn.Conv.__call__`` computed with ``conv_explicit`` (same parameters, same values)."""
+    kernel_size = _geometry(module)[0]
+    batch_shape, x = _flatten_batch(inputs, len(kernel_size))
     groups, in_features = module.feature_group_count, x.shape[-1]
     kernel_shape = (*kernel_size, in_features // groups, module.features)
     kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
     bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) \
         if module.use_bias else None
     x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
-    if rank == 1:  # a 1-D convolution is a 2-D one over a unit height
-        x, kernel = x[:, None], kernel[None]
-        strides, dilation, pads = (1, *strides), (1, *dilation), ((0, 0), *pads)
-    y = conv_explicit(x, kernel, strides=strides, padding=(mode, pads), kernel_dilation=dilation,
-                      feature_group_count=groups, impl=impl)  # (B, [1,] Ho, Wo, O)
-    if rank == 1:
-        y = y[:, 0]
-    if bias is not None:
-        y = y + bias
+    y = _conv_flat(x, kernel, bias, module, impl)
+    return y.reshape(batch_shape + y.shape[1:])
+
+
+def nnx_conv_call(module: nnx.Conv, inputs: jax.Array, impl: Any = "auto") -> jax.Array:
+    """``nnx.Conv.__call__(module, inputs)`` computed with ``conv_explicit``: same values, fast derivatives.
+
+    For a module and inputs that ``intercepts`` accepts; reads the module's
+    ``kernel`` and ``bias`` and promotes them with the inputs as flax does
+    (``promote_dtype((x, kernel, bias), dtype=module.dtype)``). ``impl``: as
+    in ``fast_convolutions`` (resolve it outside traced code).
+    """
+    batch_shape, x = _flatten_batch(inputs, len(_geometry(module)[0]))
+    bias = module.bias[...] if module.bias is not None else None
+    x, kernel, bias = module.promote_dtype((x, module.kernel[...], bias), dtype=module.dtype)
+    y = _conv_flat(x, kernel, bias if module.use_bias else None, module, impl)
     return y.reshape(batch_shape + y.shape[1:])
 
 

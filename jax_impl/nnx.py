@@ -24,19 +24,26 @@ class is swapped for a subclass whose ``__call__`` adds the perturbation to
 the output (first element of a tuple); the state written back is unchanged.
 Limit: a submodule run inside an NNX transform that splits and merges it
 again (``nnx.vmap``/``nnx.scan`` over it) is a new object there and is not seen.
+
+On CPU the copy's ``nnx.Conv`` layers get fast derivatives the same way
+(``fast_convolutions``, ``jax_impl.fast_conv``); ``fast_convolutions=False``
+turns it off. The same limit applies to them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Mapping
-from typing import Any
+import functools
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_impl import fast_conv
+from jax_impl.conv_impl import ConvImpl, resolve_conv_impl
 from jax_impl.layers import max_pool_2x2
 from jax_impl.module_capture import (
     SEP,
@@ -96,45 +103,72 @@ class Net(nnx.Module):
         return self.linear(x)  # (B, 10)
 
 
+class _Hook(NamedTuple):
+    """What a hooked submodule's ``__call__`` does for one forward pass: log it and add its perturbation
+    through ``capturer`` (by attribute ``path``) when set, compute an ``nnx.Conv`` with ``conv_impl``'s
+    fast derivatives (``jax_impl.fast_conv``) when set."""
+
+    capturer: Capturer | None
+    path: tuple[str, ...]
+    conv_impl: ConvImpl | None
+
+
 def _hooked_class(cls: type) -> type:
-    """A subclass of the NNX module class ``cls`` whose ``__call__`` goes through the ``Capturer`` that
-    ``_hooked`` registered for the instance (``_HOOKS``), and is ``cls.__call__`` for any other instance.
-    Made once per class (``_HOOKED_CLASSES``)."""
+    """A subclass of the NNX module class ``cls`` whose ``__call__`` does what ``_hooked`` registered for
+    the instance (``_HOOKS``: a ``_Hook``), and is ``cls.__call__`` for any other instance. Made once per
+    class (``_HOOKED_CLASSES``); its ``__call__`` declares ``cls.__call__`` as the one it wraps
+    (``functools.wraps``, ``fast_conv.PASSES_CALL_THROUGH``), which tells ``fast_conv.intercepts`` that
+    flax's computation is unchanged."""
     if cls not in _HOOKED_CLASSES:
 
+        @functools.wraps(cls.__call__)
         def __call__(self, *args, **kwargs):
-            entry = (_HOOKS.get() or {}).get(id(self))
+            hook = (_HOOKS.get() or {}).get(id(self))
             call = super(hooked, self).__call__
-            if entry is None:
+            if hook is None:
                 return call(*args, **kwargs)
-            capturer, path = entry
-            return capturer.call(path, cls.__name__, call, *args, **kwargs)
+            if hook.conv_impl is not None:
+                call = functools.partial(_conv_call, self, call, hook.conv_impl)
+            if hook.capturer is None:
+                return call(*args, **kwargs)
+            return hook.capturer.call(hook.path, cls.__name__, call, *args, **kwargs)
 
+        setattr(__call__, fast_conv.PASSES_CALL_THROUGH, True)
         hooked = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
                                              "__qualname__": cls.__qualname__})
         _HOOKED_CLASSES[cls] = hooked
     return _HOOKED_CLASSES[cls]
 
 
+def _conv_call(module: nnx.Conv, flax_call, impl: ConvImpl, *args, **kwargs):
+    """``module(*args, **kwargs)``: by ``fast_conv.nnx_conv_call`` where ``fast_conv.intercepts`` accepts
+    the module and its one input, else by flax (``flax_call``)."""
+    if len(args) == 1 and not kwargs and fast_conv.intercepts(module, args[0]):
+        return fast_conv.nnx_conv_call(module, args[0], impl)
+    return flax_call(*args, **kwargs)
+
+
 _HOOKED_CLASSES: dict[type, type] = {}
-#: ``{id(module): (Capturer, attribute path)}`` of the forward pass running in this context.
-_HOOKS: contextvars.ContextVar[dict[int, tuple[Capturer, tuple[str, ...]]] | None] = contextvars.ContextVar(
+#: ``{id(module): _Hook}`` of the forward pass running in this context.
+_HOOKS: contextvars.ContextVar[dict[int, _Hook] | None] = contextvars.ContextVar(
     "jax_impl_nnx_hooks", default=None)
 
 
 @contextlib.contextmanager
-def _hooked(module: nnx.Module, capturer: Capturer):
-    """Route every callable submodule's ``__call__`` of ``module`` (a fresh copy made for one forward
-    pass) through ``capturer``, by attribute path (``("layers", "0", "conv")``).
+def _hooked(module: nnx.Module, capturer: Capturer | None, conv_impl: ConvImpl | None = None):
+    """Route the submodules' ``__call__`` of ``module`` through ``capturer`` (every callable submodule, by
+    attribute path ``("layers", "0", "conv")``) and/or, for every ``nnx.Conv`` (the root included),
+    through the fast convolution ``conv_impl``.
 
-    Each submodule's ``__class__`` is swapped for ``_hooked_class`` (a subclass, same layout) for the
-    duration, and restored after: the module's state (its Variables) is untouched.
+    Each such submodule's ``__class__`` is swapped for ``_hooked_class`` (a subclass, same layout) for
+    the duration, and restored after: the module's state (its Variables) is untouched.
     """
     registry, swapped = {}, []
     for path, sub in nnx.iter_modules(module):
-        if not path or not callable(sub):
+        conv = conv_impl if isinstance(sub, nnx.Conv) else None
+        if not callable(sub) or (conv is None and (capturer is None or not path)):
             continue
-        registry[id(sub)] = (capturer, tuple(str(p) for p in path))
+        registry[id(sub)] = _Hook(capturer, tuple(str(p) for p in path), conv)
         swapped.append((sub, type(sub)))
         # object.__setattr__: past nnx.Module's __setattr__, which tracks attributes of the graph.
         object.__setattr__(sub, "__class__", _hooked_class(type(sub)))
@@ -145,6 +179,43 @@ def _hooked(module: nnx.Module, capturer: Capturer):
         _HOOKS.reset(token)
         for sub, cls in swapped:
             object.__setattr__(sub, "__class__", cls)
+
+
+def _fast_conv_impl(enabled: bool | None, impl: str | ConvImpl = "auto") -> ConvImpl | None:
+    """The convolution that ``nnx.Conv`` layers get (``None``: flax's own). ``enabled=None``: on CPU only
+    (XLA's GPU and TPU convolutions differentiate fast already). Resolved once, outside the layers."""
+    if enabled is None:
+        enabled = jax.default_backend() == "cpu"
+    return resolve_conv_impl(impl) if enabled else None
+
+
+@contextlib.contextmanager
+def fast_convolutions(model: nnx.Module, enabled: bool | None = None, *,
+                      impl: str | ConvImpl = "auto") -> Iterator[None]:
+    """Within this context every ``nnx.Conv`` of ``model`` has fast derivatives (``jax_impl.fast_conv``).
+
+    The NNX counterpart of ``jax_impl.fast_convolutions`` (Linen): each call
+    that ``fast_conv.intercepts`` accepts (any stride, padding, dilation,
+    ``feature_group_count``; 1-D or 2-D) is computed as pad + stride-1 VALID
+    convolutions whose derivatives of every order (reverse mode) stay fast
+    convolutions; the rest run flax's ``__call__``. Same values up to float
+    rounding, same parameters. ``enabled``: ``None`` (default) on CPU only,
+    ``True``/``False`` everywhere; ``impl`` as in ``jax_impl.fast_convolutions``.
+    ``penalized_loss`` enters it itself (``fast_convolutions=False`` turns it
+    off); a step of your own enters it where the model is traced::
+
+        def loss(model):
+            with jax_impl.nnx.fast_convolutions(model):
+                return my_penalised_loss(model, x, y)
+        grads = nnx.grad(loss)(model)
+
+    The convolutions' classes are swapped for subclasses (same layout) for
+    the duration and restored after; like the Linen context it acts while
+    the model is traced (trace a jitted function inside it).
+    """
+    conv_impl = _fast_conv_impl(enabled, impl)
+    with _hooked(model, None, conv_impl) if conv_impl is not None else contextlib.nullcontext():
+        yield
 
 
 def _probe(graphdef, state, x: Any, capture_modules: Mapping[str, str] | None, call_kwargs: Mapping | None):
@@ -207,16 +278,18 @@ def capture_points(model: nnx.Module, x: Any, *, call_kwargs: Mapping | None = N
 
 
 def nnx_forward(model: nnx.Module, *, call_kwargs: Mapping | None = None,
-                capture_modules: Mapping[str, str] | None = None):
+                capture_modules: Mapping[str, str] | None = None, fast_convolutions: bool | None = False):
     """``forward(perturbations, x) -> (outputs, updated BatchStat state or None)`` for an NNX model.
 
     ``perturbations`` holds the ``capture()`` points (``nnx.capture(..., init=...)``) and the
     ``capture_modules`` names (added to those submodules' outputs, first element of a tuple).
-    ``x``: an array, a tuple (``model(*x)``) or a dict (``model(**x)``).
+    ``x``: an array, a tuple (``model(*x)``) or a dict (``model(**x)``). ``fast_convolutions``:
+    the model's ``nnx.Conv`` layers run as in the context ``fast_convolutions`` (``None``: on CPU).
     """
     graphdef, state = nnx.split(model)
     kwargs = dict(call_kwargs or {})
     specs = parse_capture_modules(capture_modules)
+    conv_impl = _fast_conv_impl(fast_convolutions)
 
     def forward(perturbations: dict[str, jax.Array], x: Any):
         # A fresh copy per call: BatchNorm mutates its BatchStat, which NNX only
@@ -227,7 +300,8 @@ def nnx_forward(model: nnx.Module, *, call_kwargs: Mapping | None = None,
              if name not in specs]
         )
         capturer = Capturer(specs, {name: perturbations[name] for name in specs})
-        with _hooked(module, capturer) if specs else contextlib.nullcontext():
+        hooks = specs or conv_impl is not None
+        with _hooked(module, capturer if specs else None, conv_impl) if hooks else contextlib.nullcontext():
             outputs = call_with_inputs(nnx.capture(module, init=init), x, **kwargs)
         capturer.check()
         batch_stats = nnx.state(module, nnx.BatchStat)
@@ -245,6 +319,7 @@ def penalized_loss(
     call_kwargs: Mapping | None = None,
     examples_interact: bool | None = None,
     capture_modules: Mapping[str, str] | None = None,
+    fast_convolutions: bool = True,
     **options,
 ) -> tuple[jax.Array, dict[str, Any]]:
     """``jax_impl.penalized_loss`` for an NNX ``model``: its ``capture()`` points and/or submodules by path.
@@ -260,13 +335,18 @@ def penalized_loss(
     BatchNorm statistics updated by the forward pass are written back into
     ``model`` (``nnx.update``) and also returned as ``aux["model_state"]``;
     ``examples_interact=None`` means "the model has BatchStat variables".
+    On CPU the model's ``nnx.Conv`` layers get fast derivatives (the context
+    ``fast_convolutions``; same values up to rounding); ``fast_convolutions=False``
+    runs flax's own convolutions. ``model`` itself is not changed (the
+    forward pass runs on a copy), except for the BatchStat write-back.
     """
     check_loss_inputs(x, penalty_weight)  # before the forward pass, which cannot take a batch of 0
     zeros = zero_perturbations(model, x, capture_modules=capture_modules, call_kwargs=call_kwargs)
     if examples_interact is None:
         examples_interact = bool(jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
     total, aux = penalized_loss_from_forward(
-        nnx_forward(model, call_kwargs=call_kwargs, capture_modules=capture_modules), zeros, x, y,
+        nnx_forward(model, call_kwargs=call_kwargs, capture_modules=capture_modules,
+                    fast_convolutions=None if fast_convolutions else False), zeros, x, y,
         penalty_weight=penalty_weight, examples_interact=examples_interact, **options,
     )
     if "model_state" in aux:

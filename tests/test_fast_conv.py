@@ -114,7 +114,8 @@ def test_dtype_promotion_follows_the_module():
     nn.Conv(4, (3, 3), mask=jnp.ones((3, 3, 2, 4)), param_dtype=jnp.float64),
     nn.ConvTranspose(4, (3, 3), strides=(2, 2), param_dtype=jnp.float64),
     nn.Conv(4, (3, 3, 3), param_dtype=jnp.float64),
-], ids=["input_dilation", "mask", "transpose", "conv3d"])
+    nn.ConvLocal(4, (3, 3), strides=2, param_dtype=jnp.float64),  # unshared weights: not a convolution's
+], ids=["input_dilation", "mask", "transpose", "conv3d", "local"])
 def test_unsupported_convolutions_run_flax_unchanged(conv):
     x = _normal(4, (2, 6, 6, 6, 2) if conv.kernel_size == (3, 3, 3) else (2, 6, 6, 2))
     expected, actual, jaxpr = _values(conv, x)

@@ -1,0 +1,158 @@
+"""``jax_impl.nnx.fast_convolutions``: any ``flax.nnx.Conv`` computed as pad + stride-1 VALID convolution.
+
+Every check compares against flax's own ``nnx.Conv`` (``lax.conv_general_dilated``
+with XLA's autodiff), the independent reference, in float64: the two
+formulations differ only in summation order, so values and the penalised
+training gradients agree to ~1e-12. The numerics of each strided/padded form
+are proved for Linen in tests/test_fast_conv.py; these prove NNX's glue
+(parameters, promotion, batch axes, the hooks of ``penalized_loss``), that the
+fast path really ran (its primitives are in the jaxpr), and that the user's
+model is left as it was. Weights come from ``nnx_like`` (no ``jax.random`` compiles).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jax_impl import nnx as jnnx
+from jax_impl import onednn_conv
+from tests._model_fixtures import nnx_like, normal
+
+# float64: only summation order differs between the formulations.
+RTOL64, ATOL64 = 1e-11, 1e-12
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _fast_path(jaxpr: str) -> bool:
+    """Whether a jaxpr was computed by the fast path: closed-rule convolutions, or patches and a matmul."""
+    return "canonical_conv" in jaxpr or "grouped" in jaxpr or (
+        "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr)
+
+
+def _values(conv: nnx.Module, x: jax.Array) -> tuple[jax.Array, jax.Array, str]:
+    """(flax's output, the fast output, the fast jaxpr) of the same module."""
+    expected = jax.jit(lambda a: conv(a))(x)
+    with jnnx.fast_convolutions(conv, True, impl="canonical"):  # traced (and so hooked) inside
+        actual = jax.jit(lambda a: conv(a))(x)
+        jaxpr = str(jax.make_jaxpr(lambda a: conv(a))(x))
+    assert type(conv) in (nnx.Conv, nnx.ConvTranspose, _OwnCall)  # the class is restored
+    return expected, actual, jaxpr
+
+
+CONVS = {  # (in, out, kernel_size, keywords, input shape)
+    "same_stride2": (4, 4, (3, 3), dict(strides=2, padding="SAME"), (2, 9, 8, 4)),
+    "valid_stride1": (2, 3, (3, 2), dict(padding="VALID"), (2, 12, 11, 2)),
+    "explicit_stride2_no_bias": (2, 4, (4, 4), dict(strides=2, padding=((1, 2), (0, 1)), use_bias=False),
+                                 (2, 9, 9, 2)),
+    "dilated_grouped": (4, 6, (3, 3), dict(kernel_dilation=2, feature_group_count=2), (2, 10, 9, 4)),
+    "circular": (2, 3, (3, 3), dict(padding="CIRCULAR"), (2, 7, 7, 2)),
+    "causal_1d_two_batch_axes": (2, 3, (3,), dict(padding="CAUSAL", kernel_dilation=2), (2, 3, 11, 2)),
+    "unbatched_stride2": (2, 3, (3, 3), dict(strides=2), (7, 6, 2)),
+}
+
+
+@pytest.mark.parametrize("name", CONVS)
+def test_fast_nnx_conv_equals_flax(name):
+    cin, cout, kernel_size, keywords, shape = CONVS[name]
+    conv = nnx_like(lambda rngs: nnx.Conv(cin, cout, kernel_size, param_dtype=jnp.float64, rngs=rngs,
+                                          **keywords), dtype=np.float64)
+    expected, actual, jaxpr = _values(conv, normal(shape, 0))
+    assert _fast_path(jaxpr)
+    np.testing.assert_allclose(actual, expected, rtol=RTOL64, atol=ATOL64)
+
+
+class _OwnCall(nnx.Conv):
+    """A subclass with its own ``__call__``: the fast path must not replace it."""
+
+    def __call__(self, inputs):
+        return 2.0 * super().__call__(inputs)
+
+
+UNSUPPORTED = {
+    "input_dilation": lambda rngs: nnx.Conv(2, 4, (3, 3), padding=1, input_dilation=2, rngs=rngs),
+    "mask": lambda rngs: nnx.Conv(2, 4, (3, 3), rngs=rngs),  # mask set below: nnx_like builds abstractly
+    "transpose": lambda rngs: nnx.ConvTranspose(2, 4, (3, 3), strides=2, rngs=rngs),
+    "own_call": lambda rngs: _OwnCall(2, 4, (3, 3), rngs=rngs),
+}
+
+
+@pytest.mark.parametrize("name", UNSUPPORTED)
+def test_unsupported_nnx_convolutions_run_flax_unchanged(name):
+    conv = nnx_like(UNSUPPORTED[name], dtype=np.float64)
+    if name == "mask":
+        conv.mask = nnx.data(jnp.ones((3, 3, 2, 4)))
+    expected, actual, jaxpr = _values(conv, normal((2, 6, 6, 2), 1))
+    assert not _fast_path(jaxpr)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=0)  # the same program
+
+
+class _SmallNet(nnx.Module):
+    """Strided SAME, dilated + grouped without bias, explicit padding, strided 1x1: each NNX path once."""
+
+    def __init__(self, *, rngs):
+        self.conv1 = nnx.Conv(2, 4, (3, 3), strides=2, padding="SAME", rngs=rngs)
+        self.conv2 = nnx.Conv(4, 4, (3, 3), kernel_dilation=2, feature_group_count=2, use_bias=False,
+                              padding=((2, 1), (1, 2)), rngs=rngs)
+        self.conv3 = nnx.Conv(4, 6, (1, 1), strides=2, padding="VALID", rngs=rngs)
+        self.head = nnx.Linear(6 * 3 * 3, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.conv1(x))  # (B, 6, 6, 4)
+        x = jnnx.capture(self, "act", nnx.tanh(self.conv2(x)))  # (B, 5, 5, 4)
+        x = self.conv3(x)  # (B, 3, 3, 6)
+        return self.head(x.reshape(x.shape[0], -1))
+
+
+def _penalised_grads(model, x, y, fast: bool):
+    """``(total, grads, jaxpr)`` of the NNX penalised loss on every capture point: the input, a
+    ``capture()`` point and a conv's output by path (so the capture hooks wrap the fast convolution)."""
+
+    def total(m):
+        return jnnx.penalized_loss(m, x, y, penalty_weight=3.0, layers=["input", "act", "c1"],
+                                   capture_modules={"c1": "conv1"}, fast_convolutions=fast)[0]
+
+    graphdef, state = nnx.split(model)
+
+    def value_and_grad(s):
+        return nnx.value_and_grad(total)(nnx.merge(graphdef, s))
+
+    return (*jax.jit(value_and_grad)(state), str(jax.make_jaxpr(value_and_grad)(state)))
+
+
+def test_nnx_penalised_training_gradient_equals_flaxs_and_runs_the_fast_path():
+    model = nnx_like(lambda rngs: _SmallNet(rngs=rngs), dtype=np.float64)
+    x, y = normal((2, 11, 11, 2), 2), jnp.array([0, 2])
+    graphdef, before = nnx.graphdef(model), jax.tree.map(np.asarray, nnx.state(model))
+    fast_total, fast, fast_jaxpr = _penalised_grads(model, x, y, fast=True)
+    plain_total, plain, plain_jaxpr = _penalised_grads(model, x, y, fast=False)
+    assert jax.default_backend() == "cpu"
+    assert "lhs_dilation=(2, 2)" in plain_jaxpr  # flax's strided convolution, differentiated by XLA
+    assert "lhs_dilation=(2, 2)" not in fast_jaxpr and _fast_path(fast_jaxpr)
+    np.testing.assert_allclose(fast_total, plain_total, rtol=RTOL64, atol=ATOL64)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL64, atol=ATOL64), fast, plain)
+    # The user's model is as it was: same classes, same graph, same values.
+    assert nnx.graphdef(model) == graphdef and type(model.conv1) is nnx.Conv
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
+
+
+@pytest.mark.skipif(not onednn_conv.available(), reason="oneDNN's convolutions are not built here")
+def test_float32_nnx_conv_runs_onednn_and_agrees_with_flax():
+    conv = nnx_like(lambda rngs: nnx.Conv(3, 8, (3, 3), strides=2, padding="SAME", rngs=rngs),
+                    dtype=np.float32)
+    x = normal((2, 20, 20, 3), 3, dtype=np.float32)
+    expected = conv(x)
+    with jnnx.fast_convolutions(conv, True):  # impl="auto": oneDNN where it is built
+        actual = conv(x)
+        jaxpr = str(jax.make_jaxpr(lambda a: conv(a))(x))
+    assert "agp_onednn_conv_forward" in jaxpr
+    # float32 rounding of a 27-term sum of O(1) terms: ~1e-6 relative.
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
