@@ -60,7 +60,7 @@ PENALTY_PREFIX = "penalty_"
 #: report and evaluate. Every other field changes the trajectory, so a mismatch is refused.
 RESUMABLE_FIELDS = frozenset(
     {"data_dir", "epochs", "steps", "eval_every", "checkpoint_every", "keep_checkpoints",
-     "workdir", "quiet", "tensorboard", "debug", "cpu_devices", "conv_impl",
+     "workdir", "quiet", "tensorboard", "debug", "cpu_devices", "conv_impl", "steps_per_dispatch",
      "eval_attacks", "eval_eps", "eval_pgd_steps", "eval_pgd_step_ratio"}
 )
 #: The prefix of the ``TrainConfig`` field (and the flag) of each attack option.
@@ -78,6 +78,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(flags, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _PENALTY_DEFAULTS = PenaltyOptions()
 
@@ -97,9 +98,10 @@ class TrainConfig:
     cores, ``jax_impl.train.choose_cpu_devices``) splits the CPU into that many
     JAX devices for data parallelism; it changes speed, not the run, so a resume
     may change it, as it may change ``conv_impl`` (JAX's convolution algorithm, which
-    moves only float rounding). ``eval_attacks`` (``None``: none) are evaluated at
-    every ``eval_eps`` on the test split next to the clean accuracy (``attacks()``,
-    agp_common/attack_spec.py).
+    moves only float rounding) or ``steps_per_dispatch`` (JAX: train steps per compiled
+    call, ``"auto"`` or N >= 1; the same numbers, ``agp_app.jax_train.dispatch``).
+    ``eval_attacks`` (``None``: none) are evaluated at every ``eval_eps`` on the test
+    split next to the clean accuracy (``attacks()``, agp_common/attack_spec.py).
     """
 
     dataset: str = "digits"
@@ -131,6 +133,7 @@ class TrainConfig:
     dtype: str = "float32"
     cpu_devices: int | None = None
     conv_impl: str = "auto"
+    steps_per_dispatch: int | str = "auto"
     workdir: str | None = None
     eval_every: int | None = None
     eval_attacks: tuple[str, ...] | None = None
@@ -299,6 +302,9 @@ def validate_config(config: TrainConfig, capture_names: Sequence[str] | None = N
         _require(value is None or value <= MAX_INT, f"{_flag(name)} must be at most {MAX_INT}, got {value}")
     _require(config.cpu_devices is None or 1 <= config.cpu_devices <= MAX_CPU_DEVICES,
              f"--cpu-devices must be 'auto' or between 1 and {MAX_CPU_DEVICES}, got {config.cpu_devices}")
+    _require(config.steps_per_dispatch == "auto" or (type(config.steps_per_dispatch) is int
+                                                     and 1 <= config.steps_per_dispatch <= MAX_INT),
+             f"--steps-per-dispatch must be 'auto' or an integer >= 1, got {config.steps_per_dispatch!r}")
     _require(config.num_classes is None or 2 <= config.num_classes <= MAX_CLASSES,
              f"--num-classes must be between 2 and {MAX_CLASSES}, got {config.num_classes}")
     _require(config.workdir is None or bool(str(config.workdir).strip()),

@@ -55,6 +55,10 @@ def _cpu_devices(text: str) -> int | None:
     return None if text.strip() == "auto" else _int(text)
 
 
+def _steps_per_dispatch(text: str) -> int | str:
+    return "auto" if text.strip() == "auto" else _int(text)
+
+
 def _shape(text: str) -> tuple[int, int, int, int]:
     try:
         dims = tuple(int(d) for d in text.replace("x", ",").split(","))
@@ -255,6 +259,14 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
                               "oneDNN's kernels, the ones PyTorch uses; built by python -m "
                               "jax_impl.onednn_conv build, else canonical with a warning; unused by "
                               "PyTorch)" + _default(d.conv_impl))
+    if framework == "jax":  # a JAX-only flag: the PyTorch CLI refuses it
+        devices.add_argument("--steps-per-dispatch", type=_steps_per_dispatch, default=d.steps_per_dispatch,
+                             metavar="N|auto",
+                             help="JAX: run N train steps in one compiled call (lax.scan; the same numbers "
+                                  "as N single steps, every step still logged), fewer launches where the "
+                                  "step is short (GPU); auto: 1 on CPU, 8 on GPU/TPU. Batches prepared on "
+                                  "the host (--augment, several processes, data too large for the devices) "
+                                  "run one step per call" + _default(d.steps_per_dispatch))
     return p
 
 

@@ -14,6 +14,14 @@ host never waits for the device in between (the Flax examples' pattern). The
 trainer must then leave its state unchanged by a step whose checked
 quantities are not finite (``CHECKED_FINITE``), so that the fetch that finds
 it can still stop before anything is saved, naming that step.
+
+With ``train_steps`` and ``steps_per_dispatch`` N > 1 the loop hands the framework several steps'
+indices at once (JAX: one compiled call, ``agp_app.jax_train.dispatch``). A chunk never crosses an
+evaluation, a checkpoint or the end (``chunk_length``), so everything due after a step runs after
+the chunk that ends with it, with the state of exactly that step; a signal is seen after the chunk
+and the checkpoint saved is that of its last step, the steps applied. A chunk may cross an epoch
+boundary: every step's indices are known ahead (``BatchOrder``), and a partial last batch has the
+same padded shape.
 """
 
 from __future__ import annotations
@@ -51,6 +59,18 @@ def is_due(step: int, every: int | None, steps_per_epoch: int, total: int) -> bo
     return step == total or step % period == 0
 
 
+def chunk_length(step0: int, total: int, steps_per_dispatch: int, periods: tuple[int, ...]) -> int:
+    """Steps in the chunk that starts at 0-based ``step0``: ``steps_per_dispatch`` N when the next
+    boundary (a multiple of one of ``periods``, the evaluation's and the checkpoint's, or ``total``)
+    is at least N steps away, else 1.
+
+    Only two lengths, N and 1, so the chunked program compiles once and the single step once, whatever
+    the periods and the resumed step; the (at most N - 1) steps before a boundary run one by one.
+    """
+    boundary = min([total, *((step0 // p + 1) * p for p in periods)])
+    return steps_per_dispatch if boundary - step0 >= steps_per_dispatch else 1
+
+
 def check_finite(step: int, record: dict[str, Any], last_saved: int | None = None) -> None:
     """``NonFiniteError`` naming the step and the first non-finite quantity of ``record``.
 
@@ -79,6 +99,8 @@ def run_loop(
     handle_signals: bool = False,
     fetch: Callable[[list[Any]], list[dict[str, Any]]] | None = None,
     fetch_every: int = 1,
+    train_steps: Callable[[list[Any]], list[Any]] | None = None,
+    steps_per_dispatch: int = 1,
 ) -> LoopResult:
     """Steps ``start_step + 1 .. total``; ``train_step(indices)`` returns the step's metrics.
 
@@ -93,6 +115,10 @@ def run_loop(
 
     ``handle_signals``: SIGTERM/SIGINT finish the current step, save its
     checkpoint and raise ``Interrupted`` (a second signal acts as usual).
+
+    ``train_steps(list of indices) -> list of metrics`` with ``steps_per_dispatch`` N > 1: runs the
+    steps in chunks of ``chunk_length`` (N, or 1 before a boundary, by ``train_step``); the first
+    chunk is fetched alone, so its steps' ``step_time_s`` carry the compilation.
     """
     metrics = MetricsLog(workdir, resume_step=start_step, enabled=main_process,
                          eval_due=lambda s: is_due(s, config.eval_every, order.steps_per_epoch, total))
@@ -127,17 +153,25 @@ def run_loop(
             progress.update(step, epoch, record)
         pending.clear()
 
+    periods = tuple(p if p is not None else order.steps_per_epoch
+                    for p in (config.eval_every, config.checkpoint_every))
+    chunked = train_steps is not None and steps_per_dispatch > 1
     stop = GracefulStop(handle_signals).__enter__()  # left in the ``finally`` below
     try:
-        for step0 in range(start_step, total):
-            step, epoch = step0 + 1, order.epoch_of(step0)
-            indices = order.indices(step0)
+        step = start_step
+        while step < total:
+            step0 = step  # 0-based index of the chunk's first step
+            n = chunk_length(step0, total, steps_per_dispatch, periods) if chunked else 1
+            chunk = [order.indices(s) for s in range(step0, step0 + n)]
             if not pending:
                 t_pending = time.perf_counter()
-            pending.append((step, epoch, len(indices), train_step(indices)))
+            results = train_steps(chunk) if n > 1 else [train_step(chunk[0])]
+            for i, (indices, result) in enumerate(zip(chunk, results, strict=True)):
+                pending.append((step0 + i + 1, order.epoch_of(step0 + i), len(indices), result))
+            step, epoch = step0 + n, order.epoch_of(step0 + n - 1)  # the chunk's last step
             eval_due = is_due(step, config.eval_every, order.steps_per_epoch, total)
             save_due = is_due(step, config.checkpoint_every, order.steps_per_epoch, total)
-            first = step == start_step + 1
+            first = step0 == start_step
             if len(pending) >= fetch_every or first or eval_due or save_due or stop.requested:
                 write_pending()  # raises at a non-finite step before anything below runs
             if eval_due:

@@ -61,7 +61,9 @@ class Trainer(Protocol):
     only in its own framework. ``capture_names``: the model's capture points (``--penalty-layers``).
     ``main_process``: this process writes the run folder (False on the other hosts of a multi-host
     run). ``fetch`` / ``fetch_every``: how ``run_loop`` turns the metrics ``step`` returns into
-    floats (``None``: they already are, fetched every step).
+    floats (``None``: they already are, fetched every step). Optional: ``steps_per_dispatch`` N > 1
+    with ``steps(list of indices) -> list of metrics``, several steps per call (``run_loop``'s
+    ``train_steps``; JAX's ``--steps-per-dispatch``); without them, one step per call.
     """
 
     framework: str
@@ -107,9 +109,6 @@ class TrainResult:
     final_eval: dict[str, float] | None
     wall_s: float
     summary: str
-    #: JAX: compilations of the train step during this run (1 in a fresh process, 0 when an earlier run
-    #: in the same process compiled the same shapes); None for PyTorch, which compiles nothing.
-    train_step_compilations: int | None = None
 
 
 def resolve_penalty_layers(config: TrainConfig, capture_names: Sequence[str]) -> dict[str, str]:
@@ -198,11 +197,13 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None, t
             check_not_reset(workdir, min(total, config.checkpoint_every or order.steps_per_epoch))
         if main_process:
             write_config(workdir, record)
-        penalty_steps = PenaltySteps(config, start, trainer.step)
+        chunk = getattr(trainer, "steps_per_dispatch", 1)
+        penalty_steps = PenaltySteps(config, start, trainer.step, getattr(trainer, "steps", None))
         loop = run_loop(config, workdir, order, start, total, train_step=penalty_steps.step,
                         evaluate=trainer.evaluate, save=lambda step: trainer.save(step, record),
                         main_process=main_process, handle_signals=handle_signals, fetch=trainer.fetch,
-                        fetch_every=trainer.fetch_every)
+                        fetch_every=trainer.fetch_every,
+                        train_steps=penalty_steps.steps if chunk > 1 else None, steps_per_dispatch=chunk)
         final_eval = loop.last_eval if loop.steps_run else trainer.evaluate()
         plot_paths = []
         if plots and main_process and (workdir / METRICS_FILE).exists():
@@ -216,19 +217,27 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None, t
 
 
 class PenaltySteps:
-    """Wraps ``Trainer.step`` to keep the metrics of the last step that carried the penalty
-    (``--penalty-every k``: the 0-based steps 0, k, 2k, ...), for the summary."""
+    """Wraps ``Trainer.step`` (and ``Trainer.steps``) to keep the metrics of the last step that carried
+    the penalty (``--penalty-every k``: the 0-based steps 0, k, 2k, ...), for the summary."""
 
-    def __init__(self, config: TrainConfig, start: int, step: Callable[[Any], Any]):
-        self.every, self.t, self._step = config.penalty_every, start, step
+    def __init__(self, config: TrainConfig, start: int, step: Callable[[Any], Any],
+                 steps: Callable[[list[Any]], list[Any]] | None = None):
+        self.every, self.t, self._step, self._steps = config.penalty_every, start, step, steps
         self.metrics: Any = None
         self.step_number: int | None = None
 
     def step(self, indices: Any) -> Any:
-        metrics = self._step(indices)
-        if self.t % self.every == 0:
-            self.metrics, self.step_number = metrics, self.t + 1
-        self.t += 1
+        return self._seen([self._step(indices)])[0]
+
+    def steps(self, indices: list[Any]) -> list[Any]:
+        assert self._steps is not None, "the trainer has no steps()"
+        return self._seen(self._steps(indices))
+
+    def _seen(self, metrics: list[Any]) -> list[Any]:
+        for m in metrics:
+            if self.t % self.every == 0:
+                self.metrics, self.step_number = m, self.t + 1
+            self.t += 1
         return metrics
 
     def last(self, fetch: Callable[[list[Any]], list[dict[str, Any]]] | None) -> tuple[int, float] | None:

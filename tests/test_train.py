@@ -19,6 +19,7 @@ import pytest
 import jax_impl.train as train
 from agp_common import TrainConfig, UsageError, load_dataset, padded_batch, parse_config
 from jax_impl import Net, penalized_loss
+from tests.compile_counter import CompileCounter
 
 # 20 examples in batches of 8: steps of 8, 8 and 4 examples in every epoch; 16x16 keeps steps cheap.
 SMALL = TrainConfig(dataset="synthetic", synthetic_shape=(20, 16, 16, 1), batch_size=8, steps=6,
@@ -51,32 +52,34 @@ def initial_state(ds, model, mesh, lr=0.05):
     return jax.device_put(state, train.replicated(mesh))  # as train_and_evaluate does
 
 
-def test_train_step_compiles_once_for_full_and_padded_partial_batches():
+def test_train_step_compiles_once_for_full_and_padded_partial_batches(compile_counter):
     ds = load_dataset(SMALL)
     model, mesh, step, _ = shared_steps(ds)
     state = initial_state(ds, model, mesh)
-    before = step.traces  # another test in this process may have compiled this step already
-    traces = []
+    compilations = []
     # The last batch is partial; the learning rate and penalty weight change every step.
     for i, indices in enumerate((np.arange(8), np.arange(8, 16), np.arange(16, 20))):
         batch = padded_batch(ds.x_train, ds.y_train, indices, 8, np.float32)
         hparams = train.hyperparams(0.05 / (i + 1), 10.0 * i, np.float32)
         hparams = jax.device_put(hparams, train.replicated(mesh))
         state, _ = step(state, train.put_batch(batch, mesh), hparams)
-        traces.append(step.traces)
+        compilations.append(compile_counter.compilations("train_step"))
     assert int(state.step) == 3
-    assert traces[0] - before <= 1  # the first call compiles, unless an earlier call of these shapes did
-    assert traces[1:] == [traces[0]] * 2  # a second trace would be a second compilation
+    assert compilations[0] <= 1  # the first call compiles, unless an earlier call of these shapes did
+    assert compilations[1:] == [compilations[0]] * 2  # nothing compiled for the later calls
 
 
-def test_a_sweep_over_penalty_weights_and_learning_rates_compiles_the_train_step_once(tmp_path):
+def test_a_sweep_over_penalty_weights_and_learning_rates_compiles_the_train_step_once(tmp_path,
+                                                                                    compile_counter):
     config = dataclasses.replace(SMALL, steps=2, eval_every=2, checkpoint_every=2)
-    runs = [train.train_and_evaluate(dataclasses.replace(config, penalty_weight=w, lr=lr), tmp_path / f"w{w}",
-                                     plots=False)
-            for w, lr in ((0.0, 0.01), (1.0, 0.01), (3.0, 0.05), (10.0, 0.1))]
+    runs, compilations = [], []
+    for w, lr in ((0.0, 0.01), (1.0, 0.01), (3.0, 0.05), (10.0, 0.1)):
+        runs.append(train.train_and_evaluate(dataclasses.replace(config, penalty_weight=w, lr=lr),
+                                             tmp_path / f"w{w}", plots=False))
+        compilations.append(compile_counter.compilations("train_step"))  # so far in this test
     # Another test in this process may have compiled these shapes already: then none compiles.
-    assert sum(r.train_step_compilations for r in runs) <= 1
-    assert [r.train_step_compilations for r in runs[1:]] == [0, 0, 0]
+    assert compilations[0] <= 1
+    assert compilations[1:] == [compilations[0]] * 3
     assert len({float(r.last_train["loss"]) for r in runs[1:]}) == 3  # the weights did reach the step
 
 
@@ -93,13 +96,17 @@ def test_a_nan_step_leaves_the_state_unchanged_and_shows_in_its_metrics():
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(after), before)  # step counter included
 
 
-def test_counting_jit_counts_one_trace_per_new_argument_shape():
-    double = train.CountingJit(lambda x: 2 * x)
+def test_compile_counter_counts_one_compilation_per_new_argument_shape(compile_counter):
+    def double_it(x):
+        return 2 * x
+
+    double = jax.jit(double_it)
     double(jnp.ones(3))
     double(jnp.zeros(3))  # same shape and dtype: cached
-    assert double.traces == 1
+    assert compile_counter.compilations("double_it") == 1
+    assert compile_counter.traces["double_it"] == 1
     double(jnp.ones(4))
-    assert double.traces == 2
+    assert compile_counter.compilations("double_it") == 2
 
 
 def test_masked_padded_batch_has_the_loss_penalty_and_gradient_of_its_real_examples():
@@ -129,16 +136,19 @@ def test_masked_padded_batch_has_the_loss_penalty_and_gradient_of_its_real_examp
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    """(result, workdir) of SMALL run once, plots included; read-only (copy it to resume or damage it)."""
+    """(result, workdir, train step compilations) of SMALL run once, plots included; read-only (copy it
+    to resume or damage it)."""
     workdir = tmp_path_factory.mktemp("small") / "run"
-    return train.train_and_evaluate(SMALL, workdir), workdir
+    with CompileCounter() as counter:
+        result = train.train_and_evaluate(SMALL, workdir)
+    return result, workdir, counter.compilations("train_step")
 
 
 def test_run_writes_the_run_folder_and_never_recompiles(small_run):
-    result, workdir = small_run
+    result, workdir, compilations = small_run
     # Six steps, two of them padded partial batches: at most the first compiles (0 if an earlier test
     # in this process compiled the same shapes).
-    assert result.train_step_compilations <= 1
+    assert compilations <= 1
     assert result.step == 6
     names = {p.name for p in workdir.iterdir()}
     assert {"config.json", "metrics.jsonl", "checkpoints", "loss.png", "grad_norms.png",
@@ -158,14 +168,15 @@ def test_run_writes_the_run_folder_and_never_recompiles(small_run):
     assert 0 <= result.final_eval["eval_accuracy"] <= 1
 
 
-def test_resumed_run_ends_bitwise_identical_to_an_uninterrupted_one(small_run, tmp_path):
-    full, full_dir = small_run
+def test_resumed_run_ends_bitwise_identical_to_an_uninterrupted_one(small_run, tmp_path, compile_counter):
+    full, full_dir, _ = small_run
     # Simulate a run killed after its step-3 checkpoint: newer checkpoint gone, metrics of steps 4-6 written.
     interrupted = tmp_path / "interrupted"
     shutil.copytree(full_dir, interrupted)
     shutil.rmtree(interrupted / "checkpoints" / "6")
     resumed = train.train_and_evaluate(SMALL, interrupted, plots=False)
-    assert resumed.train_step_compilations == 0  # the restored state has the shardings the step expects
+    # The restored state has the shardings the step expects: nothing compiled again.
+    assert compile_counter.compilations("train_step") == 0
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), resumed.params, full.params)
     assert [r["step"] for r in records(interrupted)] == [1, 2, 3, 4, 5, 6]  # no duplicates, none missing
     expected = [without_timing(r) for r in records(full_dir)]
@@ -174,7 +185,7 @@ def test_resumed_run_ends_bitwise_identical_to_an_uninterrupted_one(small_run, t
 
 
 def test_resume_with_more_steps_continues_the_same_trajectory(small_run, tmp_path):
-    full, _ = small_run
+    full, _, _ = small_run
     short = TrainConfig(**{**SMALL.__dict__, "steps": 3})
     train.train_and_evaluate(short, tmp_path / "extended", plots=False)
     extended = train.train_and_evaluate(SMALL, tmp_path / "extended", plots=False)
@@ -190,7 +201,7 @@ def flip_a_bit_in_the_largest_file(folder):
 
 
 def test_a_checkpoint_damaged_on_disk_is_refused_naming_it_never_trained_on(small_run, tmp_path):
-    _, full_dir = small_run
+    _, full_dir, _ = small_run
     damaged = tmp_path / "damaged"
     shutil.copytree(full_dir, damaged)
     flip_a_bit_in_the_largest_file(damaged / "checkpoints" / "6" / "state")
@@ -227,6 +238,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import numpy as np
     import jax_impl.train as train
     from agp_common import TrainConfig, UsageError
+    from tests.compile_counter import CompileCounter
     assert jax.device_count() == 4, jax.devices()
     config = TrainConfig(**json.loads(sys.argv[2]))
     params = {}
@@ -234,9 +246,10 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
         for key in saved.files:
             layer, name = key.split(".")
             params.setdefault(layer, {})[name] = saved[key]
-    r = train.train_and_evaluate(config, f"{sys.argv[1]}/run", params=params, plots=False)
+    with CompileCounter() as counter:
+        r = train.train_and_evaluate(config, f"{sys.argv[1]}/run", params=params, plots=False)
     out = {"params": jax.tree.map(lambda a: a.tolist(), r.params), "eval": r.final_eval,
-           "compilations": r.train_step_compilations}
+           "compilations": counter.compilations("train_step")}
     try:
         train.train_and_evaluate(TrainConfig(**{**config.__dict__, "batch_size": 6}), f"{sys.argv[1]}/bad")
     except UsageError as e:

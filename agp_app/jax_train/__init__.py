@@ -7,6 +7,7 @@ One job per module, as in Flax's examples/imagenet:
 * ``steps``: the pure ``train_step``, ``eval_step``, ``attack_eval_step``;
 * ``mesh``: the 1-D ``"data"`` mesh, its shardings, ``put_batch``;
 * ``feeding``: each step's batch onto the devices, gathered there from a kept copy or put from the host;
+* ``dispatch``: ``--steps-per-dispatch``, several steps per compiled call (``steps.train_chunk``);
 * ``compile``: the steps compiled once per process and key (``compiled_steps``);
 * ``evaluation``: test loss and accuracy, accuracy under attack;
 * ``checkpoints``: orbax save and restore;
@@ -24,10 +25,11 @@ from agp_app.jax_train.checkpoints import (
     save_checkpoint,
 )
 from agp_app.jax_train.compile import (
-    CountingJit,
     compiled_attack_eval,
     compiled_steps,
+    compiled_train_chunk,
     make_eval_step,
+    make_train_chunk,
     make_train_step,
 )
 from agp_app.jax_train.cpu_devices import (
@@ -37,6 +39,12 @@ from agp_app.jax_train.cpu_devices import (
     choose_cpu_devices,
     configure_cpu_devices,
     usable_cores,
+)
+from agp_app.jax_train.dispatch import (
+    ACCELERATOR_STEPS_PER_DISPATCH,
+    ChunkStep,
+    fetch_metrics,
+    resolve_steps_per_dispatch,
 )
 from agp_app.jax_train.distributed import distributed_launch, maybe_initialize_distributed
 from agp_app.jax_train.evaluation import evaluate, evaluate_attacks
@@ -60,18 +68,19 @@ from agp_app.jax_train.state import (
     init_variables,
     make_optimizer,
 )
-from agp_app.jax_train.steps import attack_eval_step, eval_step, train_step, variables_of
+from agp_app.jax_train.steps import attack_eval_step, eval_step, train_chunk, train_step, variables_of
 from agp_app.jax_train.trainer import METRICS_EVERY, JaxTrainer, train_and_evaluate
 from agp_app.trainer import TrainResult
 
 __all__ = [
+    "ACCELERATOR_STEPS_PER_DISPATCH",
     "DATA_AXIS",
     "EXAMPLES_PER_CPU_DEVICE",
     "FEEDS",
     "FORCE_DEVICE_COUNT_FLAG",
     "FRAMEWORK",
     "METRICS_EVERY",
-    "CountingJit",
+    "ChunkStep",
     "DeviceFeeder",
     "HostFeeder",
     "Hyperparams",
@@ -89,6 +98,7 @@ __all__ = [
     "choose_feed",
     "compiled_attack_eval",
     "compiled_steps",
+    "compiled_train_chunk",
     "configure_cpu_devices",
     "create_train_state",
     "data_mesh",
@@ -96,6 +106,7 @@ __all__ = [
     "eval_step",
     "evaluate",
     "evaluate_attacks",
+    "fetch_metrics",
     "hyperparams",
     "init_params",
     "init_variables",
@@ -103,13 +114,16 @@ __all__ = [
     "make_eval_step",
     "make_feeder",
     "make_optimizer",
+    "make_train_chunk",
     "make_train_step",
     "maybe_initialize_distributed",
     "put_batch",
     "replicated",
+    "resolve_steps_per_dispatch",
     "restore_checkpoint",
     "save_checkpoint",
     "train_and_evaluate",
+    "train_chunk",
     "train_step",
     "usable_cores",
     "variables_of",

@@ -10,7 +10,7 @@ from jax.sharding import Mesh
 
 from agp_app.jax_models import build_jax_model
 from agp_app.jax_train.mesh import batch_sharded, data_mesh, replicated
-from agp_app.jax_train.steps import attack_eval_step, eval_step, train_step
+from agp_app.jax_train.steps import attack_eval_step, eval_step, train_chunk, train_step
 from agp_app.model_spec import DEFAULT_MODEL, ModelSpec
 from agp_common.attack_spec import Attack
 from agp_common.penalty_spec import PenaltyOptions
@@ -18,44 +18,37 @@ from jax_impl.model import Net
 from jax_impl.xla_options import jit_options
 
 
-class CountingJit:
-    """``jax.jit(fn, **jit_options)`` that counts in ``traces`` how many times JAX traced ``fn``.
-
-    Under ``jit`` the Python body of ``fn`` runs only while JAX traces it: on the first call and on
-    a call with an argument shape, dtype or committed sharding not traced before, never on a
-    cached call. So ``traces`` counts the compilations of ``fn`` in this process, with public API
-    only (``chex.assert_max_traces`` counts the same way).
-    """
-
-    def __init__(self, fn: Callable, **jit_options):
-        self.traces = 0
-
-        @functools.wraps(fn)
-        def traced(*args, **kwargs):
-            self.traces += 1  # Python side effect: happens at trace time only
-            return fn(*args, **kwargs)
-
-        self.jitted = jax.jit(traced, **jit_options)
-
-    def __call__(self, *args, **kwargs):
-        return self.jitted(*args, **kwargs)
-
-
 def make_train_step(model: Net, optimizer: str, layers: tuple[str, ...] | None, mesh: Mesh, *,
-                    options: PenaltyOptions | None = None, **step_options) -> CountingJit:
+                    options: PenaltyOptions | None = None, **step_options) -> Callable:
     """``train_step`` compiled for ``mesh``: state replicated and donated, batch sharded, ``Hyperparams``
     replicated and traced; with ``jit_options()``.
 
     The loss and penalty are those of the global batch (XLA inserts the
     cross-device reductions), so results match one device up to rounding.
-    The result's ``traces`` counts its compilations. ``step_options``: ``train_step``'s
+    ``step_options``: ``train_step``'s
     ``capture_modules``, ``weight_decay``, ``decoupled``, ``compute_dtype``.
     """
     step = functools.partial(train_step, model=model, optimizer=optimizer, layers=layers, options=options,
                              **step_options)
-    return CountingJit(step, in_shardings=(replicated(mesh), batch_sharded(mesh), replicated(mesh)),
-                       out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0,
-                       **jit_options(conv_impl=getattr(model, "conv_impl", "auto")))
+    return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh), replicated(mesh)),
+                   out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0,
+                   **jit_options(conv_impl=getattr(model, "conv_impl", "auto")))
+
+
+def make_train_chunk(model: Net, optimizer: str, layers: tuple[str, ...] | None, mesh: Mesh, *,
+                     options: PenaltyOptions | None = None, **step_options) -> Callable:
+    """``train_chunk`` of ``make_train_step``'s step, compiled for ``mesh``: called as
+    ``(state, x, y, idx, real, hparams) -> (state, metrics)`` with the training split ``x``, ``y``
+    (``feeding.DeviceFeeder``'s), ``idx``/``real`` (n, B) and ``Hyperparams`` of (n,) arrays;
+    everything replicated but the gathered batches (sharded as a single step's), state donated.
+
+    XLA compiles it once per chunk length n (``agp_app.loop.chunk_length`` uses two: N and 1).
+    """
+    step = functools.partial(train_step, model=model, optimizer=optimizer, layers=layers, options=options,
+                             **step_options)
+    chunk = functools.partial(train_chunk, step=step, batch_sharding=batch_sharded(mesh))
+    return jax.jit(chunk, in_shardings=replicated(mesh), out_shardings=replicated(mesh), donate_argnums=0,
+                   **jit_options(conv_impl=getattr(model, "conv_impl", "auto")))
 
 
 def make_eval_step(model: Net, mesh: Mesh):
@@ -85,6 +78,23 @@ def compiled_steps(num_classes: int, optimizer: str, devices: tuple[jax.Device, 
                               capture_modules=dict(capture_modules), weight_decay=weight_decay,
                               decoupled=decoupled, compute_dtype=compute)
     return net, mesh, step_fn, make_eval_step(net, mesh)
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_train_chunk(num_classes: int, optimizer: str, devices: tuple[jax.Device, ...],
+                         options: PenaltyOptions | None = None, conv_impl: str = "auto", *,
+                         model: ModelSpec = DEFAULT_MODEL, capture_modules: tuple[tuple[str, str], ...] = (),
+                         weight_decay: float = 0.0, decoupled: bool = False,
+                         compute_dtype: str | None = None):
+    """``make_train_chunk`` of ``compiled_steps``' model and mesh for the same arguments, built once per
+    process and key (``--steps-per-dispatch``: runs of a sweep share it)."""
+    net, mesh, _, _ = compiled_steps(num_classes, optimizer, devices, options, conv_impl, model=model,
+                                     capture_modules=capture_modules, weight_decay=weight_decay,
+                                     decoupled=decoupled, compute_dtype=compute_dtype)
+    compute = None if compute_dtype is None else jax.numpy.dtype(compute_dtype)
+    return make_train_chunk(net, optimizer, None, mesh, options=options,
+                            capture_modules=dict(capture_modules), weight_decay=weight_decay,
+                            decoupled=decoupled, compute_dtype=compute)
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,9 +1,10 @@
-"""The JAX trainer's pure steps: ``train_step``, ``eval_step``, ``attack_eval_step`` (see ``compile``)."""
+"""The JAX trainer's pure steps: ``train_step``, ``train_chunk`` (several of them), ``eval_step``,
+``attack_eval_step`` (see ``compile``)."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from agp_app.jax_models import apply_kwargs, mutable_collections
+from agp_app.jax_train.feeding import gather_batch
 from agp_app.jax_train.state import Hyperparams, Params, TrainState, make_optimizer
 from agp_common.attack_spec import Attack
 from agp_common.penalty_spec import PenaltyOptions
@@ -114,6 +116,38 @@ def train_step(
                                              metrics["grad_norm"].astype(mask.dtype)])))
     new_state = TrainState(state.step + 1, params, opt_state, new_model_state)
     return jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state), metrics
+
+
+def train_chunk(
+    state: TrainState,
+    x: jax.Array,
+    y: jax.Array,
+    idx: jax.Array,
+    real: jax.Array,
+    hparams: Hyperparams,
+    *,
+    step: Callable[[TrainState, dict[str, jax.Array], Hyperparams], tuple[TrainState, dict[str, jax.Array]]],
+    batch_sharding: Any = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """``n`` consecutive ``step``s (``train_step`` with its options bound) in one program (``lax.scan``).
+
+    Step ``i`` trains on ``feeding.gather_batch(x, y, idx[i], real[i])``: rows ``idx[i]`` (B,) of the
+    training split ``x`` (N, H, W, C), ``y`` (N,), the rows where ``real[i]`` (B,) is False zeroed
+    and masked; ``idx``, ``real``: (n, B). ``hparams``: ``Hyperparams`` of (n,) arrays, step ``i``
+    gets ``hparams[i]``. Returns the state after the ``n`` steps and their metrics stacked, each of
+    shape (n, ...). The body is ``step`` itself, so each step computes what it computes alone; a
+    non-finite step leaves the state unchanged, as alone. ``batch_sharding``: the gathered batch's
+    sharding (``mesh.batch_sharded``), as a single step receives it.
+    """
+
+    def body(carry: TrainState, inputs: tuple[jax.Array, jax.Array, Hyperparams]):
+        step_idx, step_real, step_hparams = inputs
+        batch = gather_batch(x, y, step_idx, step_real, x.dtype)  # the feeder's mask dtype is the data's
+        if batch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        return step(carry, batch, step_hparams)
+
+    return jax.lax.scan(body, state, (idx, real, hparams))
 
 
 def _cast_like(tree: Any, like: Any) -> Any:

@@ -13,12 +13,15 @@ run naming that step, before anything is saved.
 Every batch has the same shape: the last partial batch of an epoch is zero-padded and carries a
 0/1 ``mask``, and the loss is ``sum_i m_i CE_i / sum_i m_i``, so loss, penalty and gradients are
 exactly those of the real examples, and the step is never recompiled.
+
+``--steps-per-dispatch N`` (``dispatch``): with the data on the devices, ``steps`` runs N steps in
+one compiled call (``compile.compiled_train_chunk``) and returns each step's metrics (``dispatch.
+ChunkStep``), which ``fetch`` (``dispatch.fetch_metrics``) splits per step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -35,13 +38,34 @@ from agp_app.data import Dataset
 from agp_app.errors import UsageError
 from agp_app.jax_models import capture_names
 from agp_app.jax_train.checkpoints import FRAMEWORK, checkpoint_manager, restore_checkpoint, save_checkpoint
-from agp_app.jax_train.compile import compiled_attack_eval, compiled_steps
+from agp_app.jax_train.compile import compiled_attack_eval, compiled_steps, compiled_train_chunk
+from agp_app.jax_train.dispatch import ChunkStep, fetch_metrics, resolve_steps_per_dispatch
 from agp_app.jax_train.evaluation import evaluate, evaluate_attacks
-from agp_app.jax_train.feeding import augment_transform, make_feeder
+from agp_app.jax_train.feeding import augment_transform, make_feeder, padded_indices
 from agp_app.jax_train.mesh import check_batch_size, replicated
-from agp_app.jax_train.state import Params, create_train_state, hyperparams, init_variables, make_optimizer
+from agp_app.jax_train.state import (
+    Hyperparams,
+    Params,
+    create_train_state,
+    hyperparams,
+    init_variables,
+    make_optimizer,
+)
 from agp_app.jax_train.steps import variables_of
 from agp_app.trainer import TrainResult, resolve_penalty_layers, scheduled_lr, unknown_layers
+
+#: What the train step was first called with in this process (``first_call``).
+_CALLED: set[tuple[Any, ...]] = set()
+
+
+def first_call(fn: Any, *key: Any) -> bool:
+    """True the first time in this process for ``(fn, *key)``: a compiled function's first call on new
+    shapes, which compiles it (the jit cache is keyed on the shapes and dtypes)."""
+    if (fn, *key) in _CALLED:
+        return False
+    _CALLED.add((fn, *key))
+    return True
+
 
 #: Steps between two fetches of the metrics from the device (fewer host-device syncs; a NaN stops the
 #: run at the next fetch at the latest, with the state of the step before it).
@@ -55,14 +79,14 @@ class JaxTrainer:
     framework = FRAMEWORK
     capture_names: tuple[str, ...] = ()
     capture_modules: dict[str, str] = {}  # noqa: RUF012 (replaced, never mutated)
-    fetch = staticmethod(jax.device_get)
+    fetch = staticmethod(fetch_metrics)
     fetch_every = METRICS_EVERY
+    steps_per_dispatch = 1  # set by ``prepare`` (``dispatch.resolve_steps_per_dispatch``)
 
     def __init__(self, devices: Sequence[jax.Device] | None = None, feed: str = "auto"):
         self.devices = tuple(jax.devices() if devices is None else devices)
         self.feed = feed  # how batches reach the devices (``feeding.FEEDS``; same numbers either way)
         self.main_process = jax.process_index() == 0
-        self.compilations = 0  # of the train step, counted from ``prepare`` on
         self.total_steps = 0
 
     def prepare(self, config: TrainConfig, ds: Dataset) -> None:
@@ -84,12 +108,11 @@ class JaxTrainer:
         if errors:
             raise UsageError(unknown_layers(list(errors), self.capture_names, next(iter(errors.values()))))
         compute = "bfloat16" if config.dtype == "bfloat16" else None
-        self.model, self.mesh, self.step_fn, self.eval_fn = compiled_steps(
-            ds.num_classes, config.optimizer, self.devices, config.penalty_options(), config.conv_impl,
-            model=spec, capture_modules=tuple(sorted(self.capture_modules.items())),
-            weight_decay=config.weight_decay, decoupled=config.weight_decay_form == "decoupled",
-            compute_dtype=compute)
-        self._traces_before = self.step_fn.traces
+        key = ((ds.num_classes, config.optimizer, self.devices, config.penalty_options(), config.conv_impl),
+               {"model": spec, "capture_modules": tuple(sorted(self.capture_modules.items())),
+                "weight_decay": config.weight_decay, "decoupled": config.weight_decay_form == "decoupled",
+                "compute_dtype": compute})
+        self.model, self.mesh, self.step_fn, self.eval_fn = compiled_steps(*key[0], **key[1])
         attacks = config.attacks()
         self.attack_fn = (compiled_attack_eval(ds.num_classes, attacks, ds.input_range(),
                                                tuple(self.mesh.devices.flat), config.conv_impl, model=spec)
@@ -97,6 +120,15 @@ class JaxTrainer:
         check_batch_size(config.batch_size, self.mesh, len(ds.y_train))
         transform = augment_transform(config.augment, config.seed) if config.augment else None
         self.feeder = make_feeder(self.feed, ds, config.batch_size, self.dtype, self.mesh, transform)
+        platform = self.mesh.devices.flat[0].platform
+        self.steps_per_dispatch = resolve_steps_per_dispatch(config.steps_per_dispatch, platform,
+                                                             self.feeder.mode)
+        self.chunk_fn = compiled_train_chunk(*key[0], **key[1]) if self.steps_per_dispatch > 1 else None
+        asked = config.steps_per_dispatch not in ("auto", 1)
+        if asked and self.feeder.mode != "device" and self.main_process:
+            print(f"--steps-per-dispatch {config.steps_per_dispatch}: the batches are prepared on the host "
+                  "(--augment, several processes or data too large for the devices), one step per call",
+                  flush=True)
 
     def init(self, params: Params | None) -> None:
         config, dtype = self.config, self.dtype
@@ -130,19 +162,40 @@ class JaxTrainer:
         return self.t
 
     def step(self, indices: np.ndarray) -> dict[str, jax.Array]:
-        config, t = self.config, self.t
+        t = self.t
         batch = self.feeder(indices, t)  # on the devices; --augment: feeding.augment_transform, (seed, t)
         if not self.constant_lr:
             self.hparams = self._hparams(self.lr_at(t))
-        if self.t_first is None:  # the first call compiles (seconds): say so where no progress bar shows
-            self.t_first = t
-            if self.main_process and self.step_fn.traces == 0 and not sys.stdout.isatty():
-                print(f"compiling the train step ({config.model}, batch {config.batch_size}) ...", flush=True)
+        self._announce_compilation(self.step_fn)
         self.state, metrics = self.step_fn(self.state, batch, self.hparams)
         self.t = t + 1
         if not self.constant_lr:  # the scheduled rate into metrics.jsonl (else the loop logs --lr)
             metrics = {**metrics, "lr": self.hparams.lr}
         return metrics  # on the device until the loop fetches it
+
+    def steps(self, indices: Sequence[np.ndarray]) -> list[ChunkStep]:
+        """``len(indices)`` steps in one compiled call (``steps_per_dispatch`` > 1, data on the devices):
+        the same updates as ``step`` on each in turn; one ``ChunkStep`` per step, on the device."""
+        t, n, dtype = self.t, len(indices), self.dtype
+        idx, real = (np.stack(a) for a in zip(*(padded_indices(i, self.config.batch_size) for i in indices),
+                                              strict=True))  # (n, B) each
+        lrs = [self.config.lr] * n if self.constant_lr else [self.lr_at(t + i) for i in range(n)]
+        hparams = Hyperparams(np.asarray(lrs, dtype), np.full(n, self.config.penalty_weight, dtype))  # (n,)
+        self._announce_compilation(self.chunk_fn)
+        self.state, metrics = self.chunk_fn(self.state, self.feeder.x, self.feeder.y, idx, real, hparams)
+        self.t = t + n
+        if not self.constant_lr:
+            metrics = {**metrics, "lr": hparams.lr}  # (n,) on the host: fetch_metrics indexes it too
+        return [ChunkStep(metrics, i) for i in range(n)]
+
+    def _announce_compilation(self, fn: Any) -> None:
+        """The run's first call compiles (seconds): say so where no progress bar shows."""
+        if self.t_first is None:
+            self.t_first = self.t
+            if self.main_process and first_call(fn, self.config.batch_size, self.dtype) \
+                    and not sys.stdout.isatty():
+                print(f"compiling the train step ({self.config.model}, batch {self.config.batch_size}) ...",
+                      flush=True)
 
     def evaluate(self) -> dict[str, float]:
         args = (variables_of(self.state.params, self.state.model_state), self.ds, self.config.batch_size,
@@ -156,7 +209,6 @@ class JaxTrainer:
         save_checkpoint(self.manager, self.state, record)
 
     def final(self) -> tuple[int, Params]:
-        self.compilations = self.step_fn.traces - self._traces_before
         return int(jax.device_get(self.state.step)), jax.device_get(self.state.params)
 
 
@@ -169,13 +221,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike | None = 
     replaces the seeded initialisation; ``devices`` restricts the data mesh
     (default: all). Float64 (``config.dtype``) runs inside ``jax.enable_x64``.
     ``handle_signals``: SIGTERM/Ctrl-C save a checkpoint and raise ``Interrupted`` (the CLI).
-    The result's ``train_step_compilations`` counts the train step's compilations during the run.
 
     Nothing in ``workdir`` is written until the flags, the data, config.json
     and the newest checkpoint have all been checked.
     """
     trainer = JaxTrainer(devices)
     with jax.enable_x64(config.dtype == "float64"):
-        result = skeleton.train_and_evaluate(config, workdir, trainer, params=params, plots=plots,
-                                             handle_signals=handle_signals)
-    return dataclasses.replace(result, train_step_compilations=trainer.compilations)
+        return skeleton.train_and_evaluate(config, workdir, trainer, params=params, plots=plots,
+                                           handle_signals=handle_signals)
