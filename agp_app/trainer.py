@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agp_app.batching import BatchOrder, check_batch_fits
-from agp_app.config import TrainConfig, parse_config, total_steps, validate_config
+from agp_app.config import TrainConfig, total_steps, validate_config
 from agp_app.data import Dataset, load_dataset
 from agp_app.errors import REPORTED_ERRORS, UsageError, report_error, report_signal_stop
+from agp_app.flags import parse_config
 from agp_app.interrupts import SignalStop, stop_on_signals
 from agp_app.loop import run_loop
 from agp_app.plot import plot_run
