@@ -18,7 +18,8 @@ What holds (seed ``Net``, 32x32x3 U[0, 1) images, PyTorch's init copied with
 The JAX attacks are compiled once per dtype with ``jax.jit`` (``eps`` is
 traced, so both radii share a compilation): op by op, the first attack paid
 ~7 s of per-primitive compilations and each PGD call recompiled its loop.
-``docs/robustness.md`` runs the un-jitted calls. The default suite attacks
+``docs/robustness.md`` runs ``pgd`` un-jitted, and tests/test_attacks.py both attacks on closed
+forms. The default suite attacks
 with ``EPS[0]``; ``EPS[1:]`` runs with ``-m slow`` (the same code path at
 another radius), as does the float32 FGSM test (see its comment).
 """

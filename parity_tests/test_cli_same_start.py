@@ -5,6 +5,10 @@ same batch order, augment the same images (``--augment``), step the same learnin
 weight decay; in float64 their step losses agree to rounding (1e-10), and
 ``parity_tests.compare_runs`` reports it for every logged metric. This file imports both frameworks
 on purpose (parity_tests is the cross-framework package).
+
+The runs parse the CLIs' flags and train as the CLIs do, without the plots (~0.5 s a run; the CLIs'
+plots are tested in tests/). The seeded runs use the momentum and weight decay of the coupled
+recipe: the JAX step that test compiled is reused (``compiled_steps`` is keyed on them).
 """
 
 import json
@@ -14,13 +18,22 @@ import pytest
 
 import jax_impl.train as jax_train
 import torch_ref.train as torch_train
+from agp_common import parse_config
 from parity_tests.compare_runs import main as compare_runs
 
 # 20 examples in batches of 8 over 5 steps: an epoch boundary and a partial (in JAX padded) batch.
 DATA = ["--dataset", "synthetic", "--synthetic-shape", "20,16,16,1", "--batch-size", "8",
         "--dtype", "float64", "--quiet"]
-RECIPE = [*DATA, "--steps", "5", "--init", "shared", "--optimizer", "momentum", "--lr-schedule", "cosine",
-          "--warmup-steps", "1", "--weight-decay", "1e-3", "--augment", "crop,flip"]
+OPTIMIZER = ["--optimizer", "momentum", "--weight-decay", "1e-3"]
+RECIPE = [*DATA, *OPTIMIZER, "--steps", "5", "--init", "shared", "--lr-schedule", "cosine",
+          "--warmup-steps", "1", "--augment", "crop,flip"]
+TRAINERS = {"jax": jax_train, "torch": torch_train}
+
+
+def train(framework, argv, workdir):
+    """``argv`` parsed as the ``framework``'s CLI parses it, trained in ``workdir`` (no plots)."""
+    config = parse_config([*argv, "--workdir", str(workdir)], prog="test", framework=framework)
+    TRAINERS[framework].train_and_evaluate(config, plots=False)
 
 
 def train_losses(workdir):
@@ -31,8 +44,8 @@ def train_losses(workdir):
 @pytest.mark.parametrize("form", ["coupled", "decoupled"])
 def test_shared_init_gives_the_same_losses_in_both_clis_float64(tmp_path, capsys, form):
     runs = {"jax": tmp_path / "jax", "torch": tmp_path / "torch"}
-    for name, main in (("jax", jax_train.main), ("torch", torch_train.main)):
-        assert main([*RECIPE, "--weight-decay-form", form, "--workdir", str(runs[name])]) == 0
+    for name in runs:
+        train(name, [*RECIPE, "--weight-decay-form", form], runs[name])
     jax_losses, torch_losses = train_losses(runs["jax"]), train_losses(runs["torch"])
     assert len(jax_losses) == 5
     # float64 from the same weights, data and updates: only summation order differs (~1e-16 per step)
@@ -44,7 +57,7 @@ def test_shared_init_gives_the_same_losses_in_both_clis_float64(tmp_path, capsys
 
 def test_seeded_init_differs_between_the_clis(tmp_path):
     """Without ``--init shared`` each framework draws its own weights (the reason for the flag)."""
-    seeded = [*DATA, "--steps", "1"]
-    for name, main in (("jax", jax_train.main), ("torch", torch_train.main)):
-        assert main([*seeded, "--workdir", str(tmp_path / name)]) == 0
+    seeded = [*DATA, *OPTIMIZER, "--steps", "1"]  # the coupled recipe's compiled JAX step
+    for name in TRAINERS:
+        train(name, seeded, tmp_path / name)
     assert abs(train_losses(tmp_path / "jax")[0] - train_losses(tmp_path / "torch")[0]) > 1e-6

@@ -6,6 +6,13 @@ frameworks penalise the same module outputs named by path, "." in PyTorch and "/
 capture code in either model: a whole residual block (``layer1.0``) and a BatchNorm inside a strided
 block (``layer2.0.bn1``). Float64, eval mode (running statistics) and train mode (batch statistics,
 where the examples interact through BatchNorm), and the running statistics after the train step.
+
+The default suite compares the twins with two stages of 2 and 1 blocks (``blocks=(2, 1)``): the
+stem, an identity block followed by another, a strided block with its projection shortcut, the
+pooling and the head, the kinds of module the full depth repeats (its stages 3 and 4 are stage 2's
+code at other widths); one compilation of it costs a third of the full depth's. The full
+ResNet-18 (2, 2, 2, 2) runs with ``-m slow``; by default its two twins are checked to hold the same
+variables, names and shapes (traced, nothing compiled).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from flax import traverse_util
 
 import torch_ref
 from jax_impl import penalized_loss
+from jax_impl.resnet import RESNET18_BLOCKS
 from jax_impl.resnet import ResNet18 as FlaxResNet18
 from parity_tests.harness import fast_jit
 from torch_ref.resnet import ResNet18 as TorchResNet18
@@ -43,26 +51,50 @@ def nhwc(t: torch.Tensor) -> np.ndarray:
     return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
 
 
-@pytest.fixture(scope="module")
-def twins():
+def test_full_depth_twins_hold_the_same_variables():
+    """Names and shapes of every parameter and running statistic of the full ResNet-18 (the default
+    suite's numbers come from a shorter one)."""
     torch.manual_seed(0)
     net = TorchResNet18(in_channels=3, num_classes=5, width=4).double()
+    x = np.zeros((1, 3, 8, 8))
+    exported = torch_ref.export_flax_variables(net, example_input=torch.from_numpy(x))
+    with jax.enable_x64(True):
+        traced = jax.eval_shape(FlaxResNet18(num_classes=5, width=4).init, jax.random.key(0),
+                                x.transpose(0, 2, 3, 1))
+
+    def shapes(tree):
+        return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+    assert FlaxResNet18.blocks == RESNET18_BLOCKS == (2, 2, 2, 2)
+    for collection in ("params", "batch_stats"):
+        assert shapes(traced[collection]) == shapes(exported[collection]), collection
+    assert "layer4/1/conv2/kernel" in shapes(traced["params"])
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param((2, 1), id="2,1-blocks"),
+    pytest.param(RESNET18_BLOCKS, id="resnet18", marks=pytest.mark.slow),
+])
+def twins(request):
+    blocks = request.param
+    torch.manual_seed(0)
+    net = TorchResNet18(in_channels=3, num_classes=5, width=4, blocks=blocks).double()
     rng = np.random.default_rng(0)
     x = rng.random((3, 3, 8, 8))
     with torch.no_grad():  # non-trivial running statistics
         net.train()
         net(torch.from_numpy(rng.random((6, 3, 8, 8))))
     net.eval()
-    return net, x, np.array([0, 4, 2])
+    return net, blocks, x, np.array([0, 4, 2])
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_resnet18_twins_agree_on_penalty_and_every_gradient_by_module_path(twins, train):
-    net, x, y = twins
+    net, blocks, x, y = twins
     x_t = torch.from_numpy(x)
     with jax.enable_x64(True):
         variables = torch_ref.export_flax_variables(net, example_input=x_t)
-        model = FlaxResNet18(num_classes=5, width=4)
+        model = FlaxResNet18(num_classes=5, width=4, blocks=blocks)
         mutable = ("batch_stats",) if train else ()
 
         def total(params):

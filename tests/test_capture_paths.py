@@ -114,11 +114,17 @@ def test_unmodified_linen_model_by_path_equals_capture_marks(plain_setup):
 def test_layers_choose_among_capture_marks_and_paths(plain_setup):
     """A model with capture() marks and capture_modules: the penalty sees both kinds, ``layers`` picks."""
     params, x, y = plain_setup
-    both = penalized_loss(params, Marked(), x, y, penalty_weight=1.0, capture_modules={"s": "stage"},
-                          layers=["a1", "s"])[1]
-    # stage's output is the activation Marked calls "c".
-    marked = penalized_loss(params, Marked(), x, y, penalty_weight=1.0, layers=["a1", "c"])[1]
-    np.testing.assert_allclose(both["penalty"], marked["penalty"], rtol=RTOL)
+
+    @fast_jit  # both in one program (eagerly, each primitive compiled on its own)
+    def penalties(params, x, y):
+        both = penalized_loss(params, Marked(), x, y, penalty_weight=1.0, capture_modules={"s": "stage"},
+                              layers=["a1", "s"])[1]
+        # stage's output is the activation Marked calls "c".
+        marked = penalized_loss(params, Marked(), x, y, penalty_weight=1.0, layers=["a1", "c"])[1]
+        return both["penalty"], marked["penalty"]
+
+    both, marked = penalties(params, x, y)
+    np.testing.assert_allclose(both, marked, rtol=RTOL)
 
 
 def test_unknown_path_error_lists_the_nearest_called_paths(plain_setup):
@@ -169,9 +175,10 @@ def test_all_zero_example_weights_raise_instead_of_nan(plain_setup):
 def test_finite_difference_step_lost_in_rounding_raises(plain_setup):
     params, x, y = plain_setup
     params32 = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+    # The check reads the activations' dtype, so tracing raises it: eval_shape computes nothing.
     with pytest.raises(ValueError, match=r"fd_step=1e-30 is too small for float32"):
-        penalized_loss(params32, Marked(), x.astype(np.float32), y, penalty_weight=1.0,
-                       approx="finite_difference", fd_step=1e-30)
+        jax.eval_shape(lambda: penalized_loss(params32, Marked(), x.astype(np.float32), y, penalty_weight=1.0,
+                                              approx="finite_difference", fd_step=1e-30))
 
 
 def test_capture_points_list_every_call_with_its_output_shape(plain_setup):
@@ -200,7 +207,7 @@ def cut_penalty(head_params, activation, y, logits_of=lambda z: z):
         logits = nn.Dense(3).apply({"params": head_params}, a)
         return optax.softmax_cross_entropy_with_integer_labels(logits_of(logits), y).mean()
 
-    return float(jnp.sum(jax.grad(loss)(activation) ** 2))
+    return jnp.sum(jax.grad(loss)(activation) ** 2)
 
 
 def test_tuple_and_dict_inputs_give_the_penalty_of_the_cut_network():
@@ -208,12 +215,18 @@ def test_tuple_and_dict_inputs_give_the_penalty_of_the_cut_network():
     a, b, y = rng.normal(size=(3, 2)), rng.normal(size=(3, 5)), np.array([2, 0, 1])
     model = TwoInputs()
     params = params_like(model, a, b)
-    activation = nn.tanh(nn.Dense(4).apply({"params": params["da"]}, a)
-                         + nn.Dense(4).apply({"params": params["db"]}, b))
-    expected = cut_penalty(params["head"], activation, y)
-    for x in [(a, b), {"a": a, "b": b}]:
-        aux = penalized_loss(params, model, x, y, penalty_weight=1.0, capture_modules={"h": "act"})[1]
-        np.testing.assert_allclose(aux["penalty"], expected, rtol=RTOL)
+
+    @fast_jit  # everything in one program (eagerly, each primitive compiled on its own)
+    def penalties_and_expected(params, a, b):
+        activation = nn.tanh(nn.Dense(4).apply({"params": params["da"]}, a)
+                             + nn.Dense(4).apply({"params": params["db"]}, b))
+        penalties = [penalized_loss(params, model, x, y, penalty_weight=1.0, capture_modules={"h": "act"})[1][
+            "penalty"] for x in [(a, b), {"a": a, "b": b}]]
+        return penalties, cut_penalty(params["head"], activation, y)
+
+    penalties, expected = penalties_and_expected(params, a, b)
+    for penalty in penalties:
+        np.testing.assert_allclose(penalty, expected, rtol=RTOL)
 
 
 class Tokens(nn.Module):
@@ -226,14 +239,19 @@ class Tokens(nn.Module):
 def test_integer_token_inputs_penalise_the_embedding_output():
     ids, y = np.array([[1, 5, 7], [3, 3, 10]]), np.array([1, 2])
     params = params_like(Tokens(), ids)
-    embedded = jnp.asarray(params["embed"]["embedding"])[ids]  # (2, 3, 4)
+    embedded = np.asarray(params["embed"]["embedding"])[ids]  # (2, 3, 4)
 
     def loss(e):
         logits = nn.Dense(3).apply({"params": params["head"]}, e.mean(axis=1))
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    aux = penalized_loss(params, Tokens(), ids, y, penalty_weight=1.0, capture_modules={"e": "embed"})[1]
-    np.testing.assert_allclose(aux["penalty"], jnp.sum(jax.grad(loss)(embedded) ** 2), rtol=RTOL)
+    @fast_jit  # both in one program (eagerly, each primitive compiled on its own)
+    def penalty_and_reference(params, embedded):
+        aux = penalized_loss(params, Tokens(), ids, y, penalty_weight=1.0, capture_modules={"e": "embed"})[1]
+        return aux["penalty"], jnp.sum(jax.grad(loss)(embedded) ** 2)
+
+    penalty, expected = penalty_and_reference(params, embedded)
+    np.testing.assert_allclose(penalty, expected, rtol=RTOL)
     with pytest.raises(ValueError, match="'input' capture needs x to be one floating-point array"):
         penalized_loss(params, Tokens(), ids, y, penalty_weight=1.0, layers=["input"])
 
@@ -257,13 +275,20 @@ def test_default_loss_reads_the_logits_attribute_of_the_output():
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(3, 2)), np.array([0, 1, 2])
     params = params_like(WithLogits(), x)
-    activation = nn.tanh(nn.Dense(4).apply({"params": params["body"]}, x))
-    aux = penalized_loss(params, WithLogits(), x, y, penalty_weight=1.0, capture_modules={"h": "act"})[1]
-    np.testing.assert_allclose(aux["penalty"], cut_penalty(params["head"], activation, y), rtol=RTOL)
+
+    @fast_jit  # everything in one program (eagerly, each primitive compiled on its own)
+    def default_custom_and_expected(params, x):
+        activation = nn.tanh(nn.Dense(4).apply({"params": params["body"]}, x))
+        aux = penalized_loss(params, WithLogits(), x, y, penalty_weight=1.0, capture_modules={"h": "act"})[1]
+        doubled = lambda out, labels: 2.0 * optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+            out.logits, labels)
+        custom = penalized_loss(params, WithLogits(), x, y, penalty_weight=1.0, capture_modules={"h": "act"},
+                                loss_fn=doubled)[1]
+        return aux, custom, cut_penalty(params["head"], activation, y)
+
+    aux, custom, expected = default_custom_and_expected(params, x)
+    np.testing.assert_allclose(aux["penalty"], expected, rtol=RTOL)
     assert aux["logits"].shape == (3, 3)  # the .logits field, not the first one (hidden, (3, 4))
-    custom = penalized_loss(params, WithLogits(), x, y, penalty_weight=1.0, capture_modules={"h": "act"},
-                            loss_fn=lambda out, labels: 2.0 * optax.softmax_cross_entropy_with_integer_labels(
-                                out.logits, labels))[1]
     np.testing.assert_allclose(custom["penalty"], 4.0 * aux["penalty"], rtol=RTOL)  # (2 g)^2
 
 
@@ -304,8 +329,6 @@ def test_hugging_face_bert_penalised_at_two_encoder_layers_equals_the_cut_networ
     positions = np.broadcast_to(np.arange(5), ids.shape)
     params = params_like(model.module, ids, mask, np.zeros_like(ids), positions, None, dtype=np.float64)
     captures = {"l0": "bert/encoder/layer/0", "l1": "bert.encoder.layer.1"}
-    aux = fast_jit(lambda p: penalized_loss(p, model, x, y, penalty_weight=1.0, capture_modules=captures)[1])(
-        params)
 
     def cut(a0, a1):  # the same network assembled from Hugging Face's own submodules, a0/a1 added by hand
         bert = params["bert"]
@@ -318,8 +341,13 @@ def test_hugging_face_bert_penalised_at_two_encoder_layers_equals_the_cut_networ
         logits = nn.Dense(3).apply({"params": params["classifier"]}, pooled)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    zero = jnp.zeros((2, 5, 16))
-    g0, g1 = fast_jit(jax.grad(cut, argnums=(0, 1)))(zero, zero)
+    @fast_jit  # both in one program: one compilation
+    def penalty_and_cut_gradients(params):
+        aux = penalized_loss(params, model, x, y, penalty_weight=1.0, capture_modules=captures)[1]
+        zero = jnp.zeros((2, 5, 16))
+        return aux, jax.grad(cut, argnums=(0, 1))(zero, zero)
+
+    aux, (g0, g1) = penalty_and_cut_gradients(params)
     # Same network, same order of operations but for the interceptor's additions of zero: float64 rounding.
     np.testing.assert_allclose(aux["penalty_terms"]["l0"], jnp.sum(g0**2), rtol=1e-10)
     np.testing.assert_allclose(aux["penalty_terms"]["l1"], jnp.sum(g1**2), rtol=1e-10)

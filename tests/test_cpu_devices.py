@@ -2,8 +2,9 @@
 
 The choice is a pure function of the batch size and the cores (tested as a table); applying it
 needs a fresh process, so the flag is checked on real CLI processes: auto at batch 128 on two or
-more cores announces the split, an explicit count reaches the device mesh (a batch it does not
-divide is refused by the mesh's own check), and a count that cannot apply is one line.
+more cores announces the split, and an explicit count reaches the device mesh (a batch it does not
+divide is refused by the mesh's own check). A count that can never apply (0) is refused before
+any device is set up, so that one line is checked on ``main`` in this process.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from agp_common import TrainConfig
 from agp_common.config import parse_config
 from agp_common.errors import UsageError
 from jax_impl import onednn_conv
-from jax_impl.train import auto_cpu_devices, choose_cpu_devices, configure_cpu_devices, usable_cores
+from jax_impl.train import auto_cpu_devices, choose_cpu_devices, configure_cpu_devices, main, usable_cores
 
 SMALL_RUN = ["--dataset", "synthetic", "--synthetic-shape", "128,16,16,1", "--steps", "1", "--quiet"]
 
@@ -82,14 +83,21 @@ def test_auto_splits_a_batch_of_128_over_two_devices_and_says_so(tmp_path):
     assert "--cpu-devices 1 turns this off" in proc.stdout
 
 
-def test_an_explicit_count_reaches_the_device_mesh_and_zero_is_one_line(tmp_path):
+def test_an_explicit_count_reaches_the_device_mesh(tmp_path):
+    """A fresh process (the count applies only at JAX's start): 3 devices refuse a batch of 8."""
     proc = _cli("--batch-size", "8", "--cpu-devices", "3", tmp_path=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: --batch-size 8 must be a multiple of the number of devices (3) so that every device gets "
         "the same number of examples"]
     assert not (tmp_path / "run").exists()
-    proc = _cli("--cpu-devices", "0", tmp_path=tmp_path)
-    assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1
-    assert "--cpu-devices must be 'auto' or between 1 and 1024, got 0" in proc.stderr
+
+
+def test_a_zero_count_is_a_one_line_usage_error_with_exit_2(tmp_path, capsys):
+    """Refused when the config is validated, before JAX's devices are set up: the CLI's ``main`` in this
+    process (that a usage error is the real process's exit status 2 is tested in tests/test_bad_input.py)."""
+    assert main([*SMALL_RUN, "--cpu-devices", "0", "--workdir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "--cpu-devices must be 'auto' or between 1 and 1024, got 0" in err
+    assert not (tmp_path / "run").exists()

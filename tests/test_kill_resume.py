@@ -12,11 +12,11 @@ that process, prints ``PAUSED <where>`` there and waits until it is signalled.
 The JAX children share a persistent compilation cache (only the first one
 compiles), which keeps these tests at a few seconds per process. In the JAX
 tests the uninterrupted reference (and, in the default one, the final restart)
-is the same CLI ``main`` called in the test process, where its steps are
-already compiled: the interrupted runs, whose exit status and signals are the
-point, are processes of their own. The default suite runs a SIGKILL in a
-checkpoint write and a SIGTERM; ``-m slow`` adds a SIGKILL between checkpoints,
-Ctrl-C, SIGKILLs at random moments and the PyTorch trainer.
+is trained in the test process as the CLI's ``main`` trains (without the
+plots), where its steps are already compiled: the interrupted runs, whose exit
+status and signals are the point, are processes of their own. The default suite
+runs a SIGKILL in a checkpoint write and a SIGTERM; ``-m slow`` adds a SIGKILL
+between checkpoints, Ctrl-C, SIGKILLs at random moments and the PyTorch trainer.
 """
 
 from __future__ import annotations
@@ -127,16 +127,10 @@ def jax_final_state(workdir: Path):
     return jax.tree.leaves(restored["state"])
 
 
-def finish_jax_in_process(workdir: Path) -> None:
-    """The JAX CLI's ``main`` with FLAGS, in this process (the command a child runs, without its start-up)."""
-    import jax_impl.train
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert jax_impl.train.main([*FLAGS, "--workdir", str(workdir)]) == 0
-
-
-def jax_reference(workdir: Path) -> None:
-    """The uninterrupted run of FLAGS, trained in this process as ``main`` trains it, without the plots."""
+def train_jax_in_process(workdir: Path) -> None:
+    """FLAGS trained in ``workdir`` in this process as the CLI's ``main`` trains them (resuming what is
+    there), without the plots: the uninterrupted reference, and the final restart of an interrupted run
+    (the command a child runs, without its start-up; a child's restart runs ``main`` itself)."""
     import jax_impl.train
     from agp_common import parse_config
 
@@ -155,7 +149,7 @@ def assert_jax_run_is_the_uninterrupted_one(run: Path, reference: Path) -> None:
 def test_jax_run_survives_sigkill_during_a_checkpoint_and_sigterm(tmp_path, child_env):
     module = "jax_impl.train"
     reference, run = tmp_path / "reference", tmp_path / "run"
-    jax_reference(reference)  # first: what it compiles is in the cache before a child looks for it
+    train_jax_in_process(reference)  # first: what it compiles is in the cache before a child looks for it
 
     # SIGKILL in the middle of writing checkpoint 4: orbax's temporary folder is left behind, and
     # metrics.jsonl holds the records of steps 3 and 4, past the newest checkpoint (2) ...
@@ -174,7 +168,7 @@ def test_jax_run_survives_sigkill_during_a_checkpoint_and_sigterm(tmp_path, chil
     assert "Traceback" not in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4", "5"]
 
-    finish_jax_in_process(run)
+    train_jax_in_process(run)
     assert_jax_run_is_the_uninterrupted_one(run, reference)
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [2, 4, 5, 6, 8]
 
@@ -185,7 +179,7 @@ def test_jax_run_survives_sigkill_during_a_checkpoint_and_sigterm(tmp_path, chil
 def test_jax_run_survives_sigkill_between_checkpoints_and_ctrl_c(tmp_path, child_env):
     module = "jax_impl.train"
     reference, run = tmp_path / "reference", tmp_path / "run"
-    jax_reference(reference)
+    train_jax_in_process(reference)
 
     # SIGKILL after step 3's metrics (eval last) are written, between the checkpoints of steps 2 and 4:
     # metrics.jsonl holds records past the newest checkpoint, which the restart must drop.
