@@ -35,11 +35,16 @@ def assert_bit_exact(actual: dict, expected: dict) -> None:
         np.testing.assert_array_equal(flat_a[key], value, err_msg=str(key))
 
 
-def randomize_torch_(module: tnn.Module, seed: int) -> None:
-    """Every weight and running statistic random (variances positive): no default 0/1 hides a mistake."""
+def randomize_torch_(module: tnn.Module, seed: int, *, persistent_only: bool = False) -> None:
+    """Every weight and running statistic random (variances positive): no default 0/1 hides a mistake.
+
+    ``persistent_only``: the state dict's tensors only (non-persistent buffers, such as a model's
+    position ids, untouched)."""
     gen = torch.Generator().manual_seed(seed)
+    tensors = (module.state_dict(keep_vars=True).items() if persistent_only
+               else [*module.named_parameters(), *module.named_buffers()])
     with torch.no_grad():
-        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        for name, t in tensors:
             if not t.is_floating_point():
                 continue
             if name.endswith("running_var"):

@@ -26,7 +26,7 @@ from flax import traverse_util
 from torch import nn as tnn
 
 import torch_ref
-from parity_tests.convert_twins import assert_bit_exact, assert_twins
+from parity_tests.convert_twins import assert_bit_exact, assert_twins, randomize_torch_
 from parity_tests.harness import compare, fast_jit, jax_dtype, to_numpy
 from torch_ref.convert import PaddingIdxWarning
 
@@ -288,25 +288,12 @@ def hf_inputs(kind: str, shape: tuple[int, ...]) -> np.ndarray:
     return rng.normal(size=(2, shape[3], shape[1], shape[2])).astype(np.float32).astype(np.float64)
 
 
-def randomize_weights_(module: tnn.Module, seed: int) -> None:
-    """Every float tensor of the state dict random (variances positive); non-persistent buffers untouched."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in module.state_dict(keep_vars=True).items():
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) + 0.5)
-            else:
-                t.copy_(0.5 * torch.randn(t.shape, generator=gen, dtype=t.dtype))
-
-
 def hf_twins(make):
     """(PyTorch model in float64 with random weights, Flax twin computing in float64, its own
     initial weights in float64, inputs); call inside ``jax_dtype("float64")``."""
     torch_model, flax_class, config, shape, kind = make()
     torch_model = torch_model.double().eval()
-    randomize_weights_(torch_model, 0)
+    randomize_torch_(torch_model, 0, persistent_only=True)
     flax_model = flax_class(config, input_shape=shape, dtype=jnp.float64, _do_init=False)
     # One compilation instead of op-by-op initialisation (25 s for the tiny ResNet on a loaded machine).
     init = fast_jit(flax_model.init_weights, static_argnums=1)
