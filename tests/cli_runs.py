@@ -6,6 +6,7 @@ through ``run_main``; a run that must succeed after a failure uses ``resume_with
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax_impl.train as jax_train
@@ -17,6 +18,12 @@ from tests.npz_runs import cli_args, npz_config
 MAINS = {"jax": jax_train.main, "torch": torch_train.main}
 #: ``train_and_evaluate(config, workdir=None, *, plots=True, ...)`` of each CLI, by the same names.
 TRAINS = {"jax": jax_train.train_and_evaluate, "torch": torch_train.train_and_evaluate}
+
+
+def records(workdir: Path, split: str | None = None) -> list[dict]:
+    """The rows of ``workdir``'s metrics.jsonl in order; those of ``split`` ("train", "eval") if given."""
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return rows if split is None else [r for r in rows if r["split"] == split]
 
 
 def run_main(cli: str, argv: list[str], capsys) -> tuple[int, str]:

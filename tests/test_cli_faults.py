@@ -28,7 +28,7 @@ from agp_app import runlog
 from agp_app.sweep.cli import main as sweep_main
 from agp_app.sweep.cli import parse_sweep
 from agp_app.sweep.grid import run_label
-from tests.cli_runs import TRAINS, run_main
+from tests.cli_runs import TRAINS, records, run_main
 from tests.npz_runs import assert_one_line_error, cli_args, good_arrays, npz_config, write_npz
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -221,10 +221,6 @@ def test_sigterm_during_the_final_plots_is_one_line_and_exit_143(data, tmp_path)
 
 
 # --- logs across resumes --------------------------------------------------------------------------------
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_extending_a_finished_run_keeps_one_eval_row_per_eval_step(cli, data, tmp_path):

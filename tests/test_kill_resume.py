@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import signal
 import subprocess
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.cli_runs import records
 
 TIMING_KEYS = ("step_time_s", "examples_per_s")
 # 20 examples in batches of 8 (3 steps per epoch, the last one partial), 8 steps, a checkpoint every 2.
@@ -94,10 +95,6 @@ def finish(module: str, workdir: Path, env: dict) -> str:
     out, err = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 0, err[-3000:]
     return out
-
-
-def records(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_metrics_are_those_of_the_uninterrupted_run(workdir: Path, reference: Path) -> None:

@@ -10,16 +10,13 @@ import torch
 
 import torch_ref.train as train
 from agp_common import TrainConfig
+from tests.cli_runs import records
 
 SMALL = TrainConfig(dataset="synthetic", synthetic_shape=(20, 16, 16, 1), batch_size=8, steps=6,
                     eval_every=3, checkpoint_every=3, keep_checkpoints=5, quiet=True)
 TRAIN_KEYS = {"step", "epoch", "split", "loss", "penalty", "total", "accuracy", "grad_norm", "param_norm",
               "lr", "examples", "step_time_s", "examples_per_s", "penalty/relu1", "penalty/relu2",
               "act_grad_norm/relu1", "act_grad_norm/relu2"}
-
-
-def records(workdir):
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_torch_trainer_never_imports_jax():
