@@ -3,12 +3,15 @@
 Every check compares against flax's own ``nn.Conv`` (``lax.conv_general_dilated``
 with XLA's autodiff), the independent reference, in float64: the two
 formulations differ only in summation order, so values, first and second
-derivatives agree to ~1e-12. Shapes are tiny to keep the module fast.
+derivatives agree to ~1e-12. Shapes are tiny, and each group of cases is one
+compiled program (``fast_jit``: XLA's fixed cost per compile is most of the time).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -16,8 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_impl import conv_general, fast_conv, penalized_loss
+from jax_impl import conv_general, fast_conv, onednn_conv, penalized_loss
 from jax_impl.fast_conv import fast_convolutions
+from parity_tests.harness import fast_jit
+from tests._model_fixtures import params_like, variables_like
 
 # float64: only summation order differs between the formulations.
 RTOL64, ATOL64 = 1e-11, 1e-12
@@ -48,14 +53,50 @@ def path(request, monkeypatch):
     return request.param
 
 
-def _values(conv: nn.Module, x: jax.Array, impl="canonical") -> tuple[jax.Array, jax.Array, str]:
-    """(flax's output, the intercepted output, the intercepted jaxpr) for the same variables."""
-    variables = conv.init(jax.random.key(0), x)
-    expected = jax.jit(conv.apply)(variables, x)
-    with fast_convolutions(True, impl=impl):  # traced (and so intercepted) inside
-        actual = jax.jit(conv.apply)(variables, x)
-        jaxpr = str(jax.make_jaxpr(conv.apply)(variables, x))
-    return expected, actual, jaxpr
+class _Case(NamedTuple):
+    """One convolution to compare: the module, its input, the implementation the interceptor is given."""
+
+    conv: nn.Module
+    x: jax.Array
+    impl: str = "canonical"
+
+
+def _compare(cases: dict[str, _Case]) -> dict[str, tuple[jax.Array, jax.Array, str]]:
+    """``{name: (flax's output, the intercepted output, the intercepted jaxpr)}``, the same variables in both.
+
+    Every output comes from ONE compiled program: XLA's fixed cost per compilation (~0.3 s) is most of
+    the time of such tiny convolutions, so one program per group replaces two per case. Variables are
+    drawn by NumPy (``variables_like``: no ``jax.random`` compiles), biases non-zero.
+    """
+    variables = {name: variables_like(case.conv, case.x, dtype=case.conv.param_dtype)
+                 for name, case in cases.items()}
+
+    @fast_jit
+    def outputs(variables, inputs):
+        expected = {name: case.conv.apply(variables[name], inputs[name]) for name, case in cases.items()}
+        actual = {}
+        for name, case in cases.items():
+            with fast_convolutions(True, impl=case.impl):  # traced (and so intercepted) inside
+                actual[name] = case.conv.apply(variables[name], inputs[name])
+        return expected, actual
+
+    expected, actual = outputs(variables, {name: case.x for name, case in cases.items()})
+    jaxprs = {}
+    for name, case in cases.items():
+        with fast_convolutions(True, impl=case.impl):
+            jaxprs[name] = str(jax.make_jaxpr(case.conv.apply)(variables[name], case.x))
+    return {name: (expected[name], actual[name], jaxprs[name]) for name in cases}
+
+
+def _check_each(names, check: Callable[[str], None]) -> None:
+    """``check(name)`` for every case, then one failure naming every case that failed (not only the first)."""
+    failed = []
+    for name in names:
+        try:
+            check(name)
+        except AssertionError as error:
+            failed.append(f"{name}: {error}")
+    assert not failed, "\n".join(failed)
 
 
 CONVS_2D = {
@@ -72,66 +113,88 @@ CONVS_2D = {
 }
 
 
-@pytest.mark.parametrize("name", CONVS_2D)
-def test_intercepted_conv2d_equals_flax(name, path):
-    conv = nn.Conv(features=4, param_dtype=jnp.float64, **CONVS_2D[name])
-    expected, actual, jaxpr = _values(conv, _normal(0, (2, 9, 8, 4)))
-    assert _fast_path(jaxpr)
-    if conv.feature_group_count == 1 and conv.kernel_size != (1, 1):  # the product the fixture chose ran
-        # (grouped convolutions have their own products, 1x1 kernels are always a matmul)
-        assert ("canonical_conv" in jaxpr) == path.startswith("conv+")
-    np.testing.assert_allclose(actual, expected, rtol=RTOL64, atol=ATOL64)
+def test_intercepted_convolutions_equal_flax(path):
+    """Each 2-D configuration, 1-D ones on two batch axes and an unbatched input, under the product and
+    strided form that ``path`` forces: the fast path ran, the product chosen ran, values equal flax's."""
+    cases = {f"conv2d_{name}": _Case(nn.Conv(features=4, param_dtype=jnp.float64, **keywords),
+                                      _normal(0, (2, 9, 8, 4)))
+             for name, keywords in CONVS_2D.items()}
+    cases |= {f"conv1d_two_batch_axes_padding={padding}":
+              _Case(nn.Conv(3, (3,), strides=2, padding=padding, kernel_dilation=2, param_dtype=jnp.float64),
+                    _normal(1, (2, 3, 11, 2)))
+              for padding in ["CAUSAL", "SAME", 2]}
+    cases["unbatched"] = _Case(nn.Conv(3, (3, 3), strides=2, param_dtype=jnp.float64),
+                               _normal(11, (7, 6, 2)))  # no batch axis: flax adds one
+    results = _compare(cases)
+
+    def check(name):
+        expected, actual, jaxpr = results[name]
+        conv = cases[name].conv
+        assert _fast_path(jaxpr)
+        if conv.feature_group_count == 1 and conv.kernel_size != (1, 1):
+            # the product the fixture chose ran (grouped convolutions have their own products, 1x1
+            # kernels are always a matmul)
+            assert ("canonical_conv" in jaxpr) == path.startswith("conv+"), "not the product forced"
+        np.testing.assert_allclose(actual, expected, rtol=RTOL64, atol=ATOL64)
+
+    _check_each(cases, check)
 
 
-@pytest.mark.parametrize("padding", ["CAUSAL", "SAME", 2])
-def test_intercepted_conv1d_with_extra_batch_axes_equals_flax(padding, path):
-    conv = nn.Conv(3, (3,), strides=2, padding=padding, kernel_dilation=2, param_dtype=jnp.float64)
-    expected, actual, jaxpr = _values(conv, _normal(1, (2, 3, 11, 2)))  # two batch axes
-    assert _fast_path(jaxpr)
-    np.testing.assert_allclose(actual, expected, rtol=RTOL64, atol=ATOL64)
+def test_float32_onednn_and_dtype_promotion_agree_with_flax():
+    """float32 with ``impl="auto"`` (oneDNN where built); float64 parameters in a float32 module."""
+    cases = {
+        "float32_auto": _Case(nn.Conv(8, (3, 3), strides=2, padding="SAME"),  # 10x10 outputs: not im2col
+                              _normal(2, (2, 20, 20, 3)).astype(jnp.float32), impl="auto"),
+        "promotion": _Case(nn.Conv(4, (3, 3), strides=2, dtype=jnp.float32, param_dtype=jnp.float64),
+                           _normal(3, (2, 8, 8, 2))),
+    }
+    results = _compare(cases)
+
+    def check(name):
+        expected, actual, jaxpr = results[name]
+        if name == "float32_auto" and onednn_conv.available():
+            assert "agp_onednn_conv_forward" in jaxpr, "oneDNN is built but did not run"
+        assert actual.dtype == expected.dtype == jnp.float32
+        # float32 rounding of a <= 27-term sum of O(1) terms: ~1e-6 relative.
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+    _check_each(cases, check)
 
 
-def test_unbatched_input_equals_flax():
-    conv = nn.Conv(3, (3, 3), strides=2, param_dtype=jnp.float64)
-    expected, actual, jaxpr = _values(conv, _normal(11, (7, 6, 2)))  # no batch axis: flax adds one
-    assert _fast_path(jaxpr)
-    np.testing.assert_allclose(actual, expected, rtol=RTOL64, atol=ATOL64)
+UNSUPPORTED = {
+    "input_dilation": nn.Conv(4, (3, 3), padding=1, input_dilation=2, param_dtype=jnp.float64),
+    "mask": nn.Conv(4, (3, 3), mask=jnp.ones((3, 3, 2, 4)), param_dtype=jnp.float64),
+    "transpose": nn.ConvTranspose(4, (3, 3), strides=(2, 2), param_dtype=jnp.float64),
+    "conv3d": nn.Conv(4, (3, 3, 3), param_dtype=jnp.float64),
+    "local": nn.ConvLocal(4, (3, 3), strides=2, param_dtype=jnp.float64),  # unshared weights: not a conv
+}
 
 
-def test_float32_and_onednn_agree_with_flax():
-    conv = nn.Conv(8, (3, 3), strides=2, padding="SAME")
-    expected, actual, _ = _values(conv, _normal(2, (2, 10, 10, 3)).astype(jnp.float32), impl="auto")
-    # float32 rounding of a 27-term sum of O(1) terms: ~1e-6 relative.
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+def test_unsupported_convolutions_run_flax_unchanged():
+    cases = {name: _Case(conv, _normal(4, (2, 6, 6, 6, 2) if name == "conv3d" else (2, 6, 6, 2)))
+             for name, conv in UNSUPPORTED.items()}
+    results = _compare(cases)
 
+    def check(name):
+        expected, actual, jaxpr = results[name]
+        assert not _fast_path(jaxpr)
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=0)  # the same program
 
-def test_dtype_promotion_follows_the_module():
-    conv = nn.Conv(4, (3, 3), strides=2, dtype=jnp.float32, param_dtype=jnp.float64)
-    expected, actual, _ = _values(conv, _normal(3, (2, 8, 8, 2)))
-    assert actual.dtype == expected.dtype == jnp.float32
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)  # float32 rounding
-
-
-@pytest.mark.parametrize("conv", [
-    nn.Conv(4, (3, 3), padding=1, input_dilation=2, param_dtype=jnp.float64),
-    nn.Conv(4, (3, 3), mask=jnp.ones((3, 3, 2, 4)), param_dtype=jnp.float64),
-    nn.ConvTranspose(4, (3, 3), strides=(2, 2), param_dtype=jnp.float64),
-    nn.Conv(4, (3, 3, 3), param_dtype=jnp.float64),
-    nn.ConvLocal(4, (3, 3), strides=2, param_dtype=jnp.float64),  # unshared weights: not a convolution's
-], ids=["input_dilation", "mask", "transpose", "conv3d", "local"])
-def test_unsupported_convolutions_run_flax_unchanged(conv):
-    x = _normal(4, (2, 6, 6, 6, 2) if conv.kernel_size == (3, 3, 3) else (2, 6, 6, 2))
-    expected, actual, jaxpr = _values(conv, x)
-    assert not _fast_path(jaxpr)
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=0)  # the same program
+    _check_each(cases, check)
 
 
 def test_parameters_are_created_as_flax_creates_them():
     conv = nn.Conv(4, (3, 3), strides=2, feature_group_count=2, param_dtype=jnp.float64)
     x = _normal(5, (2, 8, 8, 4))
-    plain = conv.init(jax.random.key(7), x)
-    with fast_convolutions(True):
-        fast = conv.init(jax.random.key(7), x)
+
+    @fast_jit  # both in one program (eagerly, each random draw is compiled on its own)
+    def both(key):
+        plain = conv.init(key, x)
+        with fast_convolutions(True):
+            fast = conv.init(key, x)
+        return plain, fast
+
+    plain, fast = both(jax.random.key(7))
     assert jax.tree.structure(plain) == jax.tree.structure(fast)
     jax.tree.map(functools.partial(np.testing.assert_array_equal), plain, fast)
 
@@ -148,9 +211,14 @@ def test_grouped_products_have_xlas_derivatives_to_second_order():
         g = jax.grad(lambda a: jnp.sum(jnp.tanh(conv(a, k))))(x)
         return jnp.sum(g**2)
 
-    np.testing.assert_allclose(products.forward(x, kernel), reference(x, kernel), rtol=RTOL64, atol=ATOL64)
-    np.testing.assert_allclose(jax.grad(penalty, 1)(products.forward, kernel),
-                               jax.grad(penalty, 1)(reference, kernel), rtol=RTOL64, atol=ATOL64)
+    @fast_jit  # one program (eagerly, each primitive compiled on its own)
+    def values(k):
+        return ((products.forward(x, k), reference(x, k)),
+                (jax.grad(penalty, 1)(products.forward, k), jax.grad(penalty, 1)(reference, k)))
+
+    (forward, expected_forward), (grad, expected_grad) = values(kernel)
+    np.testing.assert_allclose(forward, expected_forward, rtol=RTOL64, atol=ATOL64)
+    np.testing.assert_allclose(grad, expected_grad, rtol=RTOL64, atol=ATOL64)
 
 
 class _SmallNet(nn.Module):
@@ -167,20 +235,23 @@ class _SmallNet(nn.Module):
 
 def test_penalised_training_gradient_equals_flaxs(path):
     model, x, y = _SmallNet(), _normal(8, (3, 11, 11, 2)), jnp.array([0, 2, 1])
-    params = model.init(jax.random.key(1), x)["params"]
+    params = params_like(model, x, seed=1)
 
     def total(p, fast):
         return penalized_loss(p, model, x, y, penalty_weight=3.0, layers="input", fast_convolutions=fast)[0]
 
-    value_and_grad = jax.jit(jax.value_and_grad(total), static_argnums=1)  # one program per variant
-    (fast_total, fast), (plain_total, plain) = value_and_grad(params, True), value_and_grad(params, False)
+    @fast_jit  # both variants in one program: one compilation
+    def both(p):
+        return jax.value_and_grad(total)(p, True), jax.value_and_grad(total)(p, False)
+
+    (fast_total, fast), (plain_total, plain) = both(params)
     np.testing.assert_allclose(fast_total, plain_total, rtol=RTOL64, atol=ATOL64)
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=RTOL64, atol=ATOL64), fast, plain)
 
 
 def test_penalized_loss_uses_fast_convolutions_on_cpu_unless_turned_off():
     model, x, y = _SmallNet(), _normal(9, (2, 9, 9, 2)), jnp.array([0, 1])
-    params = model.init(jax.random.key(2), x)["params"]
+    params = params_like(model, x, seed=2)
 
     def jaxpr(fast):
         loss = functools.partial(penalized_loss, model=model, penalty_weight=1.0, layers="input",
@@ -195,7 +266,7 @@ def test_penalized_loss_uses_fast_convolutions_on_cpu_unless_turned_off():
 def test_disabled_context_changes_nothing():
     conv = nn.Conv(4, (3, 3), strides=2, param_dtype=jnp.float64)
     x = _normal(10, (1, 6, 6, 2))
-    variables = conv.init(jax.random.key(0), x)
+    variables = variables_like(conv, x)
     with fast_convolutions(False):
         jaxpr = str(jax.make_jaxpr(conv.apply)(variables, x))
     assert not _fast_path(jaxpr)

@@ -7,10 +7,13 @@ training gradients agree to ~1e-12. The numerics of each strided/padded form
 are proved for Linen in tests/test_fast_conv.py; these prove NNX's glue
 (parameters, promotion, batch axes, the hooks of ``penalized_loss``), that the
 fast path really ran (its primitives are in the jaxpr), and that the user's
-model is left as it was. Weights come from ``nnx_like`` (no ``jax.random`` compiles).
+model is left as it was. Weights come from ``nnx_like`` (no ``jax.random`` compiles), and each
+group of cases is one compiled program (``fast_jit``: XLA's fixed cost per compile is most of the time).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,7 @@ from flax import nnx
 
 from jax_impl import nnx as jnnx
 from jax_impl import onednn_conv
+from parity_tests.harness import fast_jit
 from tests._model_fixtures import nnx_like, normal
 
 # float64: only summation order differs between the formulations.
@@ -38,14 +42,38 @@ def _fast_path(jaxpr: str) -> bool:
         "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr)
 
 
-def _values(conv: nnx.Module, x: jax.Array) -> tuple[jax.Array, jax.Array, str]:
-    """(flax's output, the fast output, the fast jaxpr) of the same module."""
-    expected = jax.jit(lambda a: conv(a))(x)
-    with jnnx.fast_convolutions(conv, True, impl="canonical"):  # traced (and so hooked) inside
-        actual = jax.jit(lambda a: conv(a))(x)
-        jaxpr = str(jax.make_jaxpr(lambda a: conv(a))(x))
-    assert type(conv) in (nnx.Conv, nnx.ConvTranspose, _OwnCall)  # the class is restored
-    return expected, actual, jaxpr
+def _compare(convs: dict[str, nnx.Module], inputs: dict[str, jax.Array]) -> dict[str, tuple]:
+    """``{name: (flax's output, the fast output, the fast jaxpr)}`` of the same modules, every output from
+    ONE compiled program (one compilation per group instead of two per case)."""
+
+    @fast_jit
+    def outputs(inputs):
+        expected = {name: conv(inputs[name]) for name, conv in convs.items()}
+        actual = {}
+        for name, conv in convs.items():  # one context at a time: an inner one replaces the outer's hooks
+            with jnnx.fast_convolutions(conv, True, impl="canonical"):  # traced (and so hooked) inside
+                actual[name] = conv(inputs[name])
+        return expected, actual
+
+    expected, actual = outputs(inputs)
+    jaxprs = {}
+    for name, conv in convs.items():
+        with jnnx.fast_convolutions(conv, True, impl="canonical"):
+            jaxprs[name] = str(jax.make_jaxpr(lambda a, conv=conv: conv(a))(inputs[name]))
+    for name, conv in convs.items():
+        assert type(conv) in (nnx.Conv, nnx.ConvTranspose, _OwnCall), name  # the class is restored
+    return {name: (expected[name], actual[name], jaxprs[name]) for name in convs}
+
+
+def _check_each(names, check: Callable[[str], None]) -> None:
+    """``check(name)`` for every case, then one failure naming every case that failed (not only the first)."""
+    failed = []
+    for name in names:
+        try:
+            check(name)
+        except AssertionError as error:
+            failed.append(f"{name}: {error}")
+    assert not failed, "\n".join(failed)
 
 
 CONVS = {  # (in, out, kernel_size, keywords, input shape)
@@ -60,14 +88,19 @@ CONVS = {  # (in, out, kernel_size, keywords, input shape)
 }
 
 
-@pytest.mark.parametrize("name", CONVS)
-def test_fast_nnx_conv_equals_flax(name):
-    cin, cout, kernel_size, keywords, shape = CONVS[name]
-    conv = nnx_like(lambda rngs: nnx.Conv(cin, cout, kernel_size, param_dtype=jnp.float64, rngs=rngs,
-                                          **keywords), dtype=np.float64)
-    expected, actual, jaxpr = _values(conv, normal(shape, 0))
-    assert _fast_path(jaxpr)
-    np.testing.assert_allclose(actual, expected, rtol=RTOL64, atol=ATOL64)
+def test_fast_nnx_convs_equal_flax():
+    convs = {name: nnx_like(lambda rngs, cin=cin, cout=cout, kernel_size=kernel_size, keywords=keywords:
+                            nnx.Conv(cin, cout, kernel_size, param_dtype=jnp.float64, rngs=rngs, **keywords),
+                            dtype=np.float64)
+             for name, (cin, cout, kernel_size, keywords, _) in CONVS.items()}
+    results = _compare(convs, {name: normal(shape, 0) for name, (*_, shape) in CONVS.items()})
+
+    def check(name):
+        expected, actual, jaxpr = results[name]
+        assert _fast_path(jaxpr)
+        np.testing.assert_allclose(actual, expected, rtol=RTOL64, atol=ATOL64)
+
+    _check_each(CONVS, check)
 
 
 class _OwnCall(nnx.Conv):
@@ -85,14 +118,17 @@ UNSUPPORTED = {
 }
 
 
-@pytest.mark.parametrize("name", UNSUPPORTED)
-def test_unsupported_nnx_convolutions_run_flax_unchanged(name):
-    conv = nnx_like(UNSUPPORTED[name], dtype=np.float64)
-    if name == "mask":
-        conv.mask = nnx.data(jnp.ones((3, 3, 2, 4)))
-    expected, actual, jaxpr = _values(conv, normal((2, 6, 6, 2), 1))
-    assert not _fast_path(jaxpr)
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=0)  # the same program
+def test_unsupported_nnx_convolutions_run_flax_unchanged():
+    convs = {name: nnx_like(make, dtype=np.float64) for name, make in UNSUPPORTED.items()}
+    convs["mask"].mask = nnx.data(jnp.ones((3, 3, 2, 4)))
+    results = _compare(convs, {name: normal((2, 6, 6, 2), 1) for name in convs})
+
+    def check(name):
+        expected, actual, jaxpr = results[name]
+        assert not _fast_path(jaxpr)
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=0)  # the same program
+
+    _check_each(convs, check)
 
 
 class _SmallNet(nnx.Module):
@@ -112,31 +148,34 @@ class _SmallNet(nnx.Module):
         return self.head(x.reshape(x.shape[0], -1))
 
 
-def _penalised_grads(model, x, y, fast: bool):
-    """``(total, grads, jaxpr)`` of the NNX penalised loss on every capture point: the input, a
-    ``capture()`` point and a conv's output by path (so the capture hooks wrap the fast convolution)."""
-
-    def total(m):
-        return jnnx.penalized_loss(m, x, y, penalty_weight=3.0, layers=["input", "act", "c1"],
-                                   capture_modules={"c1": "conv1"}, fast_convolutions=fast)[0]
-
+def _penalised_grads(model, x, y) -> tuple[dict[bool, tuple], dict[bool, str]]:
+    """``{fast: (total, grads)}`` (both variants from one compiled program) and ``{fast: jaxpr}`` of the
+    NNX penalised loss on every capture point: the input, a ``capture()`` point and a conv's output by
+    path (so the capture hooks wrap the fast convolution)."""
     graphdef, state = nnx.split(model)
 
-    def value_and_grad(s):
+    def value_and_grad(s, fast: bool):
+        def total(m):
+            return jnnx.penalized_loss(m, x, y, penalty_weight=3.0, layers=["input", "act", "c1"],
+                                       capture_modules={"c1": "conv1"}, fast_convolutions=fast)[0]
+
         return nnx.value_and_grad(total)(nnx.merge(graphdef, s))
 
-    return (*jax.jit(value_and_grad)(state), str(jax.make_jaxpr(value_and_grad)(state)))
+    values = fast_jit(lambda s: {fast: value_and_grad(s, fast) for fast in (True, False)})(state)
+    jaxprs = {fast: str(jax.make_jaxpr(lambda s, fast=fast: value_and_grad(s, fast))(state))
+              for fast in (True, False)}
+    return values, jaxprs
 
 
 def test_nnx_penalised_training_gradient_equals_flaxs_and_runs_the_fast_path():
     model = nnx_like(lambda rngs: _SmallNet(rngs=rngs), dtype=np.float64)
     x, y = normal((2, 11, 11, 2), 2), jnp.array([0, 2])
     graphdef, before = nnx.graphdef(model), jax.tree.map(np.asarray, nnx.state(model))
-    fast_total, fast, fast_jaxpr = _penalised_grads(model, x, y, fast=True)
-    plain_total, plain, plain_jaxpr = _penalised_grads(model, x, y, fast=False)
+    values, jaxprs = _penalised_grads(model, x, y)
+    (fast_total, fast), (plain_total, plain) = values[True], values[False]
     assert jax.default_backend() == "cpu"
-    assert "lhs_dilation=(2, 2)" in plain_jaxpr  # flax's strided convolution, differentiated by XLA
-    assert "lhs_dilation=(2, 2)" not in fast_jaxpr and _fast_path(fast_jaxpr)
+    assert "lhs_dilation=(2, 2)" in jaxprs[False]  # flax's strided convolution, differentiated by XLA
+    assert "lhs_dilation=(2, 2)" not in jaxprs[True] and _fast_path(jaxprs[True])
     np.testing.assert_allclose(fast_total, plain_total, rtol=RTOL64, atol=ATOL64)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL64, atol=ATOL64), fast, plain)
     # The user's model is as it was: same classes, same graph, same values.
@@ -149,9 +188,15 @@ def test_float32_nnx_conv_runs_onednn_and_agrees_with_flax():
     conv = nnx_like(lambda rngs: nnx.Conv(3, 8, (3, 3), strides=2, padding="SAME", rngs=rngs),
                     dtype=np.float32)
     x = normal((2, 20, 20, 3), 3, dtype=np.float32)
-    expected = conv(x)
-    with jnnx.fast_convolutions(conv, True):  # impl="auto": oneDNN where it is built
-        actual = conv(x)
+
+    @fast_jit  # both in one program (eagerly, each primitive compiled on its own)
+    def both(a):
+        expected = conv(a)
+        with jnnx.fast_convolutions(conv, True):  # impl="auto": oneDNN where it is built
+            return expected, conv(a)
+
+    expected, actual = both(x)
+    with jnnx.fast_convolutions(conv, True):
         jaxpr = str(jax.make_jaxpr(lambda a: conv(a))(x))
     assert "agp_onednn_conv_forward" in jaxpr
     # float32 rounding of a 27-term sum of O(1) terms: ~1e-6 relative.
