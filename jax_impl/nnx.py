@@ -154,6 +154,16 @@ _HOOKS: contextvars.ContextVar[dict[int, _Hook] | None] = contextvars.ContextVar
     "jax_impl_nnx_hooks", default=None)
 
 
+def _merged_hook(outer: _Hook | None, inner: _Hook) -> _Hook:
+    """One module's hook inside two contexts: the inner context's capture and convolution where it sets
+    them, the enclosing one's otherwise."""
+    if outer is None:
+        return inner
+    if inner.capturer is not None:
+        outer = outer._replace(capturer=inner.capturer, path=inner.path)
+    return outer._replace(conv_impl=inner.conv_impl) if inner.conv_impl is not None else outer
+
+
 @contextlib.contextmanager
 def _hooked(module: nnx.Module, capturer: Capturer | None, conv_impl: ConvImpl | None = None):
     """Route the submodules' ``__call__`` of ``module`` through ``capturer`` (every callable submodule, by
@@ -161,17 +171,21 @@ def _hooked(module: nnx.Module, capturer: Capturer | None, conv_impl: ConvImpl |
     through the fast convolution ``conv_impl``.
 
     Each such submodule's ``__class__`` is swapped for ``_hooked_class`` (a subclass, same layout) for
-    the duration, and restored after: the module's state (its Variables) is untouched.
+    the duration, and restored after: the module's state (its Variables) is untouched. Nested inside
+    another ``_hooked`` (two models, or capture around fast convolutions), the enclosing hooks stay:
+    the registries are merged (``_merged_hook``) and a module already swapped is not swapped again.
     """
-    registry, swapped = {}, []
+    registry, swapped = dict(_HOOKS.get() or {}), []
     for path, sub in nnx.iter_modules(module):
         conv = conv_impl if isinstance(sub, nnx.Conv) else None
         if not callable(sub) or (conv is None and (capturer is None or not path)):
             continue
-        registry[id(sub)] = _Hook(capturer, tuple(str(p) for p in path), conv)
-        swapped.append((sub, type(sub)))
-        # object.__setattr__: past nnx.Module's __setattr__, which tracks attributes of the graph.
-        object.__setattr__(sub, "__class__", _hooked_class(type(sub)))
+        hook = _Hook(capturer, tuple(str(p) for p in path), conv)
+        registry[id(sub)] = _merged_hook(registry.get(id(sub)), hook)
+        if type(sub) not in _HOOKED_CLASSES.values():  # else an enclosing context swapped it already
+            swapped.append((sub, type(sub)))
+            # object.__setattr__: past nnx.Module's __setattr__, which tracks attributes of the graph.
+            object.__setattr__(sub, "__class__", _hooked_class(type(sub)))
     token = _HOOKS.set(registry)
     try:
         yield

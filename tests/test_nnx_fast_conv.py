@@ -103,6 +103,26 @@ def test_fast_nnx_convs_equal_flax():
     _check_each(CONVS, check)
 
 
+def test_nested_contexts_keep_the_enclosing_models_convolutions_fast():
+    """An inner ``fast_convolutions`` (another model, or the same one again) keeps the outer one's hooks,
+    and each context restores only the classes it swapped."""
+    first, second = (nnx_like(lambda rngs: nnx.Conv(2, 2, (3, 3), strides=2, rngs=rngs), dtype=np.float64)
+                     for _ in range(2))
+    x = normal((2, 8, 8, 2), 2)
+    with jnnx.fast_convolutions(first, True, impl="canonical"):
+        with jnnx.fast_convolutions(second, True, impl="canonical"):
+            both = str(jax.make_jaxpr(lambda a: second(first(a)))(x))
+            with jnnx.fast_convolutions(first, True, impl="canonical"):  # the same model again
+                again = str(jax.make_jaxpr(lambda a: first(a))(x))  # a new function: no cached trace
+            hooked = type(first)
+        assert type(second) is nnx.Conv and hooked is type(first) is not nnx.Conv
+        after_inner = str(jax.make_jaxpr(lambda a: first(a))(x))
+    assert type(first) is nnx.Conv
+    for jaxpr in (both, again, after_inner):
+        assert "conv_general_dilated" not in jaxpr and _fast_path(jaxpr)
+    assert "conv_general_dilated" in str(jax.make_jaxpr(lambda a: first(a))(x))  # flax's own after them
+
+
 class _OwnCall(nnx.Conv):
     """A subclass with its own ``__call__``: the fast path must not replace it."""
 
