@@ -83,3 +83,21 @@ def nnx_like(make: Callable[[nnx.Rngs], nnx.Module], seed: int = 0, dtype=np.flo
     for path, var in flat.items():
         var.set_value(values[path])
     return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
+
+
+def fast_path(jaxpr: str) -> bool:
+    """Whether a jaxpr was computed by ``jax_impl.fast_conv``'s path: closed-rule convolutions, grouped
+    products, or patches and a matmul (no ``conv_general_dilated`` left)."""
+    return "canonical_conv" in jaxpr or "grouped" in jaxpr or (
+        "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr)
+
+
+def check_each(names, check: Callable[[str], None]) -> None:
+    """``check(name)`` for every case, then one failure naming every case that failed (not only the first)."""
+    failed = []
+    for name in names:
+        try:
+            check(name)
+        except AssertionError as error:
+            failed.append(f"{name}: {error}")
+    assert not failed, "\n".join(failed)

@@ -10,7 +10,6 @@ compiled program (``fast_jit``: XLA's fixed cost per compile is most of the time
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -22,7 +21,7 @@ import pytest
 from jax_impl import conv_general, fast_conv, onednn_conv, penalized_loss
 from jax_impl.fast_conv import fast_convolutions
 from parity_tests.harness import fast_jit
-from tests._model_fixtures import params_like, variables_like
+from tests._model_fixtures import check_each, fast_path, params_like, variables_like
 
 # float64: only summation order differs between the formulations.
 RTOL64, ATOL64 = 1e-11, 1e-12
@@ -36,12 +35,6 @@ def float64():
 
 def _normal(seed: int, shape) -> jax.Array:
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape))
-
-
-def _fast_path(jaxpr: str) -> bool:
-    """Whether a jaxpr was computed by the fast path: closed-rule convolutions, or patches and a matmul."""
-    return "canonical_conv" in jaxpr or "grouped" in jaxpr or (
-        "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr)
 
 
 @pytest.fixture(params=["conv+space_to_depth", "conv+polyphase", "im2col+polyphase"])
@@ -88,17 +81,6 @@ def _compare(cases: dict[str, _Case]) -> dict[str, tuple[jax.Array, jax.Array, s
     return {name: (expected[name], actual[name], jaxprs[name]) for name in cases}
 
 
-def _check_each(names, check: Callable[[str], None]) -> None:
-    """``check(name)`` for every case, then one failure naming every case that failed (not only the first)."""
-    failed = []
-    for name in names:
-        try:
-            check(name)
-        except AssertionError as error:
-            failed.append(f"{name}: {error}")
-    assert not failed, "\n".join(failed)
-
-
 CONVS_2D = {
     "same_stride2": dict(kernel_size=(3, 3), strides=2, padding="SAME"),
     "valid_stride_2x1": dict(kernel_size=(3, 2), strides=(2, 1), padding="VALID"),
@@ -130,14 +112,14 @@ def test_intercepted_convolutions_equal_flax(path):
     def check(name):
         expected, actual, jaxpr = results[name]
         conv = cases[name].conv
-        assert _fast_path(jaxpr)
+        assert fast_path(jaxpr)
         if conv.feature_group_count == 1 and conv.kernel_size != (1, 1):
             # the product the fixture chose ran (grouped convolutions have their own products, 1x1
             # kernels are always a matmul)
             assert ("canonical_conv" in jaxpr) == path.startswith("conv+"), "not the product forced"
         np.testing.assert_allclose(actual, expected, rtol=RTOL64, atol=ATOL64)
 
-    _check_each(cases, check)
+    check_each(cases, check)
 
 
 def test_float32_onednn_and_dtype_promotion_agree_with_flax():
@@ -158,7 +140,7 @@ def test_float32_onednn_and_dtype_promotion_agree_with_flax():
         # float32 rounding of a <= 27-term sum of O(1) terms: ~1e-6 relative.
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
 
-    _check_each(cases, check)
+    check_each(cases, check)
 
 
 UNSUPPORTED = {
@@ -177,10 +159,10 @@ def test_unsupported_convolutions_run_flax_unchanged():
 
     def check(name):
         expected, actual, jaxpr = results[name]
-        assert not _fast_path(jaxpr)
+        assert not fast_path(jaxpr)
         np.testing.assert_allclose(actual, expected, rtol=0, atol=0)  # the same program
 
-    _check_each(cases, check)
+    check_each(cases, check)
 
 
 def test_parameters_are_created_as_flax_creates_them():
@@ -269,4 +251,4 @@ def test_disabled_context_changes_nothing():
     variables = variables_like(conv, x)
     with fast_convolutions(False):
         jaxpr = str(jax.make_jaxpr(conv.apply)(variables, x))
-    assert not _fast_path(jaxpr)
+    assert not fast_path(jaxpr)

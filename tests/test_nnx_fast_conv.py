@@ -13,8 +13,6 @@ group of cases is one compiled program (``fast_jit``: XLA's fixed cost per compi
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +22,7 @@ from flax import nnx
 from jax_impl import nnx as jnnx
 from jax_impl import onednn_conv
 from parity_tests.harness import fast_jit
-from tests._model_fixtures import nnx_like, normal
+from tests._model_fixtures import check_each, fast_path, nnx_like, normal
 
 # float64: only summation order differs between the formulations.
 RTOL64, ATOL64 = 1e-11, 1e-12
@@ -34,12 +32,6 @@ RTOL64, ATOL64 = 1e-11, 1e-12
 def float64():
     with jax.enable_x64(True):
         yield
-
-
-def _fast_path(jaxpr: str) -> bool:
-    """Whether a jaxpr was computed by the fast path: closed-rule convolutions, or patches and a matmul."""
-    return "canonical_conv" in jaxpr or "grouped" in jaxpr or (
-        "dot_general" in jaxpr and "conv_general_dilated" not in jaxpr)
 
 
 def _compare(convs: dict[str, nnx.Module], inputs: dict[str, jax.Array]) -> dict[str, tuple]:
@@ -65,17 +57,6 @@ def _compare(convs: dict[str, nnx.Module], inputs: dict[str, jax.Array]) -> dict
     return {name: (expected[name], actual[name], jaxprs[name]) for name in convs}
 
 
-def _check_each(names, check: Callable[[str], None]) -> None:
-    """``check(name)`` for every case, then one failure naming every case that failed (not only the first)."""
-    failed = []
-    for name in names:
-        try:
-            check(name)
-        except AssertionError as error:
-            failed.append(f"{name}: {error}")
-    assert not failed, "\n".join(failed)
-
-
 CONVS = {  # (in, out, kernel_size, keywords, input shape)
     "same_stride2": (4, 4, (3, 3), dict(strides=2, padding="SAME"), (2, 9, 8, 4)),
     "valid_stride1": (2, 3, (3, 2), dict(padding="VALID"), (2, 12, 11, 2)),
@@ -97,10 +78,10 @@ def test_fast_nnx_convs_equal_flax():
 
     def check(name):
         expected, actual, jaxpr = results[name]
-        assert _fast_path(jaxpr)
+        assert fast_path(jaxpr)
         np.testing.assert_allclose(actual, expected, rtol=RTOL64, atol=ATOL64)
 
-    _check_each(CONVS, check)
+    check_each(CONVS, check)
 
 
 def test_nested_contexts_keep_the_enclosing_models_convolutions_fast():
@@ -119,7 +100,7 @@ def test_nested_contexts_keep_the_enclosing_models_convolutions_fast():
         after_inner = str(jax.make_jaxpr(lambda a: first(a))(x))
     assert type(first) is nnx.Conv
     for jaxpr in (both, again, after_inner):
-        assert "conv_general_dilated" not in jaxpr and _fast_path(jaxpr)
+        assert "conv_general_dilated" not in jaxpr and fast_path(jaxpr)
     assert "conv_general_dilated" in str(jax.make_jaxpr(lambda a: first(a))(x))  # flax's own after them
 
 
@@ -145,10 +126,10 @@ def test_unsupported_nnx_convolutions_run_flax_unchanged():
 
     def check(name):
         expected, actual, jaxpr = results[name]
-        assert not _fast_path(jaxpr)
+        assert not fast_path(jaxpr)
         np.testing.assert_allclose(actual, expected, rtol=0, atol=0)  # the same program
 
-    _check_each(convs, check)
+    check_each(convs, check)
 
 
 class _SmallNet(nnx.Module):
@@ -195,7 +176,7 @@ def test_nnx_penalised_training_gradient_equals_flaxs_and_runs_the_fast_path():
     (fast_total, fast), (plain_total, plain) = values[True], values[False]
     assert jax.default_backend() == "cpu"
     assert "lhs_dilation=(2, 2)" in jaxprs[False]  # flax's strided convolution, differentiated by XLA
-    assert "lhs_dilation=(2, 2)" not in jaxprs[True] and _fast_path(jaxprs[True])
+    assert "lhs_dilation=(2, 2)" not in jaxprs[True] and fast_path(jaxprs[True])
     np.testing.assert_allclose(fast_total, plain_total, rtol=RTOL64, atol=ATOL64)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL64, atol=ATOL64), fast, plain)
     # The user's model is as it was: same classes, same graph, same values.
