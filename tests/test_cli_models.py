@@ -1,9 +1,11 @@
 """The training CLIs' --model, --penalty-layers by module path, the recipe flags, and what they print.
 
-Runs the CLIs in the test process (``main([...])``) on small synthetic data: a user's Flax module and
-its PyTorch twin written to a temporary folder outside the project, resnet18 on a CIFAR-10 folder in
-the python-pickle format made here, resumes that refuse changed recipes and accept equivalent
-spellings, and the summary lines.
+Runs the CLIs in the test process on small synthetic data: a user's Flax module and its PyTorch twin
+written to a temporary folder outside the project, resnet18 on a CIFAR-10 folder in the python-pickle
+format made here, resumes that refuse changed recipes and accept equivalent spellings, and the summary
+lines. Tests of what ``main([...])`` prints or returns call it; runs that must train parse the same flags
+and call ``train_and_evaluate(..., plots=False)``, as ``tests.cli_runs.resume_without_plots`` does: the
+CLI's plots cost ~0.5 s a run, and tests/test_run_folder.py checks them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import pytest
 
 import jax_impl.train as jax_train
 import torch_ref.train as torch_train
+from agp_common import parse_config
+from tests.cli_runs import TRAINS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -70,13 +74,12 @@ def user_models(tmp_path, monkeypatch):
     return folder
 
 
-@pytest.mark.parametrize(("main", "module"), [(jax_train.main, "my_flax_models"),
-                                              (torch_train.main, "my_torch_models")])
-def test_a_users_model_trains_with_the_penalty_on_module_paths(tmp_path, user_models, capsys, main, module):
+@pytest.mark.parametrize(("framework", "module"), [("jax", "my_flax_models"), ("torch", "my_torch_models")])
+def test_a_users_model_trains_with_the_penalty_on_module_paths(tmp_path, user_models, framework, module):
     workdir = tmp_path / "run"
     argv = [*SYNTHETIC, "--model", f"{module}:SmallNet", "--model-args", '{"width": 6}', "--penalty-layers",
             "conv,hidden", "--steps", "40", "--lr", "0.2", "--eval-every", "40", "--workdir", str(workdir)]
-    assert main(argv) == 0, capsys.readouterr().err
+    TRAINS[framework](parse_config(argv, "test", framework), plots=False)
     losses = [r["loss"] for r in records(workdir)]
     # the mean of the last 10 steps' losses below that of the first 10: the model learns
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
@@ -114,17 +117,19 @@ def write_cifar_python_folder(folder, per_batch=8, seed=0):
         (folder / name).write_bytes(pickle.dumps(batch))
 
 
-def test_resnet18_trains_on_a_cifar10_folder_with_augmentation_and_a_cosine_schedule(tmp_path, capsys):
+def test_resnet18_trains_on_a_cifar10_folder_with_augmentation_and_a_cosine_schedule(tmp_path):
     # Two stages of one block each: the full depth costs ~30 s of XLA compilation here, and its
     # penalty gradients are proven against PyTorch in parity_tests/test_resnet18_twins.py.
     data = tmp_path / "cifar-10-batches-py"
     write_cifar_python_folder(data)
     workdir = tmp_path / "run"
+    # --init shared: weights drawn in NumPy for init's shapes (jax.eval_shape); compiling this ResNet's
+    # seeded init took twice as long as its train step (that path, jax.jit(model.init), every CNN run takes).
     argv = ["--model", "resnet18", "--model-args", '{"width": 2, "blocks": [1, 1]}', "--dataset", "cifar10",
             "--data-dir", str(data), "--augment", "crop,flip", "--lr-schedule", "cosine",
             "--warmup-steps", "1", "--penalty-layers", "layer1.0,layer2.0", "--steps", "3",
-            "--batch-size", "8", "--quiet", "--workdir", str(workdir)]
-    assert jax_train.main(argv) == 0, capsys.readouterr().err
+            "--batch-size", "8", "--quiet", "--init", "shared", "--workdir", str(workdir)]
+    jax_train.train_and_evaluate(parse_config(argv, "test", "jax"), plots=False)
     train = records(workdir)
     # warm-up from 0, then cosine from --lr 0.05 to 0 over the 2 remaining updates
     np.testing.assert_allclose([r["lr"] for r in train], [0.0, 0.05, 0.025], rtol=1e-6)  # float32 rates
@@ -176,11 +181,9 @@ def test_the_default_workdir_differs_for_different_configs():
     assert workdir("--augment", "crop,flip") == workdir("--augment", "flip,crop")
 
 
-def test_bfloat16_mixed_precision_keeps_float32_weights_and_trains(tmp_path, capsys):
+def test_bfloat16_mixed_precision_keeps_float32_weights_and_trains(tmp_path):
     workdir = tmp_path / "run"
-    assert jax_train.main([*SYNTHETIC, "--dtype", "bfloat16", "--steps", "4", "--workdir", str(workdir)]) == 0
-    result = jax_train.train_and_evaluate(
-        jax_train.TrainConfig(dataset="synthetic", synthetic_shape=(64, 16, 16, 1), batch_size=8, steps=4,
-                              dtype="bfloat16", quiet=True), workdir, plots=False)
+    argv = [*SYNTHETIC, "--dtype", "bfloat16", "--steps", "4", "--workdir", str(workdir)]
+    result = jax_train.train_and_evaluate(parse_config(argv, "test", "jax"), plots=False)
     assert all(v.dtype == np.float32 for layer in result.params.values() for v in layer.values())
     assert all(np.isfinite(r["loss"]) and r["penalty"] > 0 for r in records(workdir))

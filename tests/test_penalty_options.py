@@ -237,16 +237,24 @@ def test_finite_difference_error_shrinks_linearly_with_the_step(mlp_setup, optio
     """Error O(h) in both the penalty and its parameter gradient (Finlay & Oberman 2019)."""
     model, params, x, y = mlp_setup
     (_, exact), exact_grad = jax.tree.map(np.asarray, penalised(model, **options)(params, x, y, 1.0))
+    steps = (1e-2, 1e-3, 1e-4)
 
-    def errors(h):
-        (_, aux), grad = jax.tree.map(
-            np.asarray, penalised(model, approx="finite_difference", fd_step=h, **options)(params, x, y, 1.0))
+    def approximation(params, x, y, h):
+        return jax.value_and_grad(lambda p: penalized_loss(
+            p, model, x, y, penalty_weight=1.0, approx="finite_difference", fd_step=h, **options),
+            has_aux=True)(params)
+
+    # The three steps in one program (fd_step is static): one compilation instead of three.
+    approximations = fast_jit(lambda params, x, y: [approximation(params, x, y, h) for h in steps])
+
+    def errors(approximation):
+        (_, aux), grad = jax.tree.map(np.asarray, approximation)
         value_err = abs(float(aux["penalty"] - exact["penalty"])) / float(exact["penalty"])
         diff = jax.tree.leaves(jax.tree.map(lambda a, b: np.max(np.abs(a - b)), grad, exact_grad))
         scale = jax.tree.leaves(jax.tree.map(lambda a: np.max(np.abs(a)), exact_grad))
         return value_err, float(max(diff)) / float(max(scale))
 
-    errs = [errors(h) for h in (1e-2, 1e-3, 1e-4)]
+    errs = [errors(a) for a in approximations(params, x, y)]
     for coarse, fine in itertools.pairwise(errs):
         # O(h): 10x smaller step, ~10x smaller error; 0.2 allows for the O(h^2) term and kinks of relu.
         assert fine[0] <= 0.2 * coarse[0] and fine[1] <= 0.2 * coarse[1], errs
