@@ -53,11 +53,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    status = train.main(argv)
-    return status, capsys.readouterr().err
-
-
 def assert_one_line_error(status: int, err: str, message: str, expected_status: int = 2) -> None:
     assert status == expected_status, err
     lines = err.strip().splitlines()

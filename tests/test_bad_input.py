@@ -20,6 +20,7 @@ import pytest
 import jax_impl.train as train
 from agp_common import epoch_permutation
 from agp_common.data import CIFAR_BINARY_FILES
+from tests.cli_runs import run_main
 from tests.npz_runs import (
     N_TEST,
     N_TRAIN,
@@ -27,7 +28,6 @@ from tests.npz_runs import (
     cli_args,
     good_arrays,
     npz_config,
-    run_cli,
     snapshot,
     write_npz,
 )
@@ -60,7 +60,7 @@ def test_bad_npz_arrays_are_one_line_errors_and_damage_nothing(case, existing_ru
     arrays, message = BAD_ARRAYS[case]
     data = write_npz(tmp_path / "bad.npz", **arrays)
     before = snapshot(existing_run)
-    status, err = run_cli(cli_args(npz_config(data), existing_run), capsys)
+    status, err = run_main("jax", cli_args(npz_config(data), existing_run), capsys)
     assert_one_line_error(status, err, message)
     assert snapshot(existing_run) == before
 
@@ -96,7 +96,7 @@ BAD_FILES = {
 def test_missing_truncated_or_corrupt_data_files_are_one_line_errors(case, existing_run, tmp_path, capsys):
     make, message = BAD_FILES[case]
     before = snapshot(existing_run)
-    status, err = run_cli(cli_args(npz_config(make(tmp_path)), existing_run), capsys)
+    status, err = run_main("jax", cli_args(npz_config(make(tmp_path)), existing_run), capsys)
     assert_one_line_error(status, err, message)
     assert snapshot(existing_run) == before
 
@@ -107,7 +107,7 @@ def test_cifar10_labels_out_of_range_are_refused(tmp_path, capsys):
         records = rng.integers(0, 256, (2, 3073), dtype=np.uint8)
         records[:, 0] = 10  # class 10 does not exist
         records.tofile(tmp_path / name)
-    status, err = run_cli(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--workdir",
+    status, err = run_main("jax", ["--dataset", "cifar10", "--data-dir", str(tmp_path), "--workdir",
                            str(tmp_path / "run")], capsys)
     assert_one_line_error(status, err, "labels must be in [0, 10), found values from 10 to 10")
     assert not (tmp_path / "run").exists()
@@ -123,7 +123,7 @@ def test_cifar10_labels_out_of_range_are_refused(tmp_path, capsys):
 def test_bad_flags_are_one_line_errors_and_damage_nothing(flags, message, template, existing_run, capsys):
     data, _ = template
     before = snapshot(existing_run)
-    status, err = run_cli([*cli_args(npz_config(data), existing_run), *flags], capsys)
+    status, err = run_main("jax", [*cli_args(npz_config(data), existing_run), *flags], capsys)
     assert_one_line_error(status, err, message)
     assert snapshot(existing_run) == before
 
@@ -140,15 +140,15 @@ def test_workdir_that_is_a_file_or_not_writable_is_a_one_line_error(template, tm
     data, _ = template
     afile = tmp_path / "afile"
     afile.write_text("keep me")
-    status, err = run_cli(cli_args(npz_config(data), afile), capsys)
+    status, err = run_main("jax", cli_args(npz_config(data), afile), capsys)
     assert_one_line_error(status, err, "is a file; expected a folder")
     assert afile.read_text() == "keep me"
-    status, err = run_cli(cli_args(npz_config(data), afile / "run"), capsys)  # a folder cannot go there
+    status, err = run_main("jax", cli_args(npz_config(data), afile / "run"), capsys)  # no folder there
     assert_one_line_error(status, err, "is not writable")
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        status, err = run_cli(cli_args(npz_config(data), locked / "run"), capsys)
+        status, err = run_main("jax", cli_args(npz_config(data), locked / "run"), capsys)
         assert_one_line_error(status, err, "is not writable")
 
 
@@ -176,7 +176,7 @@ def test_a_poisoned_batch_stops_training_naming_the_step_and_keeps_the_last_chec
     arrays["x"][poisoned] = np.finfo(np.float32).max
     data = write_npz(tmp_path / "poisoned.npz", **arrays)
     workdir = tmp_path / "run"
-    status, err = run_cli([*cli_args(npz_config(data, steps=3), workdir)], capsys)
+    status, err = run_main("jax", [*cli_args(npz_config(data, steps=3), workdir)], capsys)
     assert_one_line_error(status, err, "step 2: ", expected_status=1)
     assert "is nan" in err or "is inf" in err
     assert "the newest checkpoint (step 1) is intact" in err
@@ -186,11 +186,11 @@ def test_a_poisoned_batch_stops_training_naming_the_step_and_keeps_the_last_chec
     steps = [line for line in lines if '"split": "train"' in line]
     assert len(steps) == 1
     # The checkpoint is good: the same command up to step 1 restores it and evaluates it.
-    status, err = run_cli([*cli_args(npz_config(data, steps=1), workdir)], capsys)
+    status, err = run_main("jax", [*cli_args(npz_config(data, steps=1), workdir)], capsys)
     assert status == 0, err
     # Removing the poison makes other data: resuming on it is refused (train it in a new --workdir).
     clean = write_npz(tmp_path / "poisoned.npz", **good_arrays())
-    status, err = run_cli([*cli_args(npz_config(clean, steps=3), workdir)], capsys)
+    status, err = run_main("jax", [*cli_args(npz_config(clean, steps=3), workdir)], capsys)
     assert_one_line_error(status, err, "the run was trained on other data")
 
 
@@ -200,7 +200,7 @@ def test_a_workdir_in_use_by_another_run_is_refused(existing_run, template, caps
     data, _ = template
     before = snapshot(existing_run)
     with hold_workdir(existing_run):  # as a run still training there would
-        status, err = run_cli(cli_args(npz_config(data, steps=3), existing_run), capsys)
+        status, err = run_main("jax", cli_args(npz_config(data, steps=3), existing_run), capsys)
     assert_one_line_error(status, err, "is in use by another training run")
     assert snapshot(existing_run) == before
 
@@ -210,6 +210,6 @@ def test_temporary_files_of_a_killed_write_are_removed_on_resume(existing_run, t
     stale = [existing_run / ".metrics.jsonl.k1ll3d.tmp", existing_run / ".config.json.abc123.tmp"]
     for path in stale:
         path.write_text("half")
-    status, err = run_cli(cli_args(npz_config(data, steps=3), existing_run), capsys)
+    status, err = run_main("jax", cli_args(npz_config(data, steps=3), existing_run), capsys)
     assert status == 0, err
     assert not any(p.exists() for p in stale)

@@ -20,12 +20,12 @@ import pytest
 
 import jax_impl.train as train
 from agp_common import ModelInputError
+from tests.cli_runs import run_main
 from tests.npz_runs import (
     assert_one_line_error,
     cli_args,
     good_arrays,
     npz_config,
-    run_cli,
     snapshot,
     write_npz,
 )
@@ -75,7 +75,7 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_it(damage, template, ex
     (data, _), run = template, existing_run
     damage(run)
     before = snapshot(run)
-    status, err = run_cli(cli_args(npz_config(data, steps=4), run), capsys)
+    status, err = run_main("jax", cli_args(npz_config(data, steps=4), run), capsys)
     assert_one_line_error(status, err, f"checkpoint {(run / 'checkpoints' / '2').absolute()}: ")
     assert "steps saved: [1, 2]" in err  # says how to fall back to the previous checkpoint
     assert snapshot(run) == before
@@ -85,7 +85,7 @@ def test_moving_the_damaged_checkpoint_away_resumes_from_the_one_before(template
     (data, _), run = template, existing_run
     corrupt(run)
     shutil.move(run / "checkpoints" / "2", run.parent / "bad_checkpoint")
-    status, err = run_cli(cli_args(npz_config(data, steps=3), run), capsys)
+    status, err = run_main("jax", cli_args(npz_config(data, steps=3), run), capsys)
     assert status == 0, err
 
 
@@ -96,7 +96,7 @@ def test_data_of_another_shape_is_refused_as_another_model(existing_run, tmp_pat
     arrays["x_test"] = np.zeros((len(arrays["y_test"]), 20, 20, 1), np.float32)
     other = write_npz(tmp_path / "bigger.npz", **arrays)
     before = snapshot(run)
-    status, err = run_cli(cli_args(npz_config(other), run), capsys)
+    status, err = run_main("jax", cli_args(npz_config(other), run), capsys)
     assert_one_line_error(status, err, "image_shape [16, 16, 1] then, [20, 20, 1] now")
     assert snapshot(run) == before
 
@@ -105,7 +105,7 @@ def test_a_checkpoint_of_another_config_is_refused_even_without_config_json(temp
     (data, _), run = template, existing_run
     (run / "config.json").unlink()
     before = snapshot(run)
-    status, err = run_cli([*cli_args(npz_config(data), run), "--optimizer", "adam"], capsys)
+    status, err = run_main("jax", [*cli_args(npz_config(data), run), "--optimizer", "adam"], capsys)
     assert_one_line_error(status, err, "optimizer: saved 'sgd', now 'adam'")
     assert err.startswith(f"error: checkpoint {(run / 'checkpoints' / '2').absolute()}")
     assert snapshot(run) == before
