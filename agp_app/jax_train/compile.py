@@ -18,6 +18,20 @@ from jax_impl.model import Net
 from jax_impl.xla_options import jit_options
 
 
+def _bound_step(model: Net, optimizer: str, layers: tuple[str, ...] | None,
+                options: PenaltyOptions | None, step_options: dict) -> Callable:
+    """``train_step`` with everything but ``(state, batch, hparams)`` bound: what both compiled forms run."""
+    return functools.partial(train_step, model=model, optimizer=optimizer, layers=layers, options=options,
+                             **step_options)
+
+
+def _step_options(capture_modules: tuple[tuple[str, str], ...], weight_decay: float, decoupled: bool,
+                  compute_dtype: str | None) -> dict:
+    """``train_step``'s keyword options from the hashable cache keys of ``compiled_steps``."""
+    return {"capture_modules": dict(capture_modules), "weight_decay": weight_decay, "decoupled": decoupled,
+            "compute_dtype": None if compute_dtype is None else jax.numpy.dtype(compute_dtype)}
+
+
 def make_train_step(model: Net, optimizer: str, layers: tuple[str, ...] | None, mesh: Mesh, *,
                     options: PenaltyOptions | None = None, **step_options) -> Callable:
     """``train_step`` compiled for ``mesh``: state replicated and donated, batch sharded, ``Hyperparams``
@@ -28,8 +42,7 @@ def make_train_step(model: Net, optimizer: str, layers: tuple[str, ...] | None, 
     ``step_options``: ``train_step``'s
     ``capture_modules``, ``weight_decay``, ``decoupled``, ``compute_dtype``.
     """
-    step = functools.partial(train_step, model=model, optimizer=optimizer, layers=layers, options=options,
-                             **step_options)
+    step = _bound_step(model, optimizer, layers, options, step_options)
     return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh), replicated(mesh)),
                    out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0,
                    **jit_options(conv_impl=getattr(model, "conv_impl", "auto")))
@@ -44,8 +57,7 @@ def make_train_chunk(model: Net, optimizer: str, layers: tuple[str, ...] | None,
 
     XLA compiles it once per chunk length n (``agp_app.loop.chunk_length`` uses two: N and 1).
     """
-    step = functools.partial(train_step, model=model, optimizer=optimizer, layers=layers, options=options,
-                             **step_options)
+    step = _bound_step(model, optimizer, layers, options, step_options)
     chunk = functools.partial(train_chunk, step=step, batch_sharding=batch_sharded(mesh))
     return jax.jit(chunk, in_shardings=replicated(mesh), out_shardings=replicated(mesh), donate_argnums=0,
                    **jit_options(conv_impl=getattr(model, "conv_impl", "auto")))
@@ -73,10 +85,8 @@ def compiled_steps(num_classes: int, optimizer: str, devices: tuple[jax.Device, 
     ``compute_dtype`` ``"bfloat16"``: mixed precision (``train_step``).
     """
     net, mesh = build_jax_model(model, num_classes, conv_impl), data_mesh(devices)
-    compute = None if compute_dtype is None else jax.numpy.dtype(compute_dtype)
     step_fn = make_train_step(net, optimizer, None, mesh, options=options,
-                              capture_modules=dict(capture_modules), weight_decay=weight_decay,
-                              decoupled=decoupled, compute_dtype=compute)
+                              **_step_options(capture_modules, weight_decay, decoupled, compute_dtype))
     return net, mesh, step_fn, make_eval_step(net, mesh)
 
 
@@ -91,10 +101,8 @@ def compiled_train_chunk(num_classes: int, optimizer: str, devices: tuple[jax.De
     net, mesh, _, _ = compiled_steps(num_classes, optimizer, devices, options, conv_impl, model=model,
                                      capture_modules=capture_modules, weight_decay=weight_decay,
                                      decoupled=decoupled, compute_dtype=compute_dtype)
-    compute = None if compute_dtype is None else jax.numpy.dtype(compute_dtype)
     return make_train_chunk(net, optimizer, None, mesh, options=options,
-                            capture_modules=dict(capture_modules), weight_decay=weight_decay,
-                            decoupled=decoupled, compute_dtype=compute)
+                            **_step_options(capture_modules, weight_decay, decoupled, compute_dtype))
 
 
 @functools.lru_cache(maxsize=16)
