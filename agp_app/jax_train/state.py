@@ -40,7 +40,8 @@ class Hyperparams(NamedTuple):
 
 
 def hyperparams(lr: float, penalty_weight: float, dtype) -> Hyperparams:
-    """``Hyperparams`` of the given values in ``dtype`` (what a Python float becomes in that step)."""
+    """``Hyperparams`` of the given values in ``dtype`` (what a Python float becomes in that step); arrays
+    of per-step values (n,) for a chunk of steps."""
     return Hyperparams(jnp.asarray(lr, dtype), jnp.asarray(penalty_weight, dtype))
 
 

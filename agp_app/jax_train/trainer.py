@@ -43,14 +43,7 @@ from agp_app.jax_train.dispatch import ChunkStep, fetch_metrics, resolve_steps_p
 from agp_app.jax_train.evaluation import evaluate, evaluate_attacks
 from agp_app.jax_train.feeding import augment_transform, make_feeder, padded_indices
 from agp_app.jax_train.mesh import check_batch_size, replicated
-from agp_app.jax_train.state import (
-    Hyperparams,
-    Params,
-    create_train_state,
-    hyperparams,
-    init_variables,
-    make_optimizer,
-)
+from agp_app.jax_train.state import Params, create_train_state, hyperparams, init_variables, make_optimizer
 from agp_app.jax_train.steps import variables_of
 from agp_app.trainer import TrainResult, resolve_penalty_layers, scheduled_lr, unknown_layers
 
@@ -180,12 +173,12 @@ class JaxTrainer:
         idx, real = (np.stack(a) for a in zip(*(padded_indices(i, self.config.batch_size) for i in indices),
                                               strict=True))  # (n, B) each
         lrs = [self.config.lr] * n if self.constant_lr else [self.lr_at(t + i) for i in range(n)]
-        hparams = Hyperparams(np.asarray(lrs, dtype), np.full(n, self.config.penalty_weight, dtype))  # (n,)
+        hparams = hyperparams(np.asarray(lrs), np.full(n, self.config.penalty_weight), dtype)  # (n,) each
         self._announce_compilation(self.chunk_fn)
         self.state, metrics = self.chunk_fn(self.state, self.feeder.x, self.feeder.y, idx, real, hparams)
         self.t = t + n
         if not self.constant_lr:
-            metrics = {**metrics, "lr": hparams.lr}  # (n,) on the host: fetch_metrics indexes it too
+            metrics = {**metrics, "lr": hparams.lr}  # (n,): fetch_metrics indexes it too
         return [ChunkStep(metrics, i) for i in range(n)]
 
     def _announce_compilation(self, fn: Any) -> None:
