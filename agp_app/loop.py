@@ -53,10 +53,15 @@ class LoopResult:
     wall_s: float
 
 
+def period(every: int | None, steps_per_epoch: int) -> int:
+    """Steps between two evaluations/checkpoints: ``every`` (``--eval-every``, ``--checkpoint-every``),
+    or an epoch when it is not set."""
+    return every if every is not None else steps_per_epoch
+
+
 def is_due(step: int, every: int | None, steps_per_epoch: int, total: int) -> bool:
     """Evaluate/checkpoint after 1-based ``step``: every ``every`` steps (or epoch ends), and at the end."""
-    period = every if every is not None else steps_per_epoch
-    return step == total or step % period == 0
+    return step == total or step % period(every, steps_per_epoch) == 0
 
 
 def chunk_length(step0: int, total: int, steps_per_dispatch: int, periods: tuple[int, ...]) -> int:
@@ -153,8 +158,8 @@ def run_loop(
             progress.update(step, epoch, record)
         pending.clear()
 
-    periods = tuple(p if p is not None else order.steps_per_epoch
-                    for p in (config.eval_every, config.checkpoint_every))
+    periods = tuple(period(every, order.steps_per_epoch)
+                    for every in (config.eval_every, config.checkpoint_every))
     chunked = train_steps is not None and steps_per_dispatch > 1
     stop = GracefulStop(handle_signals).__enter__()  # left in the ``finally`` below
     try:
