@@ -193,19 +193,17 @@ def _user_constructor(spec: ModelSpec, base_type: type, framework_name: str) -> 
 
 
 def _as_tuples(value: Any) -> Any:
-    """A JSON value with every array as a tuple, recursively (objects stay dicts)."""
+    """A JSON value with every array as a tuple, recursively (objects stay dicts).
+
+    For ``--model-args``: a Flax module's attributes must hash (a ``list`` field such as
+    ``"blocks": [1, 1]`` makes its jitted steps fail), and tuples are what model constructors
+    declare for sequences (``blocks: tuple[int, ...]``).
+    """
     if isinstance(value, list):
         return tuple(_as_tuples(v) for v in value)
     if isinstance(value, dict):
         return {k: _as_tuples(v) for k, v in value.items()}
     return value
-
-
-def _hashable_args(args: Mapping[str, Any]) -> dict[str, Any]:
-    """``--model-args`` with JSON arrays passed as tuples: a Flax module's attributes must hash (a
-    ``list`` field such as ``"blocks": [1, 1]`` makes ``apply`` fail), and tuples are what model
-    constructors declare for sequences (``blocks: tuple[int, ...]``)."""
-    return {k: _as_tuples(v) for k, v in args.items()}
 
 
 def build_model(spec: ModelSpec, registry: Mapping[str, Callable[..., Any]], base_type: type,
@@ -222,11 +220,11 @@ def build_model(spec: ModelSpec, registry: Mapping[str, Callable[..., Any]], bas
         if spec.name not in registry:
             raise ValueError(f"--model {spec.name} is not available for {framework_name}; choose one of "
                              f"{', '.join(registry)} or pkg.module:Name")
-        constructor, kwargs = registry[spec.name], _hashable_args(spec.args)
+        constructor, kwargs = registry[spec.name], _as_tuples(spec.args)
     else:
         constructor = _user_constructor(spec, base_type, framework_name)
         from_data = {k: v for k, v in (data_kwargs or {}).items() if k not in spec.args}
-        kwargs = {**_accepted(constructor, from_data), **_hashable_args(spec.args)}
+        kwargs = {**_accepted(constructor, from_data), **_as_tuples(spec.args)}
     _check_keywords(spec, constructor, kwargs)
     try:
         model = constructor(**kwargs)
