@@ -11,10 +11,12 @@
 //       dk[i,j,c,o] = sum_{b,h,w} x[b,h+i,w+j,c] ct[b,h,w,o]
 //
 // How the work is run, and why:
-// * oneDNN picks its preferred (blocked) memory formats (format_tag::any) and
-//   the plain buffers XLA owns are reordered into them and back: with the
-//   plain NHWC/HWIO formats forced, oneDNN falls back to gemm-based kernels
-//   that measured up to 2x slower here (and 10-100x for some input gradients).
+// * The activations stay in XLA's NHWC buffers wherever one of oneDNN's direct
+//   kernels (jit, brgconv) takes NHWC, which is faster and needs no copies;
+//   elsewhere oneDNN picks its preferred (blocked) formats (format_tag::any)
+//   and XLA's buffers are reordered into them and back. The kernel is always
+//   in oneDNN's format (reordered once per call): with plain HWIO forced too,
+//   oneDNN falls back to gemm-based kernels, up to 2x slower (MakePlan).
 // * Threads come from XLA's own intra-op pool, not from oneDNN's OpenMP: the
 //   batch is cut into chunks that the calling thread and pool helpers take
 //   from a shared counter, each chunk one single-threaded oneDNN call. OpenMP
@@ -123,11 +125,14 @@ struct Plan {
   int arg_a, arg_b, arg_out;  // DNNL_ARG_* of a, b and out
   Reorder a, b, out;
   size_t scratch = 0;  // the convolution's own scratchpad
+  std::string impl;    // oneDNN's name of the kernel (impl_info_str), e.g. "brgconv:avx2"
 };
 
-Plan MakePlan(Op op, const Shape& s) {
+// The plan of ``op`` with the activations (src, dst) in format ``act``: tag::nhwc (XLA's own layout, no
+// reorders) or tag::any (oneDNN's choice, reordered from and to NHWC); the kernel is always oneDNN's choice.
+Plan MakePlanWith(Op op, const Shape& s, tag act) {
   const dnnl::memory::dims stride{1, 1}, pad{0, 0};
-  auto src = SrcMd(s, tag::any), wei = WeiMd(s, tag::any), dst = DstMd(s, tag::any);
+  auto src = SrcMd(s, act), wei = WeiMd(s, tag::any), dst = DstMd(s, act);
   auto algo = dnnl::algorithm::convolution_direct;
   // The backward primitives take the forward one as a hint (it fixes the kernel family).
   dnnl::convolution_forward::primitive_desc fwd(Engine(), dnnl::prop_kind::forward_training, algo, src, wei,
@@ -135,6 +140,7 @@ Plan MakePlan(Op op, const Shape& s) {
   Plan p;
   if (op == Op::kForward) {
     p.prim = dnnl::convolution_forward(fwd);
+    p.impl = fwd.impl_info_str();
     p.arg_a = DNNL_ARG_SRC, p.arg_b = DNNL_ARG_WEIGHTS, p.arg_out = DNNL_ARG_DST;
     p.a = MakeReorder(SrcMd(s), fwd.src_desc(), true);
     p.b = MakeReorder(WeiMd(s), fwd.weights_desc(), true);
@@ -144,6 +150,7 @@ Plan MakePlan(Op op, const Shape& s) {
     dnnl::convolution_backward_data::primitive_desc bwd(Engine(), algo, src, wei, dst, stride, pad, pad, fwd,
                                                         UserScratchpad());
     p.prim = dnnl::convolution_backward_data(bwd);
+    p.impl = bwd.impl_info_str();
     p.arg_a = DNNL_ARG_DIFF_DST, p.arg_b = DNNL_ARG_WEIGHTS, p.arg_out = DNNL_ARG_DIFF_SRC;
     p.a = MakeReorder(DstMd(s), bwd.diff_dst_desc(), true);
     p.b = MakeReorder(WeiMd(s), bwd.weights_desc(), true);
@@ -153,6 +160,7 @@ Plan MakePlan(Op op, const Shape& s) {
     dnnl::convolution_backward_weights::primitive_desc bwd(Engine(), algo, src, wei, dst, stride, pad, pad,
                                                            fwd, UserScratchpad());
     p.prim = dnnl::convolution_backward_weights(bwd);
+    p.impl = bwd.impl_info_str();
     p.arg_a = DNNL_ARG_SRC, p.arg_b = DNNL_ARG_DIFF_DST, p.arg_out = DNNL_ARG_DIFF_WEIGHTS;
     p.a = MakeReorder(SrcMd(s), bwd.src_desc(), true);
     p.b = MakeReorder(DstMd(s), bwd.diff_dst_desc(), true);
@@ -160,6 +168,30 @@ Plan MakePlan(Op op, const Shape& s) {
     p.scratch = bwd.scratchpad_desc().get_size();
   }
   return p;
+}
+
+// Whether oneDNN serves a problem with one of its direct kernels (jit:*, brgconv:*, brg_*), not a
+// gemm-based ("gemm:*") or reference ("ref:*") one; and whether that kernel is a brgemm one.
+bool DirectKernel(const std::string& impl) {
+  return impl.rfind("gemm", 0) != 0 && impl.rfind("ref", 0) != 0;
+}
+bool BrgemmKernel(const std::string& impl) { return impl.rfind("brg", 0) == 0; }
+
+// Where the activations live, per problem: in XLA's NHWC buffers (no reorders) when oneDNN runs NHWC
+// with its brgemm kernels, which are made for it, or when its own choice would not block the input
+// anyway (3 input channels: plain NCHW), so that NHWC costs nothing; else in oneDNN's blocked formats
+// (its jit kernels), reordered from and to NHWC. Measured on a 2-core AVX2 EPYC, one thread, oneDNN
+// 3.2, GFLOP/s NHWC vs blocked: forward (brgconv) 95-104 vs 42-100 (2.3x for 256 channels at 6x6),
+// input gradient (brgconv) 86 vs 71 for the seed CNN's conv2 and 88-98 vs 88-98 for 3x3 ResNet
+// layers; the kernel gradient has no brgemm kernel on AVX2 and its jit kernel runs NHWC at 54-75
+// against 83-86 blocked for 64-256 channels, alike for the seed CNN. The kernel itself stays in
+// oneDNN's format: forced to plain HWIO too, oneDNN falls back to gemm kernels (up to 2x slower).
+Plan MakePlan(Op op, const Shape& s) {
+  Plan plain = MakePlanWith(op, s, tag::nhwc);
+  if (BrgemmKernel(plain.impl)) return plain;
+  Plan blocked = MakePlanWith(op, s, tag::any);
+  const bool input_blocked = blocked.a.inner.get_inner_nblks() > 0;
+  return DirectKernel(plain.impl) && !input_blocked ? plain : blocked;
 }
 
 // Primitive creation is expensive (JIT), lookup is cheap: one map for the process.
@@ -317,9 +349,11 @@ std::vector<Chunk> SplitBatch(int64_t batch, int64_t n) {
   return chunks;
 }
 
-// Chunks per pool thread: two, so that a thread slowed by another process hands work to the others
-// (1, 2 and 4 timed alike on a busy 2-core machine; more chunks mean smaller, less efficient calls).
-constexpr int64_t kChunksPerThread = 2;
+// Chunks per pool thread: one. Smaller chunks let a thread slowed by another process hand work to the
+// others, but each oneDNN call is then smaller and less efficient: on a quiet 2-core AVX2 EPYC the seed
+// CNN's penalised step took 17.3-17.9 ms with one chunk per thread against 18.1-18.6 with two (batch
+// 32; 73.3-73.5 against 74.1-74.2 ms at batch 128); on a busy machine 1, 2 and 4 timed alike.
+constexpr int64_t kChunksPerThread = 1;
 
 // Limits of one oneDNN call, per tensor, with the channels padded to its 16-wide blocks
 // (jax_impl/onednn_conv/__init__.py: MAX_EXAMPLE_ELEMENTS, MAX_SIDE; the same numbers).
@@ -344,7 +378,8 @@ int64_t LargestPerExample(const Shape& s) {
   return std::max({s.h * s.w * Pad16(s.ci), s.ho() * s.wo() * Pad16(s.co), s.kh * s.kw * Pad16(s.ci) * Pad16(s.co)});
 }
 
-// Chunks: two per pool thread, more if a chunk's tensors would exceed kMaxElements; at most one per example.
+// Chunks: kChunksPerThread per pool thread, more if a chunk's tensors would exceed kMaxElements;
+// at most one per example.
 int64_t NumChunks(ffi::ThreadPool& pool, const Shape& s) {
   const int64_t per_chunk = std::max<int64_t>(kMaxElements / std::max<int64_t>(LargestPerExample(s), 1), 1);
   const int64_t needed = (s.b + per_chunk - 1) / per_chunk;
