@@ -230,6 +230,32 @@ def one_device_run(tmp_path_factory):
     return result, records(workdir)
 
 
+def test_a_run_given_parameters_does_not_initialise_a_model_without_batch_stats():
+    """What ``JaxTrainer.init`` uses when the run brings ``params``: ``Net`` keeps no batch statistics,
+    so nothing of ``model.init`` is compiled (``init_variables``, the control, compiles it)."""
+    from agp_app.jax_train.state import init_model_state, init_variables
+
+    model = Net(num_classes=7)  # a configuration no other test initialises: not in the jit cache
+    with CompileCounter() as counter:
+        assert init_model_state(model, (32, 32, 3), 0, jnp.float32) == {}
+    assert counter.compilations("init") == 0
+    with CompileCounter() as counter:
+        init_variables(model, (32, 32, 3), 0, jnp.float32)
+    assert counter.compilations("init") == 1
+
+
+def test_init_model_state_gives_the_batch_stats_that_init_variables_gives():
+    """A model with BatchNorm still gets its initial batch statistics when the run brings parameters."""
+    from agp_app.jax_train.state import init_model_state, init_variables
+    from jax_impl.resnet import ResNet18
+
+    model = ResNet18(num_classes=10, width=4, blocks=(1, 1))
+    expected = init_variables(model, (8, 8, 3), 0, jnp.float32)[1]
+    got = init_model_state(model, (8, 8, 3), 0, jnp.float32)
+    assert set(got) == {"batch_stats"}
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+
+
 # The child gets the initial parameters from the test instead of initialising them itself: compiling
 # ``Net.init`` takes longer than the train step, and the initialisation does not depend on the devices.
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""

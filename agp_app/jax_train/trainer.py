@@ -43,7 +43,14 @@ from agp_app.jax_train.dispatch import ChunkStep, fetch_metrics, resolve_steps_p
 from agp_app.jax_train.evaluation import evaluate, evaluate_attacks
 from agp_app.jax_train.feeding import augment_transform, make_feeder, padded_indices
 from agp_app.jax_train.mesh import check_batch_size, replicated
-from agp_app.jax_train.state import Params, create_train_state, hyperparams, init_variables, make_optimizer
+from agp_app.jax_train.state import (
+    Params,
+    create_train_state,
+    hyperparams,
+    init_model_state,
+    init_variables,
+    make_optimizer,
+)
 from agp_app.jax_train.steps import variables_of
 from agp_app.trainer import TrainResult, resolve_penalty_layers, scheduled_lr, unknown_layers
 
@@ -125,10 +132,11 @@ class JaxTrainer:
 
     def init(self, params: Params | None) -> None:
         config, dtype = self.config, self.dtype
-        seeded, model_state = init_variables(self.model, self.ds.image_shape, config.seed, dtype, config.init)
+        shape = self.ds.image_shape
         if params is None:
-            params = seeded
+            params, model_state = init_variables(self.model, shape, config.seed, dtype, config.init)
         else:
+            model_state = init_model_state(self.model, shape, config.seed, dtype, config.init)
             params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
         tx = make_optimizer(config.optimizer, config.lr, weight_decay=config.weight_decay,
                             decoupled=config.weight_decay_form == "decoupled")
