@@ -36,7 +36,7 @@ class SmallNet(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = nn.relu(nn.Conv(self.width, (3, 3), name="conv")(x))
-        x = x.mean(axis=(1, 2))
+        x = nn.avg_pool(x, (4, 4), (4, 4)).reshape(x.shape[0], -1)  # a coarse map: where, not only how much
         x = nn.relu(nn.Dense(16, name="hidden")(x))
         return nn.Dense(self.num_classes, name="head")(x)
 """
@@ -47,12 +47,13 @@ from torch import nn
 class SmallNet(nn.Module):
     def __init__(self, in_channels=1, num_classes=10, width=8):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, width, 3)
-        self.hidden = nn.Linear(width, 16)
+        self.conv = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.pool = nn.AvgPool2d(4)  # a coarse map: where, not only how much
+        self.hidden = nn.LazyLinear(16)
         self.head = nn.Linear(16, num_classes)
 
     def forward(self, x):
-        x = self.conv(x).relu().mean(dim=(2, 3))
+        x = self.pool(self.conv(x).relu()).flatten(1)
         return self.head(self.hidden(x).relu())
 """
 
@@ -78,11 +79,12 @@ def user_models(tmp_path, monkeypatch):
 def test_a_users_model_trains_with_the_penalty_on_module_paths(tmp_path, user_models, framework, module):
     workdir = tmp_path / "run"
     argv = [*SYNTHETIC, "--model", f"{module}:SmallNet", "--model-args", '{"width": 6}', "--penalty-layers",
-            "conv,hidden", "--steps", "40", "--lr", "0.2", "--eval-every", "40", "--workdir", str(workdir)]
+            "conv,hidden", "--steps", "120", "--lr", "0.2", "--eval-every", "120", "--workdir", str(workdir)]
     TRAINS[framework](parse_config(argv, "test", framework), plots=False)
     losses = [r["loss"] for r in records(workdir)]
-    # the mean of the last 10 steps' losses below that of the first 10: the model learns
-    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    # the model learns (15 epochs of 64 images): the mean loss of the last 10 steps at most 0.8 of the
+    # first 10's (measured 0.55 with JAX, 0.47 with PyTorch; with a learning rate of 1e-9, 1.00 and 0.99)
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
     assert all(r["penalty/conv"] > 0 and r["penalty/hidden"] > 0 for r in records(workdir))
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["model"] == {"name": f"{module}:SmallNet", "args": {"width": 6}}
