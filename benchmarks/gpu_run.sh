@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One-shot GPU check (about 6-9 minutes on an H100/H200 host): versions; float32 precision per
+# One-shot GPU check (about 8-11 minutes on an H100/H200 host): versions; float32 precision per
 # framework setting against float64 (parity_tests.gpu_precision); the step-time benchmark on the GPU
-# with PyTorch eager and its whole step replayed from a CUDA graph; the JAX training CLI end to end
-# on digits; the parity report with JAX on the GPU; torch.compile of the penalised step. Everything
-# it writes goes to $OUT (at most a few files, so that a remote runner can bring them all back).
+# with PyTorch eager and its whole step replayed from a CUDA graph; the JAX training CLI against its
+# bare step with 1, 4, 8 and 16 steps per dispatch; the JAX training CLI end to end on digits; the
+# parity report with JAX on the GPU; torch.compile of the penalised step. Everything it writes goes
+# to $OUT (at most a few files, so that a remote runner can bring them all back).
 #
 #     OUT=/tmp/gpu_out bash benchmarks/gpu_run.sh
 #
@@ -33,6 +34,11 @@ run timeout 120 "$PY" -m parity_tests.gpu_precision --batch 32
 log "GPU step time: JAX default and jit_options(), PyTorch eager and CUDA graph"
 run timeout 170 "$PY" -m benchmarks.step_time --batch-sizes 1 32 128 512 --repeats 10 --min-block-ms 20 \
     --torch-variants eager cuda-graph --out "$OUT/gpu_step_time.json"
+
+log "JAX training CLI against its bare step, --steps-per-dispatch auto (8) / 1 / 4 / 16"
+run timeout 240 "$PY" -m benchmarks.step_time --cli --frameworks jax --batch-sizes 32 128 --cli-steps 208 \
+    --cli-warmup 48 --cli-jax-flags="--steps-per-dispatch 1" --cli-jax-flags="--steps-per-dispatch 4" \
+    --cli-jax-flags="--steps-per-dispatch 16" --out "$OUT/gpu_cli.json"
 
 log "JAX training CLI on digits, end to end (the README's main job)"
 run timeout 150 "$PY" -m jax_impl.train --workdir /tmp/gpu_run_digits
