@@ -187,11 +187,15 @@ bool BrgemmKernel(const std::string& impl) { return impl.rfind("brg", 0) == 0; }
 // against 83-86 blocked for 64-256 channels, alike for the seed CNN. The kernel itself stays in
 // oneDNN's format: forced to plain HWIO too, oneDNN falls back to gemm kernels (up to 2x slower).
 Plan MakePlan(Op op, const Shape& s) {
-  Plan plain = MakePlanWith(op, s, tag::nhwc);
-  if (BrgemmKernel(plain.impl)) return plain;
+  std::optional<Plan> plain;
+  try {
+    plain = MakePlanWith(op, s, tag::nhwc);
+  } catch (const dnnl::error&) {  // no kernel for NHWC at all: oneDNN's own choice below
+  }
+  if (plain && BrgemmKernel(plain->impl)) return *plain;
   Plan blocked = MakePlanWith(op, s, tag::any);
   const bool input_blocked = blocked.a.inner.get_inner_nblks() > 0;
-  return DirectKernel(plain.impl) && !input_blocked ? plain : blocked;
+  return plain && DirectKernel(plain->impl) && !input_blocked ? *plain : blocked;
 }
 
 // Primitive creation is expensive (JIT), lookup is cheap: one map for the process.
