@@ -353,17 +353,11 @@ std::vector<Chunk> SplitBatch(int64_t batch, int64_t n) {
   return chunks;
 }
 
-// Chunks per pool thread. The forward and input-gradient products take two: a pool thread that
-// joins late (one that XLA has to wake: the first call of a program run is made from XLA's client
-// thread while the pool sleeps, and its helper found no chunk left in 35% of the steps) still finds
-// one. The kernel gradient takes one: each chunk adds a partial gradient (and its reorders) to the
-// sum. The split depends only on the batch and the pool's size, so runs repeat bit for bit.
-// Measured on a quiet 2-core AVX2 EPYC, the seed CNN's penalised step (medians of 3 interleaved
-// runs): 17.1-17.4 ms at batch 32 (73.9-74.8 at 128) against 17.6-18.2 (75.6-76.3) with one chunk
-// per thread for every product and 18.1-18.6 with two for every product; the CIFAR ResNet-18 at
-// 64x64, batch 8, the same either way.
-constexpr int64_t kChunksPerThread = 2;
-constexpr int64_t kKernelGradChunksPerThread = 1;
+// Chunks per pool thread: one. Smaller chunks let a thread slowed by another process hand work to the
+// others, but each oneDNN call is then smaller and less efficient: on a quiet 2-core AVX2 EPYC the seed
+// CNN's penalised step took 17.3-17.9 ms with one chunk per thread against 18.1-18.6 with two (batch
+// 32; 73.3-73.5 against 74.1-74.2 ms at batch 128); on a busy machine 1, 2 and 4 timed alike.
+constexpr int64_t kChunksPerThread = 1;
 
 // Limits of one oneDNN call, per tensor, with the channels padded to its 16-wide blocks
 // (jax_impl/onednn_conv/__init__.py: MAX_EXAMPLE_ELEMENTS, MAX_SIDE; the same numbers).
@@ -388,12 +382,12 @@ int64_t LargestPerExample(const Shape& s) {
   return std::max({s.h * s.w * Pad16(s.ci), s.ho() * s.wo() * Pad16(s.co), s.kh * s.kw * Pad16(s.ci) * Pad16(s.co)});
 }
 
-// Chunks: ``per_thread`` per pool thread, more if a chunk's tensors would exceed kMaxElements;
+// Chunks: kChunksPerThread per pool thread, more if a chunk's tensors would exceed kMaxElements;
 // at most one per example.
-int64_t NumChunks(ffi::ThreadPool& pool, const Shape& s, int64_t per_thread) {
+int64_t NumChunks(ffi::ThreadPool& pool, const Shape& s) {
   const int64_t per_chunk = std::max<int64_t>(kMaxElements / std::max<int64_t>(LargestPerExample(s), 1), 1);
   const int64_t needed = (s.b + per_chunk - 1) / per_chunk;
-  return std::clamp<int64_t>(std::max<int64_t>(pool.num_threads() * per_thread, needed), 1, s.b);
+  return std::clamp<int64_t>(std::max<int64_t>(pool.num_threads() * kChunksPerThread, needed), 1, s.b);
 }
 
 float* At(void* base, int64_t offset) { return static_cast<float*>(base) + offset; }
@@ -403,7 +397,7 @@ void BatchParallel(ffi::ThreadPool& pool, Op op, const Shape& s, void* a, void* 
   const bool forward = op == Op::kForward;
   const int64_t a_per_example = forward ? s.h * s.w * s.ci : s.ho() * s.wo() * s.co;
   const int64_t out_per_example = forward ? s.ho() * s.wo() * s.co : s.h * s.w * s.ci;
-  auto chunks = SplitBatch(s.b, NumChunks(pool, s, kChunksPerThread));
+  auto chunks = SplitBatch(s.b, NumChunks(pool, s));
   std::vector<std::shared_ptr<const Plan>> plans;
   for (const Chunk& c : chunks) plans.push_back(GetPlan(op, s.with_batch(c.size)));
   // The kernel in each plan's format, reordered once for all the chunks of that plan
@@ -431,7 +425,7 @@ void BatchParallel(ffi::ThreadPool& pool, Op op, const Shape& s, void* a, void* 
 void KernelGradParallel(ffi::ThreadPool& pool, const Shape& s, void* x, void* ct, void* dk) {
   const int64_t x_per_example = s.h * s.w * s.ci, ct_per_example = s.ho() * s.wo() * s.co;
   const int64_t kernel_size = s.kh * s.kw * s.ci * s.co;
-  auto chunks = SplitBatch(s.b, NumChunks(pool, s, kKernelGradChunksPerThread));
+  auto chunks = SplitBatch(s.b, NumChunks(pool, s));
   std::vector<std::shared_ptr<const Plan>> plans;
   for (const Chunk& c : chunks) plans.push_back(GetPlan(Op::kKernelGrad, s.with_batch(c.size)));
   // Chunk 0 writes into dk, the others into their own partial sums (plain HWIO), added at the end.
