@@ -11,12 +11,13 @@
 //       dk[i,j,c,o] = sum_{b,h,w} x[b,h+i,w+j,c] ct[b,h,w,o]
 //
 // How the work is run, and why:
-// * The activations stay in XLA's NHWC buffers wherever one of oneDNN's direct
-//   kernels (jit, brgconv) takes NHWC, which is faster and needs no copies;
-//   elsewhere oneDNN picks its preferred (blocked) formats (format_tag::any)
-//   and XLA's buffers are reordered into them and back. The kernel is always
-//   in oneDNN's format (reordered once per call): with plain HWIO forced too,
-//   oneDNN falls back to gemm-based kernels, up to 2x slower (MakePlan).
+// * The activations stay in XLA's NHWC buffers where oneDNN runs NHWC with its
+//   brgemm kernels (faster, and no copies), or where its own choice would not
+//   block the input anyway (3 channels); elsewhere oneDNN picks its preferred
+//   (blocked) formats (format_tag::any) and XLA's buffers are reordered into
+//   them and back. The kernel is always in oneDNN's format (reordered once per
+//   call): with plain HWIO forced too, oneDNN falls back to gemm-based kernels,
+//   up to 2x slower (MakePlan).
 // * Threads come from XLA's own intra-op pool, not from oneDNN's OpenMP: the
 //   batch is cut into chunks that the calling thread and pool helpers take
 //   from a shared counter, each chunk one single-threaded oneDNN call. OpenMP
