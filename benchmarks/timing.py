@@ -4,15 +4,19 @@ Timing (``measure``): ``warmup`` untimed calls first (JAX compiles in the
 first); then ``repeats`` rounds, each timing a block of consecutive steps per
 runner (block length chosen so that one block lasts >= ``min_block_ms``); the
 runners are interleaved round by round (in rotating order) so that load from
-other processes hits all of them alike. Each block starts with one untimed
-step: the first step after another runner's block shares the cores with that
-runner's idle threads, which spin before they sleep (PyTorch's OpenMP threads
-for ~10-20 ms after each step: a JAX step right after a PyTorch one measured
-+4-8 ms of its ~20 ms at batch 32 on a 2-core CPU, none after a 20 ms pause),
-a cost a program running one framework never pays. Reported (``Result``): median ms per
-step over rounds, the interquartile range and the minimum, examples/s, the
-achieved GFLOP/s of the analytic count (``step_runners.step_flops``) and the
-peak memory.
+other processes hits all of them alike. Each block starts with untimed steps
+of its own runner for at least ``SETTLE_MS`` (one step at least): the first
+steps after another runner's block share the cores with that runner's idle
+threads, which spin before they sleep (PyTorch's OpenMP threads for ~10-20 ms
+after each step: a JAX step right after a PyTorch one measured +4-8 ms of its
+~20 ms at batch 32 on a 2-core CPU, none after a 20 ms pause), a cost a
+program running one framework never pays. One untimed step was not enough at
+batch 1 (~1 ms): the JAX row that followed PyTorch in two rounds of three
+timed 1.3-1.6 ms, the same program following JAX 1.2 ms.
+
+Reported (``Result``): median ms per step over rounds, the interquartile
+range and the minimum, examples/s, the achieved GFLOP/s of the analytic count
+(``step_runners.step_flops``) and the peak memory.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ import numpy as np
 from benchmarks.step_runners import Runner, step_flops
 
 MIB = 2**20
+
+#: Untimed steps of a runner before each of its timed blocks last at least this long (docstring).
+SETTLE_MS = 30.0
 
 
 @dataclass
@@ -58,6 +65,14 @@ def time_block(run: Callable[[], None], steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def settle(run: Callable[[], None], ms: float = SETTLE_MS) -> None:
+    """Untimed calls of ``run`` (one at least) until ``ms`` milliseconds have passed."""
+    end = time.perf_counter() + ms / 1e3
+    run()
+    while time.perf_counter() < end:
+        run()
+
+
 def measure(runners: Sequence[Runner], repeats: int, warmup: int, min_block_ms: float) -> list[Result]:
     """Warm up, calibrate block lengths, then time all runners interleaved (rotating order)."""
     for runner in runners:
@@ -72,7 +87,7 @@ def measure(runners: Sequence[Runner], repeats: int, warmup: int, min_block_ms: 
         order = list(range(len(runners)))
         order = order[r % len(order):] + order[: r % len(order)]
         for i in order:
-            runners[i].run()  # untimed: lets the previous runner's spinning threads go idle (docstring)
+            settle(runners[i].run)  # untimed: the previous runner's spinning threads go idle (docstring)
             samples[i].append(time_block(runners[i].run, steps[i]) * 1e3)
     results = []
     for runner, n, ms in zip(runners, steps, samples, strict=True):

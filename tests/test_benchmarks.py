@@ -2,6 +2,7 @@
 reports the machine it ran on."""
 
 import json
+import time
 
 import jax
 import pytest
@@ -20,7 +21,7 @@ from benchmarks.machine import (
 )
 from benchmarks.step_runners import forward_flops, step_flops, torch_runners
 from benchmarks.step_time import main
-from benchmarks.timing import Result, format_table, summarise
+from benchmarks.timing import Result, format_table, settle, summarise
 
 
 def test_flop_count_matches_the_documented_forward_equivalents():
@@ -170,3 +171,13 @@ def test_machine_report_has_the_machine_software_and_load_fields_and_prints_them
     assert text.startswith(f"# machine: {report['cpu_model']}") and f"jax {report['jax']}" in text
     assert "load average at end" in record_end_load(report)
     assert len(report["loadavg_end"]) == 3
+
+
+def test_settle_runs_once_at_least_and_until_its_time_has_passed():
+    calls = []
+    settle(lambda: calls.append(time.perf_counter()), ms=0.0)
+    assert len(calls) == 1
+    calls.clear()
+    start = time.perf_counter()
+    settle(lambda: (calls.append(None), time.sleep(0.002)), ms=20.0)
+    assert time.perf_counter() - start >= 0.020 and 2 <= len(calls) <= 20
