@@ -89,6 +89,10 @@ def train_step(
         options=options, example_weights=batch["mask"], apply_kwargs=apply_kwargs(model, train=True) or None,
         **keywords)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    # The norm of the parameters before the update is read once the gradients exist: XLA otherwise
+    # starts it first, beside the convolutions, and its reduction slowed them (batch 1, 2-core CPU:
+    # the step 1.72 ms with it there, 1.44 ms here; the bare penalised step 1.27).
+    old_params, grads = jax.lax.optimization_barrier((state.params, grads))
     tx = make_optimizer(optimizer, hparams.lr, weight_decay=weight_decay, decoupled=decoupled)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -104,7 +108,7 @@ def train_step(
         "penalty": aux["penalty"].astype(mask.dtype),
         "accuracy": jnp.sum(correct) / jnp.sum(mask),
         "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(state.params),
+        "param_norm": optax.tree.norm(old_params),
     }
     for name, term in aux["penalty_terms"].items():
         term = term.astype(mask.dtype)
