@@ -263,8 +263,8 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
         devices.add_argument("--steps-per-dispatch", type=_steps_per_dispatch, default=d.steps_per_dispatch,
                              metavar="N|auto",
                              help="JAX: run N train steps in one compiled call (lax.scan; the same numbers "
-                                  "as N single steps, every step still logged), fewer launches where the "
-                                  "step is short (GPU); auto: 1 on CPU, 8 on GPU/TPU. Batches prepared on "
+                                  "as N single steps, every step still logged), fewer launches and "
+                                  "allocations per step; auto: 8. Batches prepared on "
                                   "the host (--augment, several processes, data too large for the devices) "
                                   "run one step per call" + _default(d.steps_per_dispatch))
     return p

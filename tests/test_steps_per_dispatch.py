@@ -17,7 +17,11 @@ import numpy as np
 import pytest
 
 import jax_impl.train as train
-from agp_app.jax_train.dispatch import ACCELERATOR_STEPS_PER_DISPATCH, resolve_steps_per_dispatch
+from agp_app.jax_train.dispatch import (
+    ACCELERATOR_STEPS_PER_DISPATCH,
+    AUTO_STEPS_PER_DISPATCH,
+    resolve_steps_per_dispatch,
+)
 from agp_app.loop import chunk_length
 from agp_common import TrainConfig, UsageError, parse_config
 from tests.compile_counter import CompileCounter
@@ -94,12 +98,13 @@ def test_the_loop_stops_at_a_non_finite_step_inside_a_chunk_before_saving_it(tmp
     assert [r["step"] for r in records(tmp_path)] == [1, 2]  # written: the steps before it
 
 
-def test_auto_is_one_on_cpu_and_fixed_on_accelerators_and_host_feeding_runs_single_steps():
-    assert resolve_steps_per_dispatch("auto", "cpu", "device") == 1
-    assert resolve_steps_per_dispatch("auto", "gpu", "device") == ACCELERATOR_STEPS_PER_DISPATCH
-    assert resolve_steps_per_dispatch("auto", "tpu", "device") == ACCELERATOR_STEPS_PER_DISPATCH
+def test_auto_is_eight_on_every_backend_and_host_feeding_runs_single_steps():
+    assert AUTO_STEPS_PER_DISPATCH == ACCELERATOR_STEPS_PER_DISPATCH == 8  # the former name still works
+    for platform in ("cpu", "gpu", "tpu"):
+        assert resolve_steps_per_dispatch("auto", platform, "device") == AUTO_STEPS_PER_DISPATCH
+        assert resolve_steps_per_dispatch("auto", platform, "host") == 1  # batches prepared one by one
     assert resolve_steps_per_dispatch(6, "cpu", "device") == 6
-    assert resolve_steps_per_dispatch(6, "gpu", "host") == 1  # batches prepared on the host, one by one
+    assert resolve_steps_per_dispatch(6, "gpu", "host") == 1
 
 
 def test_host_fed_batches_fall_back_to_one_step_per_call_with_a_line_saying_so(capsys):

@@ -42,6 +42,7 @@ from agp_app.jax_train.cpu_devices import (
 )
 from agp_app.jax_train.dispatch import (
     ACCELERATOR_STEPS_PER_DISPATCH,
+    AUTO_STEPS_PER_DISPATCH,
     ChunkStep,
     fetch_metrics,
     resolve_steps_per_dispatch,
@@ -74,6 +75,7 @@ from agp_app.trainer import TrainResult
 
 __all__ = [
     "ACCELERATOR_STEPS_PER_DISPATCH",
+    "AUTO_STEPS_PER_DISPATCH",
     "DATA_AXIS",
     "EXAMPLES_PER_CPU_DEVICE",
     "FEEDS",

@@ -14,17 +14,24 @@ The numbers are those of N single steps: the scan's body is ``train_step`` on th
 ``feeding.gather_batch`` builds, the same operations in the same order (tests/
 test_steps_per_dispatch.py compares them in float64).
 
-``auto`` (``resolve_steps_per_dispatch``):
+``auto`` (``resolve_steps_per_dispatch``): ``AUTO_STEPS_PER_DISPATCH`` (8) on every backend.
 
-* CPU: 1. A step is compute-bound there: the dispatch and the host's work are ~1% of a step at
-  batch 32-128 on a 2-core CPU (measured), and a second program (the scan) would cost seconds of
-  compilation.
-* GPU/TPU: ``ACCELERATOR_STEPS_PER_DISPATCH`` (8). On an H100 the penalised step of the CNN at
-  batch 32 is 0.8 ms while the CLI's median ``step_time_s`` was 2.3 ms (docs/performance.md,
-  benchmarks/results/h100_gpu_run.log): the launches and the host bound it. 8 steps per call
-  divide that fixed cost by 8, at the price of one more compilation and of signals and metrics
-  seen up to 8 steps later. Not measured on a GPU yet: the choice of 8 (against 4, 16, 32) is
-  still to be measured there.
+* CPU: a step called alone pays, besides Python's dispatch, for XLA's temporary buffers: they are
+  allocated for each call and fault their pages in again (batch 128 of the CNN: ~10,000 page faults,
+  ~10 ms of a ~75 ms step), and the pool threads sleep between calls. A chunk allocates once for its
+  steps. On a 2-core AMD EPYC (AVX2), the CLI's train step in one process, ms per step, one call per
+  step (asynchronous) against chunks of 8: 1.52 / 1.22 at batch 1, 18.4 / 17.9 at 32, 78.6 / 66.3
+  at 128 (N = 4 and 16 timed like 8); the CLIs' median ``step_time_s`` 1.69 / 1.42, 20.8 / 17.2 and
+  82.9 / 71.4 ms (``python -m benchmarks.step_time --cli --frameworks jax --batch-sizes 1 32 128
+  --cli-jax-flags="--steps-per-dispatch 8"``, ``--steps-per-dispatch 1`` for the first of each).
+  The scan compiles in ~1.3 s for the CNN.
+* GPU/TPU: on an H100 the penalised step of the CNN at batch 32 is 0.8 ms while the CLI's median
+  ``step_time_s`` was 2.3 ms (docs/performance.md, benchmarks/results/h100_gpu_run.log): the
+  launches and the host bound it; 8 steps per call divide that fixed cost by 8. Not measured on a
+  GPU yet: the choice of 8 (against 4, 16, 32) is still to be measured there.
+
+The price: one more compilation (the steps just before an evaluation, a checkpoint or the end run
+singly, so the single step compiles too), and signals and metrics seen up to 8 steps later.
 
 With ``feeding.HostFeeder`` (``--augment``, several processes, data too large for the devices)
 the run falls back to one step per call: its batches are prepared on the host step by step.
@@ -37,18 +44,20 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-#: ``--steps-per-dispatch auto`` on a GPU or TPU (module docstring; still to be measured there).
-ACCELERATOR_STEPS_PER_DISPATCH = 8
+#: ``--steps-per-dispatch auto`` (module docstring; measured on CPU, still to be measured on a GPU).
+AUTO_STEPS_PER_DISPATCH = 8
+#: The same number under its former name (``auto`` on a GPU or TPU; now on CPU too).
+ACCELERATOR_STEPS_PER_DISPATCH = AUTO_STEPS_PER_DISPATCH
 
 
 def resolve_steps_per_dispatch(value: int | str, platform: str, feed_mode: str) -> int:
     """Steps per compiled call for ``--steps-per-dispatch value`` on ``platform`` (``"cpu"``, ``"gpu"``,
-    ``"tpu"``) with the feeder ``feed_mode`` (``"device"``, ``"host"``): ``auto`` is 1 on CPU and
-    ``ACCELERATOR_STEPS_PER_DISPATCH`` elsewhere; a host feeder always gets 1."""
+    ``"tpu"``) with the feeder ``feed_mode`` (``"device"``, ``"host"``): ``auto`` is
+    ``AUTO_STEPS_PER_DISPATCH`` on every platform; a host feeder always gets 1."""
     if feed_mode != "device":
         return 1
     if value == "auto":
-        return 1 if platform == "cpu" else ACCELERATOR_STEPS_PER_DISPATCH
+        return AUTO_STEPS_PER_DISPATCH
     return int(value)
 
 
