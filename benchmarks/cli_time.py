@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from benchmarks.machine import format_machine, machine_report, record_end_load
+from benchmarks.machine import format_machine, host_memory_setting, machine_report, record_end_load
 from benchmarks.step_runners import Runner, import_torch, jax_runner, torch_runner
 from benchmarks.timing import time_block
 
@@ -182,6 +182,7 @@ def cli_main(args: argparse.Namespace) -> int:
     frameworks = [fw for fw in ("jax", "torch") if fw in args.frameworks]
     torch = import_torch() if "torch" in frameworks else None  # the bare PyTorch step runs in this process
     env = machine_report(jax=jax, torch=torch, torch_device="cpu")
+    env.update(host_memory_setting(args.default_malloc))  # the bare steps; the CLIs set it themselves
     env["synthetic_shape"] = CLI_SYNTHETIC_SHAPE
     print(format_machine(env), flush=True)
     print(f"training CLIs {', '.join(frameworks)}", flush=True)

@@ -32,6 +32,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from agp_common.host_memory import keep_host_memory
+
 __all__ = [
     "ISA_FEATURES",
     "LOAD_PER_CORE_LIMIT",
@@ -186,6 +188,13 @@ def machine_report(*, jax=None, torch=None, torch_device: str | None = None) -> 
     return report
 
 
+def host_memory_setting(default_malloc: bool = False) -> dict[str, str]:
+    """``agp_common.host_memory.keep_host_memory()`` for this process (as the training CLIs do) unless
+    ``default_malloc``; the report's ``host_memory`` field saying which."""
+    kept = not default_malloc and keep_host_memory()
+    return {"host_memory": "freed memory kept (agp_common.host_memory)" if kept else "malloc's defaults"}
+
+
 def format_machine(report: dict[str, Any]) -> str:
     """The lines printed above a benchmark's table (``#`` comments), then the start warning if any."""
     cores = (f"{report['physical_cores'] or '?'} physical / {report['logical_cores']} logical cores, "
@@ -203,6 +212,8 @@ def format_machine(report: dict[str, Any]) -> str:
         lines.append(f"# torch on {report.get('torch_device', 'cpu')}"
                      f"{' (' + report['torch_cuda_device'] + ')' if 'torch_cuda_device' in report else ''}, "
                      f"{report['torch_num_threads']} threads")
+    if "host_memory" in report:
+        lines.append(f"# host memory: {report['host_memory']}")
     lines.append("# load average at start {:.2f} / {:.2f} / {:.2f} (1 / 5 / 15 min)".format(
         *report["loadavg_start"]))
     if report.get("load_warning_start"):

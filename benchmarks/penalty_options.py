@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.machine import format_machine, machine_report
+from benchmarks.machine import format_machine, host_memory_setting, machine_report
 from jax_impl import Net, cross_entropy_loss, penalized_loss
 
 SETTINGS = {
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args(argv)
-    print(format_machine(machine_report(jax=jax)), flush=True)
+    print(format_machine({**machine_report(jax=jax), **host_memory_setting()}), flush=True)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.random((args.batch_size, 32, 32, 3), np.float32))
     y = jnp.asarray(np.arange(args.batch_size) % 10)

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.machine import host_memory_setting
 from jax_impl import fast_convolutions, jit_options, penalized_loss
 
 PENALTY_WEIGHT = 0.1
@@ -199,7 +200,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    print(f"# {machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads)", flush=True)
+    memory = host_memory_setting()["host_memory"]  # as the training CLIs do
+    print(f"# {machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads); host memory: "
+          f"{memory}", flush=True)
     print(f"# {args.model} ResNet-18, width {args.width}, float32, penalised SGD step, ms (median of "
           f"{args.rounds}, interleaved)", flush=True)
     rng = np.random.default_rng(0)

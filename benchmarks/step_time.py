@@ -54,7 +54,7 @@ from benchmarks.cli_time import (
     format_cli_table,
     run_clis,
 )
-from benchmarks.machine import format_machine, machine_report, record_end_load
+from benchmarks.machine import format_machine, host_memory_setting, machine_report, record_end_load
 from benchmarks.step_runners import (
     IMAGE_SHAPE,
     NUM_CLASSES,
@@ -117,6 +117,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first (default 3)")
     parser.add_argument("--min-block-ms", type=float, default=50.0,
                         help="each timed block runs consecutive steps for at least this long (default 50)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave malloc's defaults (else freed memory is kept for the next step, as the "
+                             "training CLIs do: agp_common.host_memory)")
     parser.add_argument("--penalty-weight", type=float, default=10.0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -186,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "torch" in args.frameworks and torch is None:
         print("PyTorch is not installed: timing JAX only.", file=sys.stderr)
     torch_device = args.torch_device or ("cuda" if torch is not None and torch.cuda.is_available() else "cpu")
-    env = environment(torch, torch_device)
+    env = {**environment(torch, torch_device), **host_memory_setting(args.default_malloc)}
     print(format_machine(env), flush=True)
 
     results: list[Result] = []

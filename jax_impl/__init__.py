@@ -17,7 +17,9 @@ lists them with their shapes::
                    capture_modules={"layer0": "bert/encoder/layer/0"})
 
 ``jax.jit(step, **jit_options())`` compiles ``step`` with the XLA options that
-measured fastest on the backend at hand (``jax_impl.xla_options``).
+measured fastest on the backend at hand (``jax_impl.xla_options``); on CPU,
+``keep_host_memory()`` once at start keeps XLA's temporaries from being
+unmapped and faulted in again at every call (``agp_common.host_memory``).
 
 This package never imports PyTorch.
 """
@@ -53,6 +55,7 @@ _EXPORTS = {
     "penalized_loss": "jax_impl.penalty",
     "penalized_loss_from_forward": "jax_impl.penalty",
     "jit_options": "jax_impl.xla_options",
+    "keep_host_memory": "agp_common.host_memory",
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
@@ -76,6 +79,7 @@ __all__ = [
     "input_gradient",
     "is_penalty_step",
     "jit_options",
+    "keep_host_memory",
     "lazy_penalty_weight",
     "lazy_value_and_grad",
     "linen_forward",
