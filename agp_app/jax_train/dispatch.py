@@ -16,15 +16,15 @@ test_steps_per_dispatch.py compares them in float64).
 
 ``auto`` (``resolve_steps_per_dispatch``): ``AUTO_STEPS_PER_DISPATCH`` (8) on every backend.
 
-* CPU: a step called alone pays, besides Python's dispatch, for XLA's temporary buffers: they are
-  allocated for each call and fault their pages in again (batch 128 of the CNN: ~10,000 page faults,
-  ~10 ms of a ~75 ms step), and the pool threads sleep between calls. A chunk allocates once for its
-  steps. On a 2-core AMD EPYC (AVX2), the CLI's train step in one process, ms per step, one call per
-  step (asynchronous) against chunks of 8: 1.52 / 1.22 at batch 1, 18.4 / 17.9 at 32, 78.6 / 66.3
-  at 128 (N = 4 and 16 timed like 8); the CLIs' median ``step_time_s`` 1.69 / 1.42, 20.8 / 17.2 and
-  82.9 / 71.4 ms (``python -m benchmarks.step_time --cli --frameworks jax --batch-sizes 1 32 128
-  --cli-jax-flags="--steps-per-dispatch 8"``, ``--steps-per-dispatch 1`` for the first of each).
-  The scan compiles in ~1.3 s for the CNN.
+* CPU: a step called alone pays, besides Python's dispatch, for XLA's temporary buffers, allocated
+  at each call (``agp_common.host_memory``: without ``keep_host_memory`` they were faulted in again,
+  ~10 ms of a ~75 ms step at batch 128), and for the pool threads, asleep between calls. On a
+  2-core AMD EPYC (AVX2), the CLI's train step in one process, ms per step, one asynchronous call
+  per step against chunks of 8 (malloc's defaults): 1.52 / 1.22 at batch 1, 18.4 / 17.9 at 32,
+  78.6 / 66.3 at 128 (N = 4 and 16 timed like 8). The CLIs' median ``step_time_s`` with
+  ``keep_host_memory``, N = 1 against 8: 1.64 / 1.48, 18.6 / 16.1 and 69.8 / 64.1 ms
+  (``python -m benchmarks.step_time --cli --frameworks jax --batch-sizes 1 32 128
+  --cli-jax-flags="--steps-per-dispatch 1"``). The scan compiles in ~1.3 s for the CNN.
 * GPU/TPU: on an H100 the penalised step of the CNN at batch 32 is 0.8 ms while the CLI's median
   ``step_time_s`` was 2.3 ms (docs/performance.md, benchmarks/results/h100_gpu_run.log): the
   launches and the host bound it; 8 steps per call divide that fixed cost by 8. Not measured on a
