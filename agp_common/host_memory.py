@@ -3,11 +3,11 @@
 Why. XLA's CPU runtime allocates a compiled program's temporary buffers at each call and frees them
 at its end. glibc serves a block above its mmap threshold (at most 32 MiB when it adapts it itself)
 with a fresh ``mmap`` and returns it with ``munmap``, so each call faults every page of its buffers in
-again (and the kernel zeroes them). The penalised step of the seed CNN at batch 128 has ~42 MiB of
-temporaries: ~10,200 page faults and ~10 ms of its ~77 ms per call on a 2-core AMD EPYC (AVX2);
-with the settings below 15-1,400 faults and 67-73 ms (``getrusage``'s minor faults over 20 steps, the
-user-level step ``jax.jit(value_and_grad(penalized_loss))`` + SGD). At batch 32 (~11 MiB, under the
-adaptive threshold) the faults were ~110 per step already and the time did not change.
+again (and the kernel zeroes them). The penalised step of the seed CNN at batch 256 has ~62 MiB of
+temporaries: ~15,000 page faults per call and 140 ms per step on a 2-core AMD EPYC (AVX2), against
+2 faults and 131 ms with the settings below (``getrusage``'s minor faults over 30 steps, the
+user-level step ``jax.jit(value_and_grad(penalized_loss))`` + SGD). At batch 128 (31 MiB, under the
+adaptive threshold) glibc reuses the block by itself; larger models cross 32 MiB at smaller batches.
 
 What (``mallopt``, process-wide, from the next allocation on):
 

@@ -17,8 +17,8 @@ test_steps_per_dispatch.py compares them in float64).
 ``auto`` (``resolve_steps_per_dispatch``): ``AUTO_STEPS_PER_DISPATCH`` (8) on every backend.
 
 * CPU: a step called alone pays, besides Python's dispatch, for XLA's temporary buffers, allocated
-  at each call (``agp_common.host_memory``: without ``keep_host_memory`` they were faulted in again,
-  ~10 ms of a ~75 ms step at batch 128), and for the pool threads, asleep between calls. On a
+  at each call (``agp_common.host_memory``: above 32 MiB, without ``keep_host_memory``, faulted in
+  again at every call), and for the pool threads, asleep between calls. On a
   2-core AMD EPYC (AVX2), the CLI's train step in one process, ms per step, one asynchronous call
   per step against chunks of 8 (malloc's defaults): 1.52 / 1.22 at batch 1, 18.4 / 17.9 at 32,
   78.6 / 66.3 at 128 (N = 4 and 16 timed like 8). The CLIs' median ``step_time_s`` with
