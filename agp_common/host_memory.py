@@ -59,7 +59,7 @@ def keep_host_memory() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
         mallopt = libc.mallopt
-    except (OSError, AttributeError):  # no C library by that name, or one without mallopt
+    except (OSError, AttributeError, TypeError):  # no C library (Windows: no name), or one without mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, TOP_PAD))
