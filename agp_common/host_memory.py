@@ -63,4 +63,4 @@ def keep_host_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, TOP_PAD))
-    return all([mallopt(param, value) == 1 for param, value in settings])
+    return all([mallopt(param, value) == 1 for param, value in settings])  # a list: each one is tried
